@@ -1,0 +1,509 @@
+//! What `#[offload]` emits for an accepted function: the async stub that callers await, and
+//! inside it the user's body as a plain fn, the worker-side entry point, and the registration
+//! of that entry point under a stable name.
+
+use proc_macro2::{Literal, Span, TokenStream};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
+use syn::{FnArg, Ident, ItemFn, Pat, ReturnType, Type};
+
+use crate::args::{OffloadArgs, WorkersSpec};
+use crate::paths::Runtime;
+use crate::{fallback, signature};
+
+/// The whole macro, on `proc_macro2` streams.
+pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
+    let (args, args_error) = OffloadArgs::parse(args);
+    let function: ItemFn = match syn::parse2(item.clone()) {
+        Ok(function) => function,
+        Err(_) => return fallback::not_a_function(item, args_error),
+    };
+    if let Err(err) = signature::check(&function) {
+        return fallback::unsupported(item, args_error, err);
+    }
+    let mut expanded = expand(&args, &function);
+    if let Some(err) = args_error {
+        // The function is fine: keep it usable, and say only what is wrong with the arguments.
+        expanded.extend(err.into_compile_error());
+    }
+    expanded
+}
+
+/// One argument of the offloaded function.
+struct Argument<'a> {
+    /// The stub's name for it: the user's, when the pattern is a plain name.
+    name: Ident,
+    ty: &'a Type,
+    /// `Vec<u8>`: sent as one byte string instead of element by element.
+    bytes: bool,
+}
+
+/// What every part of the expansion needs to know about the function.
+struct Context<'a> {
+    runtime: Runtime,
+    function: &'a ItemFn,
+    /// `__offload_impl_<name>`: the user's body, as a plain fn.
+    impl_name: Ident,
+    arguments: Vec<Argument<'a>>,
+    /// The declared return type; `None` for `()`.
+    return_ty: Option<&'a Type>,
+    return_bytes: bool,
+}
+
+/// The expansion of a function that [`signature::check`] accepted.
+fn expand(args: &OffloadArgs, function: &ItemFn) -> TokenStream {
+    let sig = &function.sig;
+    let arguments = sig
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(index, input)| {
+            let FnArg::Typed(arg) = input else { unreachable!("receivers are rejected") };
+            Argument { name: stub_name(&arg.pat, index), ty: &arg.ty, bytes: is_bytes(&arg.ty) }
+        })
+        .collect();
+    let return_ty = match &sig.output {
+        ReturnType::Default => None,
+        ReturnType::Type(_, ty) => Some(&**ty),
+    };
+    let cx = Context {
+        runtime: Runtime::new(args.krate.as_ref()),
+        function,
+        impl_name: format_ident!("__offload_impl_{}", sig.ident.unraw()),
+        arguments,
+        return_ty,
+        return_bytes: return_ty.is_some_and(is_bytes),
+    };
+
+    let impl_fn = cx.impl_fn();
+    let invoke_fn = cx.invoke_fn();
+    let registration = cx.registration(args);
+    let call = cx.call();
+
+    let ItemFn { attrs, vis, sig, .. } = function;
+    let name = &sig.ident;
+    let stub_args = cx.arguments.iter().map(|Argument { name, ty, .. }| quote!(#name: #ty));
+    let return_ty = cx.return_ty_tokens();
+    let error = cx.runtime.error();
+    let async_token = quote_spanned!(sig.fn_token.span=> async);
+    let fn_token = &sig.fn_token;
+    quote! {
+        #(#attrs)*
+        #vis #async_token #fn_token #name(#(#stub_args),*)
+            -> ::core::result::Result<#return_ty, #error>
+        {
+            #impl_fn
+            #invoke_fn
+            #registration
+            #call
+        }
+    }
+}
+
+impl Context<'_> {
+    /// The return type as written, or `()`.
+    fn return_ty_tokens(&self) -> TokenStream {
+        self.return_ty.map_or_else(|| quote!(()), ToTokens::to_token_stream)
+    }
+
+    /// `assert_transferable::<ty>();`, whose error points at `ty`.
+    ///
+    /// Every body that puts a user's type under a serde bound (`call`, `encode_return`, the
+    /// argument (de)serialisers) asserts it first, and names the type in a turbofish where
+    /// it uses it, so rustc blames the same tokens for both: it reports the unmet
+    /// `Transferable` bound (with its `on_unimplemented` message) and drops the serde bounds
+    /// that one implies. The identical reports of the different bodies are shown once.
+    fn assert_transferable(&self, ty: &Type) -> TokenStream {
+        let assert = self.runtime.assert_transferable(ty.span());
+        quote_spanned!(ty.span()=> #assert::<#ty>();)
+    }
+
+    /// The user's function, unchanged but for its name. It sits inside the stub, so its name
+    /// cannot clash with anything and the stub can be an associated function.
+    fn impl_fn(&self) -> TokenStream {
+        let ItemFn { sig, block, .. } = self.function;
+        let impl_name = &self.impl_name;
+        let inputs = &sig.inputs;
+        let output = &sig.output;
+        quote! {
+            #[allow(non_snake_case, clippy::too_many_arguments, clippy::needless_pass_by_value)]
+            fn #impl_name(#inputs) #output #block
+        }
+    }
+
+    /// The worker side: decode the arguments, run the user's function, encode its result.
+    fn invoke_fn(&self) -> TokenStream {
+        let rt = &self.runtime;
+        let protocol_error = rt.protocol_error();
+        let decode_args = rt.decode_args();
+        let encode_return = rt.encode_return();
+        let input = Ident::new("input", Span::mixed_site());
+        let out = Ident::new("out", Span::mixed_site());
+        let ret = Ident::new("ret", Span::mixed_site());
+        let impl_name = &self.impl_name;
+
+        let decoded: Vec<Ident> = (0..self.arguments.len())
+            .map(|index| format_ident!("arg{}", index, span = Span::mixed_site()))
+            .collect();
+        let (owned_args, decode) = if self.arguments.is_empty() {
+            (TokenStream::new(), quote!(let () = #decode_args::<()>(#input)?;))
+        } else {
+            let decode = quote! {
+                let __OffloadOwnedArgs(#(#decoded),*) =
+                    #decode_args::<__OffloadOwnedArgs>(#input)?;
+            };
+            (self.owned_args(), decode)
+        };
+        let impl_args = self.arguments.iter().zip(&decoded).map(|(arg, decoded)| {
+            if arg.bytes { quote!(#decoded.into_vec()) } else { quote!(#decoded) }
+        });
+        let (assert, encode) = match self.return_ty {
+            Some(_) if self.return_bytes => {
+                let bytes = rt.bytes();
+                (TokenStream::new(), quote!(#encode_return::<#bytes>(#bytes::new(&#ret), #out)))
+            }
+            Some(ty) => (self.assert_transferable(ty), quote!(#encode_return::<#ty>(&#ret, #out))),
+            None => (TokenStream::new(), quote!(#encode_return::<()>(&#ret, #out))),
+        };
+        quote! {
+            fn __offload_invoke(
+                #input: &[::core::primitive::u8],
+                #out: &mut ::std::vec::Vec<::core::primitive::u8>,
+            ) -> ::core::result::Result<(), #protocol_error> {
+                #owned_args
+                #assert
+                #decode
+                let #ret = #impl_name(#(#impl_args),*);
+                #encode
+            }
+        }
+    }
+
+    /// `__OffloadOwnedArgs`: the arguments as the worker decodes them, a tuple on the wire.
+    /// A hand-written `Deserialize`, so that each argument type is deserialised on its own
+    /// and blamed on its own.
+    fn owned_args(&self) -> TokenStream {
+        let rt = &self.runtime;
+        let deserialize = rt.serde("Deserialize");
+        let deserializer = rt.serde("Deserializer");
+        let visitor = rt.serde("de::Visitor");
+        let seq_access = rt.serde("de::SeqAccess");
+        let de_error = rt.serde("de::Error");
+        let byte_buf = rt.byte_buf();
+        let seq = Ident::new("seq", Span::mixed_site());
+        let formatter = Ident::new("formatter", Span::mixed_site());
+
+        let len = self.arguments.len();
+        let expecting = format!("a tuple of {len} arguments");
+        let wire_types: Vec<TokenStream> = self
+            .arguments
+            .iter()
+            .map(|arg| if arg.bytes { byte_buf.clone() } else { arg.ty.to_token_stream() })
+            .collect();
+        let asserts = self.arguments.iter().filter(|arg| !arg.bytes).map(|arg| {
+            self.assert_transferable(arg.ty)
+        });
+        let fields: Vec<Ident> = (0..len)
+            .map(|index| format_ident!("arg{}", index, span = Span::mixed_site()))
+            .collect();
+        let reads = fields.iter().zip(&wire_types).enumerate().map(|(index, (field, ty))| {
+            quote! {
+                let #field = match #seq_access::next_element::<#ty>(&mut #seq)? {
+                    ::core::option::Option::Some(value) => value,
+                    ::core::option::Option::None => {
+                        return ::core::result::Result::Err(
+                            #de_error::invalid_length(#index, &self),
+                        );
+                    }
+                };
+            }
+        });
+        quote! {
+            struct __OffloadOwnedArgs(#(#wire_types),*);
+
+            impl<'de> #deserialize<'de> for __OffloadOwnedArgs {
+                fn deserialize<__D: #deserializer<'de>>(
+                    deserializer: __D,
+                ) -> ::core::result::Result<Self, __D::Error> {
+                    struct __OffloadVisitor;
+
+                    impl<'de> #visitor<'de> for __OffloadVisitor {
+                        type Value = __OffloadOwnedArgs;
+
+                        fn expecting(
+                            &self,
+                            #formatter: &mut ::core::fmt::Formatter<'_>,
+                        ) -> ::core::fmt::Result {
+                            ::core::fmt::Formatter::write_str(#formatter, #expecting)
+                        }
+
+                        fn visit_seq<__A: #seq_access<'de>>(
+                            self,
+                            mut #seq: __A,
+                        ) -> ::core::result::Result<Self::Value, __A::Error> {
+                            #(#asserts)*
+                            #(#reads)*
+                            ::core::result::Result::Ok(__OffloadOwnedArgs(#(#fields),*))
+                        }
+                    }
+
+                    #deserializer::deserialize_tuple(deserializer, #len, __OffloadVisitor)
+                }
+            }
+        }
+    }
+
+    /// `__OffloadArgs`: the caller's arguments, borrowed, serialised as a tuple. A
+    /// hand-written `Serialize`, so that each argument type is serialised and blamed on its
+    /// own.
+    fn borrowed_args(&self) -> TokenStream {
+        let rt = &self.runtime;
+        let serialize = rt.serde("Serialize");
+        let serializer = rt.serde("Serializer");
+        let serialize_tuple = rt.serde("ser::SerializeTuple");
+        let bytes = rt.bytes();
+        let tuple = Ident::new("tuple", Span::mixed_site());
+
+        let len = self.arguments.len();
+        let types = self.arguments.iter().map(|arg| arg.ty);
+        let asserts = self.arguments.iter().filter(|arg| !arg.bytes).map(|arg| {
+            self.assert_transferable(arg.ty)
+        });
+        let writes = self.arguments.iter().enumerate().map(|(index, arg)| {
+            let index = syn::Index::from(index);
+            if arg.bytes {
+                quote! {
+                    #serialize_tuple::serialize_element::<#bytes>(
+                        &mut #tuple,
+                        #bytes::new(self.#index),
+                    )?;
+                }
+            } else {
+                let ty = arg.ty;
+                quote!(#serialize_tuple::serialize_element::<#ty>(&mut #tuple, self.#index)?;)
+            }
+        });
+        quote! {
+            struct __OffloadArgs<'a>(#(&'a #types),*);
+
+            impl #serialize for __OffloadArgs<'_> {
+                fn serialize<__S: #serializer>(
+                    &self,
+                    serializer: __S,
+                ) -> ::core::result::Result<__S::Ok, __S::Error> {
+                    #(#asserts)*
+                    let mut #tuple = #serializer::serialize_tuple(serializer, #len)?;
+                    #(#writes)*
+                    #serialize_tuple::end(#tuple)
+                }
+            }
+        }
+    }
+
+    /// The entry the worker looks up by name, with the attribute's settings.
+    fn registration(&self, args: &OffloadArgs) -> TokenStream {
+        let rt = &self.runtime;
+        let linkme = rt.linkme();
+        let entries = rt.entries();
+        let entry = rt.entry();
+        let name = self.function.sig.ident.unraw();
+        let key = format!("::{name}#{:016x}", self.signature_hash());
+        let display = format!("::{name}");
+
+        let mut settings = TokenStream::new();
+        if let Some(timeout) = &args.timeout_ms {
+            let ms = Literal::u64_unsuffixed(timeout.value);
+            settings.extend(quote_spanned!(timeout.span=> .with_timeout_ms(#ms)));
+        }
+        if let Some(workers) = &args.workers {
+            let spec = workers_spec(rt, workers.value);
+            settings.extend(quote_spanned!(workers.span=> .with_workers(#spec)));
+        }
+        if let Some(pool) = &args.pool {
+            settings.extend(quote_spanned!(pool.span()=> .with_pool(#pool)));
+        }
+        quote! {
+            #[#linkme::distributed_slice(#entries)]
+            #[linkme(crate = #linkme)]
+            static __OFFLOAD_ENTRY: #entry = #entry::new(
+                ::core::concat!(::core::module_path!(), #key),
+                ::core::concat!(::core::module_path!(), #display),
+                __offload_invoke,
+            )
+            #settings;
+        }
+    }
+
+    /// The caller side: send the arguments, await the result.
+    fn call(&self) -> TokenStream {
+        let rt = &self.runtime;
+        let call = rt.call();
+        let (args_type, args_value, borrowed_args) = if self.arguments.is_empty() {
+            (quote!(()), quote!(()), TokenStream::new())
+        } else {
+            let names = self.arguments.iter().map(|arg| &arg.name);
+            (quote!(__OffloadArgs<'_>), quote!(__OffloadArgs(#(&#names),*)), self.borrowed_args())
+        };
+        let call = match self.return_ty {
+            Some(_) if self.return_bytes => {
+                let byte_buf = rt.byte_buf();
+                quote! {
+                    #call::<#args_type, #byte_buf>(&__OFFLOAD_ENTRY, #args_value)
+                        .await
+                        .map(#byte_buf::into_vec)
+                }
+            }
+            Some(ty) => {
+                let returned = self.returned(ty);
+                let value = Ident::new("value", Span::mixed_site());
+                let error = Ident::new("error", Span::mixed_site());
+                quote! {
+                    #returned
+                    match #call::<#args_type, __OffloadReturn>(&__OFFLOAD_ENTRY, #args_value).await {
+                        ::core::result::Result::Ok(__OffloadReturn(#value)) => {
+                            ::core::result::Result::Ok(#value)
+                        }
+                        ::core::result::Result::Err(#error) => ::core::result::Result::Err(#error),
+                    }
+                }
+            }
+            None => quote!(#call::<#args_type, ()>(&__OFFLOAD_ENTRY, #args_value).await),
+        };
+        quote! {
+            #borrowed_args
+            #call
+        }
+    }
+
+    /// `__OffloadReturn`: the return value as the caller decodes it. A hand-written
+    /// `Deserialize` that names the type in a turbofish, so that a type serde cannot decode
+    /// is blamed at the type, once.
+    fn returned(&self, ty: &Type) -> TokenStream {
+        let rt = &self.runtime;
+        let deserialize = rt.serde("Deserialize");
+        let deserializer = rt.serde("Deserializer");
+        let assert = self.assert_transferable(ty);
+        let value = Ident::new("value", Span::mixed_site());
+        let error = Ident::new("error", Span::mixed_site());
+        quote! {
+            struct __OffloadReturn(#ty);
+
+            impl<'de> #deserialize<'de> for __OffloadReturn {
+                fn deserialize<__D: #deserializer<'de>>(
+                    deserializer: __D,
+                ) -> ::core::result::Result<Self, __D::Error> {
+                    fn __offload_deserialize<'de, __T, __D>(
+                        deserializer: __D,
+                    ) -> ::core::result::Result<__T, __D::Error>
+                    where
+                        __T: #deserialize<'de>,
+                        __D: #deserializer<'de>,
+                    {
+                        <__T as #deserialize<'de>>::deserialize(deserializer)
+                    }
+
+                    #assert
+                    match __offload_deserialize::<#ty, __D>(deserializer) {
+                        ::core::result::Result::Ok(#value) => {
+                            ::core::result::Result::Ok(__OffloadReturn(#value))
+                        }
+                        ::core::result::Result::Err(#error) => ::core::result::Result::Err(#error),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells apart functions of the same module and name with different signatures, so that
+    /// entries of different builds of a crate never match by accident.
+    fn signature_hash(&self) -> u64 {
+        let types: Vec<String> =
+            self.arguments.iter().map(|arg| arg.ty.to_token_stream().to_string()).collect();
+        let text = format!("({}) -> {}", types.join(", "), self.return_ty_tokens());
+        text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
+
+/// The stub's name for argument `index`: the user's name when the pattern is a plain name
+/// (so the docs show it), otherwise `__argN`. Mixed-site: only the expansion refers to it.
+fn stub_name(pat: &Pat, index: usize) -> Ident {
+    match pat {
+        Pat::Ident(pat) if pat.subpat.is_none() => {
+            let mut name = pat.ident.clone();
+            name.set_span(Span::mixed_site());
+            name
+        }
+        _ => format_ident!("__arg{}", index, span = Span::mixed_site()),
+    }
+}
+
+/// `Vec<u8>`, however the path to `Vec` is written.
+fn is_bytes(ty: &Type) -> bool {
+    match ty {
+        Type::Group(group) => is_bytes(&group.elem),
+        Type::Paren(paren) => is_bytes(&paren.elem),
+        Type::Path(path) if path.qself.is_none() => {
+            let Some(last) = path.path.segments.last() else { return false };
+            let syn::PathArguments::AngleBracketed(args) = &last.arguments else { return false };
+            last.ident == "Vec" && args.args.len() == 1 && is_u8(&args.args[0])
+        }
+        _ => false,
+    }
+}
+
+fn is_u8(arg: &syn::GenericArgument) -> bool {
+    let syn::GenericArgument::Type(Type::Path(path)) = arg else { return false };
+    path.qself.is_none()
+        && path.path.segments.last().is_some_and(|last| last.ident == "u8" && last.arguments.is_none())
+}
+
+/// A `WorkersSpec` expression that can initialise a static.
+fn workers_spec(rt: &Runtime, spec: WorkersSpec) -> TokenStream {
+    let path = rt.workers_spec();
+    let non_zero = |n: usize| {
+        let n = Literal::usize_unsuffixed(n);
+        let bound = Ident::new("n", Span::mixed_site());
+        quote! {
+            match ::core::num::NonZeroUsize::new(#n) {
+                ::core::option::Option::Some(#bound) => #bound,
+                ::core::option::Option::None => ::core::panic!(),
+            }
+        }
+    };
+    match spec {
+        WorkersSpec::Fixed(n) => {
+            let n = non_zero(n);
+            quote!(#path::Fixed(#n))
+        }
+        WorkersSpec::Cpus => quote!(#path::Cpus),
+        WorkersSpec::CpusMinus(n) => {
+            let n = Literal::usize_unsuffixed(n);
+            quote!(#path::CpusMinus(#n))
+        }
+        WorkersSpec::CpusDiv(n) => {
+            let n = non_zero(n);
+            quote!(#path::CpusDiv(#n))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    #[test]
+    fn print_expansion() {
+        let out = super::offload(
+            quote!(timeout = "30s", workers = "cpus-2", pool = "name"),
+            quote! {
+                /// docs
+                #[inline]
+                pub fn digest(data: Vec<u8>, (a, b): (u32, u32)) -> [u8; 32] { body() }
+            },
+        );
+        println!("{out}");
+    }
+}

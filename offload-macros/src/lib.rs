@@ -1,0 +1,167 @@
+//! Procedural macros of [`offload`](https://docs.rs/offload). Depend on the `offload` crate
+//! instead: it re-exports [`macro@offload`] together with the runtime its expansion needs.
+
+#![warn(missing_docs, unreachable_pub)]
+
+mod args;
+mod expand;
+mod fallback;
+mod paths;
+mod signature;
+
+use proc_macro::TokenStream;
+
+/// Runs a synchronous function in a worker process.
+///
+/// Put `#[offload]` on a plain, synchronous `fn`. It becomes an `async fn` of the same name,
+/// visibility, docs and attributes, that sends the arguments to a worker process, runs the
+/// body there, and returns what it returned as `Result<R, offload::Error>` (`R` is the
+/// function's return type, `()` if it has none). A panic, a crash or a timeout in the worker
+/// is an `Err` for the caller, never a panic or an abort of the caller's process.
+///
+/// ```ignore
+/// use offload::offload;
+///
+/// /// Hashes `data`: CPU-bound, so it runs in a worker process.
+/// #[offload(timeout = "10s")]
+/// pub fn digest(data: Vec<u8>, rounds: u32) -> [u8; 32] {
+///     let mut hash = [0; 32];
+///     for _ in 0..rounds {
+///         for (i, byte) in data.iter().enumerate() {
+///             hash[i % 32] ^= byte.rotate_left(i as u32);
+///         }
+///     }
+///     hash
+/// }
+///
+/// async fn caller() -> Result<(), offload::Error> {
+///     let hash: [u8; 32] = digest(b"hello".to_vec(), 1000).await?;
+///     Ok(())
+/// }
+/// ```
+///
+/// # Arguments
+///
+/// All arguments are optional string literals, checked at compile time: a mistake is a
+/// compile error pointing at the literal.
+///
+/// - **`timeout = "30s"`**: how long a call may run in the worker before it is killed and
+///   the call returns a timeout error. A [humantime](https://docs.rs/humantime) duration:
+///   `"500ms"`, `"30s"`, `"1m 30s"`, `"2h"`. Greater than zero; rounded up to whole
+///   milliseconds. Default: 30 seconds.
+/// - **`workers = "cpus-2"`**: how many worker processes serve the function. `"4"`: exactly
+///   that many (at least 1). `"cpus"`: one per available core. `"cpus-N"`: the available
+///   cores less `N`. `"cpus/N"`: the available cores divided by `N` (`N` at least 1). Spaces
+///   around `-` and `/` are allowed; a count computed from the cores is never below 1.
+///   Resolved when the pool starts, against the cores available to the process. Default:
+///   the runtime's (`"cpus-2"`), or, in a shared pool, what another function of that pool
+///   says.
+/// - **`pool = "name"`**: share a pool of workers with every other function that names the
+///   same pool. Functions of one pool must agree on `workers`, or give it on one function
+///   only. Default: the function gets a pool of its own.
+/// - **`crate = "path"`**: where the `offload` crate is, for code that re-exports it, e.g.
+///   `crate = "my_crate::offload"`. Default: `"::offload"`.
+///
+/// ```ignore
+/// #[offload(timeout = "2m", workers = "cpus/2", pool = "images")]
+/// fn thumbnail(image: Vec<u8>, width: u32) -> Vec<u8> {
+///     # unimplemented!()
+/// }
+/// ```
+///
+/// # Requirements
+///
+/// The function runs in another process, so:
+///
+/// - It is a plain synchronous `fn`: not `async`, `const`, `unsafe` or `extern`, with no
+///   `self` receiver, no generic or lifetime parameters and no `where` clause.
+/// - Arguments are taken by value (no `&T`, `&mut T` or `'_`, anywhere in the type) and have
+///   concrete types (no `impl Trait`). Any irrefutable pattern works: `(a, b): (u32, u32)`,
+///   `mut buf: Vec<u8>`.
+/// - Every argument type and the return type is `Serialize + DeserializeOwned + Send +
+///   'static`: derive `serde::Serialize` and `serde::Deserialize` for your own types. A
+///   type that is not gets one compile error, at the type.
+/// - A `Vec<u8>` argument or return type (written `Vec<u8>`, `std::vec::Vec<u8>`, ...) is
+///   sent as one byte string rather than element by element, which is several times faster.
+///   This applies to the whole argument or return type only: a `Vec<u8>` nested in another
+///   type (`Option<Vec<u8>>`, a struct field) goes element by element, unless you mark it
+///   with [`serde_bytes`](https://docs.rs/serde_bytes) yourself.
+/// - The body must not call the function by its own name: inside the module, that name is
+///   the async function now.
+///
+/// # How it works
+///
+/// `#[offload] pub fn digest(data: Vec<u8>, rounds: u32) -> [u8; 32] { ... }` expands to
+/// code equivalent to this (abridged; `__private` is not public API):
+///
+/// ```ignore
+/// pub async fn digest(data: Vec<u8>, rounds: u32)
+///     -> ::core::result::Result<[u8; 32], ::offload::Error>
+/// {
+///     // The body, unchanged.
+///     fn __offload_impl_digest(data: Vec<u8>, rounds: u32) -> [u8; 32] { ... }
+///
+///     // Runs in the worker: decode the arguments, call the body, encode the result.
+///     fn __offload_invoke(input: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+///         let (data, rounds): (ByteBuf, u32) = ::offload::__private::decode_args(input)?;
+///         let ret = __offload_impl_digest(data.into_vec(), rounds);
+///         ::offload::__private::encode_return(&ret, out)
+///     }
+///
+///     // Registered at link time under a name that is the same in every process.
+///     #[distributed_slice(::offload::__private::ENTRIES)]
+///     static __OFFLOAD_ENTRY: Entry = Entry::new(
+///         concat!(module_path!(), "::digest#<hash of the signature>"),
+///         concat!(module_path!(), "::digest"),
+///         __offload_invoke,
+///     )
+///     .with_timeout_ms(10_000);
+///
+///     // Runs in the caller: send the arguments to a worker of the pool, await the result.
+///     ::offload::__private::call::<_, [u8; 32]>(&__OFFLOAD_ENTRY, (Bytes::new(&data), &rounds))
+///         .await
+/// }
+/// ```
+///
+/// The real expansion serialises the arguments and the result through small hand-written
+/// serde impls that assert, type by type, that each can cross the process boundary, so that
+/// a type that cannot is reported once, at the type.
+///
+/// # Compile errors
+///
+/// Each mistake is one error, spanned on what is wrong: an unknown, misspelt or duplicate
+/// argument, a value that is not a string or does not parse, a function that is `async`,
+/// `const`, `unsafe`, `extern`, generic, takes `self`, a reference or `impl Trait`, and an
+/// argument or return type that cannot be sent. All of them are reported at once. When
+/// only the attribute's arguments are wrong, the function is still expanded with the
+/// defaults, so its callers compile; when the function itself cannot be offloaded, it is
+/// left as written.
+#[proc_macro_attribute]
+pub fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::offload(args.into(), item.into()).into()
+}
+
+/// Collects errors so that all of them are reported at once.
+#[derive(Default)]
+struct Errors(Option<syn::Error>);
+
+impl Errors {
+    fn push(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(errors) => errors.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+
+    fn finish(self) -> Option<syn::Error> {
+        self.0
+    }
+}
+
+impl Extend<syn::Error> for Errors {
+    fn extend<I: IntoIterator<Item = syn::Error>>(&mut self, errors: I) {
+        for error in errors {
+            self.push(error);
+        }
+    }
+}

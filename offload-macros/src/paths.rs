@@ -1,0 +1,132 @@
+//! The one place that spells `<crate>::__private::...`: every path into the runtime that an
+//! expansion uses. `<crate>` is `::offload` unless the attribute says `crate = "..."`.
+
+use proc_macro2::{Group, Span, TokenStream, TokenTree};
+use quote::{ToTokens, quote};
+use syn::Path;
+
+/// Paths into the runtime's `__private` module, as seen from the expansion.
+pub(crate) struct Runtime {
+    private: TokenStream,
+}
+
+impl Runtime {
+    pub(crate) fn new(krate: Option<&Path>) -> Runtime {
+        let krate = krate.map_or_else(|| quote!(::offload), ToTokens::to_token_stream);
+        Runtime { private: quote!(#krate::__private) }
+    }
+
+    /// The error type of every offloaded call.
+    pub(crate) fn error(&self) -> TokenStream {
+        self.item("Error")
+    }
+
+    /// What the worker side reports when it cannot decode or encode.
+    pub(crate) fn protocol_error(&self) -> TokenStream {
+        self.item("ProtocolError")
+    }
+
+    pub(crate) fn linkme(&self) -> TokenStream {
+        self.item("linkme")
+    }
+
+    /// The distributed slice every entry is added to.
+    pub(crate) fn entries(&self) -> TokenStream {
+        self.item("ENTRIES")
+    }
+
+    pub(crate) fn entry(&self) -> TokenStream {
+        self.item("Entry")
+    }
+
+    pub(crate) fn workers_spec(&self) -> TokenStream {
+        self.item("WorkersSpec")
+    }
+
+    /// `serde_bytes::Bytes`, which encodes a `Vec<u8>` as one byte string.
+    pub(crate) fn bytes(&self) -> TokenStream {
+        self.item("serde_bytes::Bytes")
+    }
+
+    /// `serde_bytes::ByteBuf`, which decodes a byte string into a `Vec<u8>`.
+    pub(crate) fn byte_buf(&self) -> TokenStream {
+        self.item("serde_bytes::ByteBuf")
+    }
+
+    /// An item of the `serde` crate that the runtime re-exports, e.g. `serde("ser::Serializer")`.
+    pub(crate) fn serde(&self, path: &str) -> TokenStream {
+        self.item(&format!("serde::{path}"))
+    }
+
+    /// `fn decode_args<T: DeserializeOwned>(&[u8]) -> Result<T, ProtocolError>`.
+    pub(crate) fn decode_args(&self) -> TokenStream {
+        self.item("decode_args")
+    }
+
+    /// `fn encode_return<T: Serialize + ?Sized>(&T, &mut Vec<u8>) -> Result<(), ProtocolError>`.
+    pub(crate) fn encode_return(&self) -> TokenStream {
+        self.item("encode_return")
+    }
+
+    /// `async fn call<A: Serialize, R: DeserializeOwned>(&'static Entry, A) -> Result<R, Error>`.
+    pub(crate) fn call(&self) -> TokenStream {
+        self.item("call")
+    }
+
+    /// `const fn assert_transferable<T: Transferable>()`, with every token at `span` so
+    /// that an unmet bound points at the user's type.
+    pub(crate) fn assert_transferable(&self, span: Span) -> TokenStream {
+        respan(self.item("assert_transferable"), span)
+    }
+
+    fn item(&self, name: &str) -> TokenStream {
+        let private = &self.private;
+        let name: TokenStream = name.parse().expect("a path");
+        quote!(#private::#name)
+    }
+}
+
+/// `tokens`, every one of them at `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut token| {
+            if let TokenTree::Group(group) = &token {
+                let mut respanned = Group::new(group.delimiter(), respan(group.stream(), span));
+                respanned.set_span(span);
+                token = TokenTree::Group(respanned);
+            } else {
+                token.set_span(span);
+            }
+            token
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use proc_macro2::Span;
+    use syn::parse_quote;
+
+    use super::Runtime;
+
+    #[test]
+    fn defaults_to_offload() {
+        let runtime = Runtime::new(None);
+        assert_eq!(runtime.call().to_string(), ":: offload :: __private :: call");
+        assert_eq!(
+            runtime.bytes().to_string(),
+            ":: offload :: __private :: serde_bytes :: Bytes"
+        );
+    }
+
+    #[test]
+    fn honours_crate_path() {
+        let runtime = Runtime::new(Some(&parse_quote!(my_crate::offload)));
+        assert_eq!(runtime.error().to_string(), "my_crate :: offload :: __private :: Error");
+        assert_eq!(
+            runtime.assert_transferable(Span::call_site()).to_string(),
+            "my_crate :: offload :: __private :: assert_transferable"
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! What a worker leaves behind for a person to read: its stderr, forwarded to the parent's
+//! stderr line by line, with the last lines kept for crash reports.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How many of a worker's last stderr lines a crash report carries.
+const TAIL_LINES: usize = 16;
+/// Longest line kept in the tail; longer ones are cut.
+const MAX_LINE: usize = 512;
+
+/// The last lines of one worker's stderr, and whether the stream has ended.
+#[derive(Default)]
+pub(crate) struct StderrTail {
+    state: Mutex<TailState>,
+    ended: Condvar,
+}
+
+#[derive(Default)]
+struct TailState {
+    lines: VecDeque<String>,
+    eof: bool,
+}
+
+impl StderrTail {
+    /// Starts a thread that copies `stream` to this process's stderr and keeps its tail.
+    pub(crate) fn capture(pid: u32, stream: impl Read + Send + 'static) -> std::io::Result<Arc<StderrTail>> {
+        let tail = Arc::new(StderrTail::default());
+        let writer = Arc::clone(&tail);
+        std::thread::Builder::new()
+            .name(format!("offload-stderr-{pid}"))
+            .spawn(move || writer.pump(stream))?;
+        Ok(tail)
+    }
+
+    fn pump(&self, stream: impl Read) {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let _ = std::io::stderr().lock().write_all(&line);
+                    let text = String::from_utf8_lossy(&line);
+                    let mut text = text.trim_end_matches(['\n', '\r']).to_owned();
+                    if text.len() > MAX_LINE {
+                        let mut cut = MAX_LINE;
+                        while !text.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        text.truncate(cut);
+                        text.push('…');
+                    }
+                    let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if state.lines.len() == TAIL_LINES {
+                        state.lines.pop_front();
+                    }
+                    state.lines.push_back(text);
+                }
+            }
+        }
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).eof = true;
+        self.ended.notify_all();
+    }
+
+    /// The kept lines, after waiting up to `patience` for the stream to end (it ends when
+    /// the worker and every process that inherited its stderr have exited).
+    pub(crate) fn lines_at_end(&self, patience: Duration) -> Vec<String> {
+        let deadline = Instant::now() + patience;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !state.eof {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self.ended.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        state.lines.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_lines() {
+        let text: String = (0..40).map(|i| format!("line {i}\n")).collect();
+        let tail = StderrTail::capture(0, std::io::Cursor::new(text.into_bytes())).unwrap();
+        let lines = tail.lines_at_end(Duration::from_secs(10));
+        assert_eq!(lines.len(), TAIL_LINES);
+        assert_eq!(lines.first().unwrap(), "line 24");
+        assert_eq!(lines.last().unwrap(), "line 39");
+    }
+}

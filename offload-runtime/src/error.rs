@@ -1,0 +1,249 @@
+//! The one public error type.
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+/// Why an offloaded call did not produce the function's return value.
+///
+/// Every variant names the function (`entry`, as `module::path::fn_name`) so a log line
+/// read on its own says which call failed. The enum is `#[non_exhaustive]`: later
+/// versions add variants for new failure modes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The call did not finish before its deadline. The deadline covers waiting for a
+    /// worker and running; a worker that was running the call was killed and replaced.
+    #[error("`{entry}` timed out after {}{}", humantime_ms(*timeout), killed(*pid))]
+    Timeout {
+        /// The offloaded function.
+        entry: &'static str,
+        /// The deadline the call had.
+        timeout: Duration,
+        /// The worker that was killed, or `None` when the call was still waiting for one.
+        pid: Option<u32>,
+    },
+
+    /// The function panicked in the worker. The worker survives and serves other calls.
+    #[error("`{entry}` panicked in worker {pid}{}: {message}", at(location.as_deref()))]
+    Panicked {
+        /// The offloaded function.
+        entry: &'static str,
+        /// The worker process that ran the call.
+        pid: u32,
+        /// The panic payload, when it was a string.
+        message: String,
+        /// `file:line:column` of the panic, when known.
+        location: Option<String>,
+    },
+
+    /// The worker process died while running the call (abort, segfault, `exit`, an outside
+    /// `kill`). A replacement worker is started; other calls are unaffected.
+    #[error("`{entry}` crashed its worker {pid}: {exit}{}", tail(stderr))]
+    Crashed {
+        /// The offloaded function.
+        entry: &'static str,
+        /// The worker process that died.
+        pid: u32,
+        /// How the worker ended.
+        exit: ExitReason,
+        /// The last lines the worker wrote to stderr, oldest first.
+        stderr: Vec<String>,
+    },
+
+    /// A worker process could not be started or did not complete its handshake.
+    #[error("`{entry}` could not start a worker: {source}")]
+    Spawn {
+        /// The offloaded function.
+        entry: &'static str,
+        /// What went wrong.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The call's data or the conversation with the worker went wrong: a value that does
+    /// not encode or decode, a frame over the maximum size, a failed handshake.
+    #[error("`{entry}`: {kind}")]
+    Protocol {
+        /// The offloaded function.
+        entry: &'static str,
+        /// What went wrong.
+        kind: ProtocolError,
+    },
+
+    /// The pool's configuration is unusable: conflicting settings for a shared pool, a
+    /// function registered twice, or no Tokio runtime to run the call on.
+    #[error("`{entry}`: {message}")]
+    Config {
+        /// The offloaded function.
+        entry: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// The pool was shut down; no new calls are accepted.
+    #[error("`{entry}`: the offload pool is shut down")]
+    Shutdown {
+        /// The offloaded function.
+        entry: &'static str,
+    },
+}
+
+impl Error {
+    /// The offloaded function this error is about, as `module::path::fn_name`.
+    pub fn entry(&self) -> &'static str {
+        match self {
+            Error::Timeout { entry, .. }
+            | Error::Panicked { entry, .. }
+            | Error::Crashed { entry, .. }
+            | Error::Spawn { entry, .. }
+            | Error::Protocol { entry, .. }
+            | Error::Config { entry, .. }
+            | Error::Shutdown { entry } => entry,
+        }
+    }
+}
+
+/// What went wrong in the conversation with a worker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// An argument or the return value could not be encoded.
+    #[error("could not encode the {what}: {message}")]
+    Encode {
+        /// Which payload.
+        what: Payload,
+        /// The serializer's message.
+        message: String,
+    },
+    /// An argument or the return value could not be decoded. Types that postcard cannot
+    /// represent (`#[serde(flatten)]`, `#[serde(untagged)]`, `skip_serializing_if`) end here.
+    #[error("could not decode the {what}: {message}")]
+    Decode {
+        /// Which payload.
+        what: Payload,
+        /// The deserializer's message.
+        message: String,
+    },
+    /// A frame was larger than the maximum frame size.
+    #[error("a {len}-byte frame exceeds the maximum frame size of {max} bytes")]
+    FrameTooLarge {
+        /// The frame's length.
+        len: u64,
+        /// The maximum.
+        max: u64,
+    },
+    /// The worker did not prove it belongs to this pool and this build.
+    #[error("worker handshake failed: {0}")]
+    Handshake(String),
+    /// The worker sent something that is not a valid reply.
+    #[error("worker sent an invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Which payload a [`ProtocolError`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum Payload {
+    /// The function's arguments.
+    Arguments,
+    /// The function's return value.
+    ReturnValue,
+    /// A message of offload's own protocol.
+    Message,
+}
+
+impl fmt::Display for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Payload::Arguments => "arguments",
+            Payload::ReturnValue => "return value",
+            Payload::Message => "protocol message",
+        })
+    }
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// It exited with this status code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+    /// Its end could not be observed.
+    Unknown,
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitReason::Code(code) => write!(f, "exited with status {code}"),
+            ExitReason::Signal(sig) => match signal_name(sig) {
+                Some(name) => write!(f, "killed by signal {sig} ({name})"),
+                None => write!(f, "killed by signal {sig}"),
+            },
+            ExitReason::Unknown => f.write_str("ended in an unknown way"),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> Option<&'static str> {
+    Some(match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => return None,
+    })
+}
+
+fn humantime_ms(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) { format!("{}s", ms / 1000) } else { format!("{ms}ms") }
+}
+
+fn killed(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!(" (worker {pid} was killed)"),
+        None => " while waiting for a worker".to_owned(),
+    }
+}
+
+fn at(location: Option<&str>) -> String {
+    location.map(|l| format!(" at {l}")).unwrap_or_default()
+}
+
+fn tail(lines: &[String]) -> String {
+    if lines.is_empty() { String::new() } else { format!("; last stderr lines:\n  {}", lines.join("\n  ")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_read_well() {
+        let e = Error::Timeout { entry: "app::digest", timeout: Duration::from_millis(1500), pid: Some(7) };
+        assert_eq!(e.to_string(), "`app::digest` timed out after 1500ms (worker 7 was killed)");
+        let e = Error::Timeout { entry: "app::digest", timeout: Duration::from_secs(30), pid: None };
+        assert_eq!(e.to_string(), "`app::digest` timed out after 30s while waiting for a worker");
+        let e = Error::Crashed {
+            entry: "app::digest",
+            pid: 9,
+            exit: ExitReason::Signal(11),
+            stderr: vec!["oops".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "`app::digest` crashed its worker 9: killed by signal 11 (SIGSEGV); last stderr lines:\n  oops"
+        );
+        assert_eq!(e.entry(), "app::digest");
+    }
+}

@@ -1,0 +1,57 @@
+//! Runtime of [`offload`](https://docs.rs/offload): the pool, the transport and the worker
+//! behind `#[offload]`. Depend on the `offload` crate instead; this crate's API is the
+//! facade's.
+//!
+//! Data flows one way:
+//! `call` (what the stub awaits) → `pool` (slots and queue) → `transport` (frames over an
+//! inherited socket) → `worker` (the child side) → `registry` → the user's function.
+
+#![warn(missing_docs, unreachable_pub)]
+
+mod call;
+mod diagnostics;
+mod error;
+mod limits;
+mod pool;
+mod protocol;
+mod registry;
+mod transport;
+mod worker;
+
+pub use error::{Error, ExitReason, Payload, ProtocolError};
+
+/// Whether this process is an offload worker. Workers run offloaded functions only; they
+/// never start workers of their own.
+pub fn is_worker() -> bool {
+    worker::is_worker()
+}
+
+/// Not public API: what `#[offload]` expansions use. Anything here may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use linkme;
+    pub use serde;
+    pub use serde_bytes;
+
+    pub use crate::call::call;
+    pub use crate::error::{Error, ProtocolError};
+    pub use crate::limits::WorkersSpec;
+    pub use crate::registry::{ENTRIES, Entry, Invoke};
+    pub use crate::worker::{decode_args, encode_return};
+
+    /// What an argument or return type of an `#[offload]` function needs.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot cross the process boundary of an `#[offload]` function",
+        label = "this type must be `Serialize + DeserializeOwned + Send + 'static`",
+        note = "arguments and return values of `#[offload]` functions are sent to and from a \
+                worker process with serde: derive `serde::Serialize` and `serde::Deserialize` \
+                for `{Self}`, and own its data (no borrowed references)"
+    )]
+    pub trait Transferable: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
+
+    impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> Transferable for T {}
+
+    /// Compile-time check that `T` can be an argument or return type; spanned at the type.
+    #[inline(always)]
+    pub const fn assert_transferable<T: Transferable>() {}
+}

@@ -1,0 +1,349 @@
+//! Starting and ending worker processes.
+//!
+//! Two long-lived threads per process, started on first use:
+//! - the *spawner* forks every worker. Linux delivers a child's parent-death signal when the
+//!   *thread* that forked it exits, so forking from one thread that never exits makes
+//!   `PR_SET_PDEATHSIG` mean "when this process dies". It also runs the handshake.
+//! - the *reaper* waits for every worker that ends, so none is left a zombie, and reports
+//!   how it ended with the last lines of its stderr.
+//!
+//! Neither touches process-wide signal dispositions, so the user's own `Command`s and
+//! `wait`s behave as usual.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::diagnostics::StderrTail;
+use crate::error::{ExitReason, Payload};
+use crate::protocol::{self, Hello, PROTOCOL_VERSION, Tag};
+use crate::registry::Registry;
+use crate::transport::{Channel, TransportError};
+use crate::worker::{ENV, WorkerEnv};
+
+/// How long a new worker has to say hello. Generous: a loaded machine starts slowly.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a worker whose channel closed gets to finish exiting before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for a dead worker's stderr to drain into the crash report.
+const STDERR_GRACE: Duration = Duration::from_millis(500);
+
+/// A running worker process and the parent's end of its channel.
+pub(crate) struct Worker {
+    pub(crate) pid: u32,
+    pub(crate) channel: Channel,
+    /// `None` once handed to the reaper.
+    child: Option<Child>,
+    stderr: Arc<StderrTail>,
+}
+
+/// How a worker is to be ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// SIGKILL now: it timed out, was abandoned, or misbehaved.
+    Kill,
+    /// Its channel closed: it is exiting on its own; wait for it, then kill if it lingers.
+    Exited,
+}
+
+/// How a worker ended, for the caller's error.
+#[derive(Debug, Clone)]
+pub(crate) struct ExitInfo {
+    pub(crate) reason: ExitReason,
+    pub(crate) stderr: Vec<String>,
+}
+
+impl Worker {
+    /// Hands the worker to the reaper; the receiver says how it ended.
+    pub(crate) fn end(mut self, how: Ending) -> oneshot::Receiver<ExitInfo> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(child) = self.child.take() {
+            supervisor().reap(Reap { child, how, stderr: Arc::clone(&self.stderr), reply: Some(tx) });
+        }
+        rx
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A worker nobody ended explicitly was abandoned mid-call (or its pool went away):
+        // its state is unknown, so kill it.
+        if let Some(child) = self.child.take() {
+            supervisor().reap(Reap {
+                child,
+                how: Ending::Kill,
+                stderr: Arc::clone(&self.stderr),
+                reply: None,
+            });
+        }
+    }
+}
+
+/// Starts a worker on the spawner thread. The receiver yields it after a good handshake.
+pub(crate) fn spawn(secret: [u8; 16]) -> oneshot::Receiver<io::Result<Worker>> {
+    let (tx, rx) = oneshot::channel();
+    supervisor().spawn(SpawnJob { secret, reply: tx });
+    rx
+}
+
+struct SpawnJob {
+    secret: [u8; 16],
+    reply: oneshot::Sender<io::Result<Worker>>,
+}
+
+struct Reap {
+    child: Child,
+    how: Ending,
+    stderr: Arc<StderrTail>,
+    reply: Option<oneshot::Sender<ExitInfo>>,
+}
+
+struct Supervisor {
+    spawner: Mutex<mpsc::Sender<SpawnJob>>,
+    reaper: Mutex<mpsc::Sender<Reap>>,
+}
+
+fn supervisor() -> &'static Supervisor {
+    static SUPERVISOR: LazyLock<Supervisor> = LazyLock::new(Supervisor::start);
+    &SUPERVISOR
+}
+
+impl Supervisor {
+    fn start() -> Supervisor {
+        let (spawn_tx, spawn_rx) = mpsc::channel::<SpawnJob>();
+        let (reap_tx, reap_rx) = mpsc::channel::<Reap>();
+        // If a thread cannot be started the jobs stay queued and their callers time out;
+        // there is nothing better to do without threads.
+        let _ = std::thread::Builder::new().name("offload-spawner".into()).spawn(move || {
+            for job in spawn_rx {
+                let result = start_worker(job.secret);
+                // A caller that gave up drops the receiver; the worker is then dropped here,
+                // which kills and reaps it.
+                let _ = job.reply.send(result);
+            }
+        });
+        let _ = std::thread::Builder::new().name("offload-reaper".into()).spawn(move || {
+            for job in reap_rx {
+                let info = reap(job.child, job.how, &job.stderr);
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(info);
+                }
+            }
+        });
+        Supervisor { spawner: Mutex::new(spawn_tx), reaper: Mutex::new(reap_tx) }
+    }
+
+    fn spawn(&self, job: SpawnJob) {
+        let _ = self.spawner.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+    }
+
+    fn reap(&self, job: Reap) {
+        let _ = self.reaper.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn start_worker(secret: [u8; 16]) -> io::Result<Worker> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    use rustix::io::{FdFlags, fcntl_setfd};
+    use rustix::process::{Signal, getppid, set_parent_process_death_signal};
+
+    let (ours, theirs) = UnixStream::pair()?;
+    let parent = std::process::id();
+    let fd = theirs.as_raw_fd();
+    let env = WorkerEnv { fd, parent, secret };
+
+    // The running image, even if the file on disk has been replaced since.
+    let mut command = Command::new("/proc/self/exe");
+    command.env(ENV, env.encode()).stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped());
+    if let Some(arg0) = std::env::args_os().next() {
+        command.arg0(arg0);
+    }
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            set_parent_process_death_signal(Some(Signal::KILL))?;
+            // The parent may have died before the signal was armed: then nobody would kill us.
+            if getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(parent) {
+                return Err(io::Error::other("the parent exited during spawn"));
+            }
+            // Only the worker's end crosses exec.
+            fcntl_setfd(rustix::fd::BorrowedFd::borrow_raw(fd), FdFlags::empty())?;
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    drop(theirs);
+    let pid = child.id();
+    let stderr = match child.stderr.take().map(|s| StderrTail::capture(pid, s)) {
+        Some(Ok(tail)) => tail,
+        Some(Err(e)) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        None => Arc::new(StderrTail::default()),
+    };
+    let mut worker = Worker { pid, channel: Channel::new(ours), child: Some(child), stderr };
+    match handshake(&mut worker.channel, secret, pid) {
+        Ok(()) => {
+            tracing::debug!(pid, "offload worker started");
+            Ok(worker)
+        }
+        Err(message) => {
+            // Say how it ended: a worker that failed its hello usually printed why.
+            let info = reap(worker.child.take().expect("not yet reaped"), Ending::Kill, &worker.stderr);
+            let tail = info.stderr.join("\n  ");
+            Err(io::Error::other(format!(
+                "worker {pid} {message} ({}){}",
+                info.reason,
+                if tail.is_empty() { String::new() } else { format!("; its stderr:\n  {tail}") }
+            )))
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_worker(_secret: [u8; 16]) -> io::Result<Worker> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "offload workers are supported on Linux only"))
+}
+
+fn handshake(channel: &mut Channel, secret: [u8; 16], pid: u32) -> Result<(), String> {
+    let (tag, body) = match channel.recv_blocking(HANDSHAKE_TIMEOUT) {
+        Ok(frame) => frame,
+        Err(TransportError::Closed) => return Err("exited before its handshake".into()),
+        Err(TransportError::Io(e)) => return Err(format!("failed its handshake: {e}")),
+        Err(TransportError::Protocol(e)) => return Err(format!("failed its handshake: {e}")),
+    };
+    if tag != Tag::Hello {
+        return Err(format!("sent {tag:?} instead of its handshake"));
+    }
+    let hello: Hello =
+        protocol::decode(body, Payload::Message).map_err(|e| format!("sent a bad handshake: {e}"))?;
+    if hello.version != PROTOCOL_VERSION {
+        return Err(format!(
+            "speaks protocol version {} but this process speaks {PROTOCOL_VERSION}",
+            hello.version
+        ));
+    }
+    if hello.secret != secret {
+        return Err("did not present its pool's secret".into());
+    }
+    if hello.registry != Registry::get().hash() {
+        return Err("was built from different code (its registry of offloaded functions differs)".into());
+    }
+    if hello.pid != pid {
+        return Err(format!("claims to be process {}", hello.pid));
+    }
+    Ok(())
+}
+
+/// Waits for `child` to end, killing it first or after a grace period as `how` says.
+fn reap(mut child: Child, how: Ending, stderr: &StderrTail) -> ExitInfo {
+    match how {
+        Ending::Kill => {
+            let _ = child.kill();
+        }
+        Ending::Exited => {
+            if !exits_within(&child, EXIT_GRACE) {
+                let _ = child.kill();
+            }
+        }
+    }
+    let reason = match child.wait() {
+        Ok(status) => exit_reason(status),
+        Err(_) => ExitReason::Unknown,
+    };
+    let stderr = stderr.lines_at_end(STDERR_GRACE);
+    tracing::debug!(pid = child.id(), %reason, "offload worker reaped");
+    ExitInfo { reason, stderr }
+}
+
+fn exit_reason(status: std::process::ExitStatus) -> ExitReason {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitReason::Code(code),
+        (None, Some(signal)) => ExitReason::Signal(signal),
+        (None, None) => ExitReason::Unknown,
+    }
+}
+
+/// Whether `child` exits within `patience`, watched through a pidfd without reaping it.
+#[cfg(target_os = "linux")]
+fn exits_within(child: &Child, patience: Duration) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    use rustix::process::{Pid, PidfdFlags, pidfd_open};
+
+    let Some(pid) = Pid::from_raw(child.id() as i32) else {
+        return false;
+    };
+    let Ok(pidfd) = pidfd_open(pid, PidfdFlags::empty()) else {
+        return false;
+    };
+    let timeout = Timespec { tv_sec: patience.as_secs() as _, tv_nsec: patience.subsec_nanos() as _ };
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    matches!(poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exits_within(_child: &Child, _patience: Duration) -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::protocol::FrameBuf;
+
+    fn hello_from_peer(hello: &Hello) -> Channel {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut frame = FrameBuf::new(Tag::Hello);
+        protocol::append(frame.body(), hello, Payload::Message).unwrap();
+        theirs.write_all(&frame.finish().unwrap()).unwrap();
+        Channel::new(ours)
+    }
+
+    fn good() -> Hello {
+        Hello { version: PROTOCOL_VERSION, pid: 42, secret: [7; 16], registry: Registry::get().hash() }
+    }
+
+    #[test]
+    fn handshake_accepts_the_right_worker() {
+        assert_eq!(handshake(&mut hello_from_peer(&good()), [7; 16], 42), Ok(()));
+    }
+
+    #[test]
+    fn handshake_rejects_mismatches_with_a_clear_message() {
+        let cases = [
+            (Hello { secret: [8; 16], ..good() }, "secret"),
+            (Hello { registry: good().registry ^ 1, ..good() }, "built from different code"),
+            (Hello { version: PROTOCOL_VERSION + 1, ..good() }, "protocol version"),
+            (Hello { pid: 43, ..good() }, "claims to be process 43"),
+        ];
+        for (hello, expected) in cases {
+            let err = handshake(&mut hello_from_peer(&hello), [7; 16], 42).unwrap_err();
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn handshake_rejects_garbage_and_silence() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs.write_all(b"\x04\x00\x00\x00\x01xyz").unwrap();
+        assert!(handshake(&mut Channel::new(ours), [7; 16], 42).unwrap_err().contains("bad handshake"));
+
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        assert!(handshake(&mut Channel::new(ours), [7; 16], 42).unwrap_err().contains("exited"));
+    }
+}

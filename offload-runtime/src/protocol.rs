@@ -1,0 +1,219 @@
+//! What crosses the process boundary: frames, their tags, and the encoding of arguments and
+//! return values. No internal dependencies beyond the error types.
+//!
+//! A frame is `[len: u32 LE][tag: u8][body]`, where `len` counts the tag and the body and is
+//! at most [`MAX_FRAME`]. Bodies are postcard. A call frame carries the entry name followed by
+//! the arguments, encoded straight into the frame buffer so the payload is never copied to
+//! build the frame; a reply carries the return value the same way.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Payload, ProtocolError};
+
+/// Bumped whenever the frame layout or a message changes.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame either side accepts, tag included: 1 GiB.
+pub(crate) const MAX_FRAME: usize = 1 << 30;
+
+/// Bytes before a frame's body: the length and the tag.
+pub(crate) const HEADER: usize = 5;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Tag {
+    /// Worker to parent, once, first: [`Hello`].
+    Hello = 1,
+    /// Parent to worker: `[name_len: u16 LE][name][arguments]`.
+    Call = 2,
+    /// Worker to parent: the encoded return value.
+    Return = 3,
+    /// Worker to parent: [`PanicReport`].
+    Panicked = 4,
+    /// Worker to parent: a [`ProtocolError`] about the call (bad arguments, unknown entry,
+    /// return value that does not encode).
+    Fault = 5,
+}
+
+impl Tag {
+    pub(crate) fn from_u8(b: u8) -> Option<Tag> {
+        Some(match b {
+            1 => Tag::Hello,
+            2 => Tag::Call,
+            3 => Tag::Return,
+            4 => Tag::Panicked,
+            5 => Tag::Fault,
+            _ => return None,
+        })
+    }
+}
+
+/// The worker's first frame: who it is and what it was built from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Hello {
+    pub(crate) version: u32,
+    pub(crate) pid: u32,
+    /// The per-pool secret the parent handed to this worker.
+    pub(crate) secret: [u8; 16],
+    /// [`crate::registry::Registry::hash`] of the worker's build.
+    pub(crate) registry: u64,
+}
+
+/// A panic in the user's function.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PanicReport {
+    pub(crate) message: String,
+    pub(crate) location: Option<String>,
+}
+
+/// A frame being built: header space reserved, body appended, length filled in by
+/// [`FrameBuf::finish`].
+pub(crate) struct FrameBuf(Vec<u8>);
+
+impl FrameBuf {
+    pub(crate) fn new(tag: Tag) -> FrameBuf {
+        FrameBuf::reuse(Vec::with_capacity(64), tag)
+    }
+
+    /// Starts a frame in `buf`, keeping its allocation.
+    pub(crate) fn reuse(mut buf: Vec<u8>, tag: Tag) -> FrameBuf {
+        buf.clear();
+        buf.extend_from_slice(&[0, 0, 0, 0, tag as u8]);
+        FrameBuf(buf)
+    }
+
+    pub(crate) fn body(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+
+    /// The buffer, for reuse.
+    pub(crate) fn into_inner(self) -> Vec<u8> {
+        self.0
+    }
+
+    /// Fills in the length; fails if the frame is over [`MAX_FRAME`].
+    pub(crate) fn finish(mut self) -> Result<Vec<u8>, ProtocolError> {
+        let len = self.0.len() - 4;
+        if len > MAX_FRAME {
+            return Err(ProtocolError::FrameTooLarge { len: len as u64, max: MAX_FRAME as u64 });
+        }
+        self.0[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        Ok(self.0)
+    }
+}
+
+/// Reads a frame header: the body length (without the tag) and the tag.
+pub(crate) fn parse_header(header: [u8; HEADER]) -> Result<(usize, Tag), ProtocolError> {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge { len: len as u64, max: MAX_FRAME as u64 });
+    }
+    if len == 0 {
+        return Err(ProtocolError::Invalid("empty frame".into()));
+    }
+    let tag = Tag::from_u8(header[4])
+        .ok_or_else(|| ProtocolError::Invalid(format!("unknown frame tag {}", header[4])))?;
+    Ok((len - 1, tag))
+}
+
+/// A call frame for `name` with `args`.
+pub(crate) fn encode_call<A: Serialize>(name: &str, args: &A) -> Result<Vec<u8>, ProtocolError> {
+    let mut frame = FrameBuf::new(Tag::Call);
+    let name_len = u16::try_from(name.len())
+        .map_err(|_| ProtocolError::Invalid(format!("entry name of {} bytes", name.len())))?;
+    frame.body().extend_from_slice(&name_len.to_le_bytes());
+    frame.body().extend_from_slice(name.as_bytes());
+    append(frame.body(), args, Payload::Arguments)?;
+    frame.finish()
+}
+
+/// Splits a call body into the entry name and the encoded arguments.
+pub(crate) fn split_call(body: &[u8]) -> Result<(&str, &[u8]), ProtocolError> {
+    let bad = || ProtocolError::Invalid("truncated call frame".into());
+    let (len, rest) = body.split_first_chunk::<2>().ok_or_else(bad)?;
+    let len = u16::from_le_bytes(*len) as usize;
+    if rest.len() < len {
+        return Err(bad());
+    }
+    let (name, args) = rest.split_at(len);
+    let name =
+        std::str::from_utf8(name).map_err(|_| ProtocolError::Invalid("entry name is not UTF-8".into()))?;
+    Ok((name, args))
+}
+
+/// Appends `value` to `out` in postcard.
+pub(crate) fn append<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    value: &T,
+    what: Payload,
+) -> Result<(), ProtocolError> {
+    let taken = std::mem::take(out);
+    match postcard::to_extend(value, taken) {
+        Ok(v) => {
+            *out = v;
+            Ok(())
+        }
+        Err(e) => Err(ProtocolError::Encode { what, message: e.to_string() }),
+    }
+}
+
+/// Decodes `bytes`, which must hold exactly one value: trailing bytes mean the two sides
+/// disagree about the type (for example a field skipped by `skip_serializing_if`).
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: Payload) -> Result<T, ProtocolError> {
+    match postcard::take_from_bytes(bytes) {
+        Ok((value, [])) => Ok(value),
+        Ok((_, rest)) => Err(ProtocolError::Decode {
+            what,
+            message: format!(
+                "{} bytes left over; the type serializes differently from how it deserializes \
+                 (postcard does not support `skip_serializing_if`, `flatten` or `untagged`)",
+                rest.len()
+            ),
+        }),
+        Err(e) => Err(ProtocolError::Decode { what, message: e.to_string() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_frame_round_trips() {
+        let frame = encode_call("a::b#1", &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32)).unwrap();
+        let (len, tag) = parse_header(frame[..HEADER].try_into().unwrap()).unwrap();
+        assert_eq!(tag, Tag::Call);
+        assert_eq!(len, frame.len() - HEADER);
+        let (name, args) = split_call(&frame[HEADER..]).unwrap();
+        assert_eq!(name, "a::b#1");
+        let (bytes, n): (serde_bytes::ByteBuf, u32) = decode(args, Payload::Arguments).unwrap();
+        assert_eq!((bytes.into_vec(), n), (vec![1, 2, 3], 7));
+    }
+
+    #[test]
+    fn bytes_are_not_encoded_element_by_element() {
+        let data = vec![200u8; 1000];
+        let frame = encode_call("x", &(serde_bytes::Bytes::new(&data),)).unwrap();
+        // 5 header + 2 name length + 1 name + 2 varint length + 1000 raw bytes.
+        assert_eq!(frame.len(), 5 + 2 + 1 + 2 + 1000);
+    }
+
+    #[test]
+    fn bad_headers_are_errors() {
+        assert!(matches!(
+            parse_header([0xff, 0xff, 0xff, 0xff, 2]),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+        assert!(matches!(parse_header([0, 0, 0, 0, 2]), Err(ProtocolError::Invalid(_))));
+        assert!(matches!(parse_header([1, 0, 0, 0, 99]), Err(ProtocolError::Invalid(_))));
+        assert!(split_call(&[5, 0, b'a']).is_err());
+    }
+
+    #[test]
+    fn trailing_bytes_are_a_decode_error() {
+        let err = decode::<u8>(&[1, 2], Payload::Arguments).unwrap_err();
+        assert!(matches!(err, ProtocolError::Decode { .. }), "{err}");
+    }
+}

@@ -1,0 +1,255 @@
+//! Entries submitted by `#[offload]`: a stable name mapped to the type-erased function the
+//! worker runs, plus the settings the caller side needs.
+//!
+//! Entries live in a link-time distributed slice (linkme), so the table is complete before
+//! `main` and in the worker's pre-`main` hook alike, with no life-before-main registration.
+//! Each stub references its own entry, so the linker keeps every entry that can be called.
+
+use std::collections::HashMap;
+use std::collections::hash_map;
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::Duration;
+
+use crate::error::ProtocolError;
+use crate::limits::WorkersSpec;
+use crate::pool::Pool;
+
+/// The worker side of an entry: decode the arguments from `input`, run the user's function,
+/// append the encoded return value to `out`.
+#[doc(hidden)]
+pub type Invoke = fn(input: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError>;
+
+/// Every `#[offload]` function in the binary. Not public API.
+#[doc(hidden)]
+#[linkme::distributed_slice]
+pub static ENTRIES: [Entry];
+
+/// One `#[offload]` function. Built by the macro with the `const` builder methods below.
+/// Not public API.
+#[doc(hidden)]
+pub struct Entry {
+    /// Unique and stable across builds of the same source:
+    /// `module::path::fn_name#signature-hash`.
+    pub(crate) name: &'static str,
+    /// `module::path::fn_name`, for messages.
+    pub(crate) display: &'static str,
+    pub(crate) invoke: Invoke,
+    pub(crate) timeout: Duration,
+    /// The shared pool this function names, or `None` for a pool of its own.
+    pub(crate) pool: Option<&'static str>,
+    /// `None` when the attribute left it out: a shared pool takes it from its other members.
+    pub(crate) workers: Option<WorkersSpec>,
+    /// The pool serving this entry, looked up on the first call.
+    pub(crate) pool_cell: OnceLock<Result<Arc<Pool>, String>>,
+}
+
+impl Entry {
+    /// The deadline of a call when the attribute gives none.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// An entry with default settings.
+    pub const fn new(name: &'static str, display: &'static str, invoke: Invoke) -> Entry {
+        Entry {
+            name,
+            display,
+            invoke,
+            timeout: Entry::DEFAULT_TIMEOUT,
+            pool: None,
+            workers: None,
+            pool_cell: OnceLock::new(),
+        }
+    }
+
+    /// `timeout = "..."`, already parsed to milliseconds (never zero).
+    pub const fn with_timeout_ms(mut self, ms: u64) -> Entry {
+        self.timeout = Duration::from_millis(ms);
+        self
+    }
+
+    /// `workers = "..."`.
+    pub const fn with_workers(mut self, workers: WorkersSpec) -> Entry {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// `pool = "..."`.
+    pub const fn with_pool(mut self, pool: &'static str) -> Entry {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The name of the pool serving this entry: the named pool, or the entry's own.
+    pub(crate) fn pool_key(&self) -> &'static str {
+        self.pool.unwrap_or(self.name)
+    }
+
+    /// `module::path::fn_name`.
+    pub(crate) fn display(&self) -> &'static str {
+        self.display
+    }
+}
+
+/// The settings a pool is started with, merged from all entries that share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PoolSettings {
+    pub(crate) workers: WorkersSpec,
+}
+
+/// The checked view of [`ENTRIES`], built once per process.
+pub(crate) struct Registry {
+    by_name: HashMap<&'static str, &'static Entry>,
+    /// Settings per pool key, or why the pool cannot start.
+    pools: HashMap<&'static str, Result<PoolSettings, String>>,
+    /// Entries whose name is registered more than once.
+    duplicates: Vec<&'static str>,
+    /// Hash of every entry name: equal in parent and worker only for the same build.
+    hash: u64,
+}
+
+static REGISTRY: LazyLock<Registry> = LazyLock::new(|| Registry::build(&ENTRIES));
+
+impl Registry {
+    pub(crate) fn get() -> &'static Registry {
+        &REGISTRY
+    }
+
+    fn build(entries: &'static [Entry]) -> Registry {
+        let mut by_name = HashMap::new();
+        let mut duplicates = Vec::new();
+        for entry in entries {
+            if let Some(_first) = by_name.insert(entry.name, entry) {
+                duplicates.push(entry.name);
+            }
+        }
+
+        let mut pools: HashMap<&'static str, Result<PoolSettings, String>> = HashMap::new();
+        // Who set each pool's worker count, for the conflict message.
+        let mut set_by: HashMap<&'static str, &'static Entry> = HashMap::new();
+        for entry in entries {
+            let key = entry.pool_key();
+            let slot = pools.entry(key).or_insert(Ok(PoolSettings { workers: WorkersSpec::DEFAULT }));
+            let (Ok(settings), Some(workers)) = (slot.as_mut(), entry.workers) else {
+                continue;
+            };
+            match set_by.entry(key) {
+                hash_map::Entry::Vacant(v) => {
+                    v.insert(entry);
+                    settings.workers = workers;
+                }
+                hash_map::Entry::Occupied(o) if settings.workers != workers => {
+                    *slot = Err(format!(
+                        "pool `{key}` has conflicting settings: `{}` says workers = {} but `{}` \
+                         says workers = {}; give every function in a pool the same settings, \
+                         or set them on one function only",
+                        o.get().display,
+                        settings.workers,
+                        entry.display,
+                        workers,
+                    ));
+                }
+                hash_map::Entry::Occupied(_) => {}
+            }
+        }
+
+        let mut names: Vec<&str> = by_name.keys().copied().collect();
+        names.sort_unstable();
+        let hash = names.iter().fold(FNV_OFFSET, |h, name| fnv1a(fnv1a(h, name.as_bytes()), &[0]));
+
+        Registry { by_name, pools, duplicates, hash }
+    }
+
+    /// The entry registered under `name`, for the worker's dispatch.
+    pub(crate) fn lookup(&self, name: &str) -> Option<&'static Entry> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The settings of `entry`'s pool, or a message saying why it cannot be used.
+    pub(crate) fn settings(&self, entry: &'static Entry) -> Result<PoolSettings, String> {
+        if self.duplicates.contains(&entry.name) {
+            return Err(format!(
+                "`{}` is registered more than once under the name `{}`; two crates with the \
+                 same name and module path define it",
+                entry.display, entry.name
+            ));
+        }
+        match self.pools.get(entry.pool_key()) {
+            Some(settings) => settings.clone(),
+            // Not in the table: the linker dropped the entry, which the stub prevents.
+            None => Err(format!("`{}` is missing from the registry of offloaded functions", entry.display)),
+        }
+    }
+
+    /// Identifies this build's set of entries; checked in the worker handshake.
+    pub(crate) fn hash(&self) -> u64 {
+        self.hash
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use super::*;
+
+    fn noop(_: &[u8], _: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        Ok(())
+    }
+
+    fn table(entries: Vec<Entry>) -> (&'static [Entry], Registry) {
+        let entries: &'static [Entry] = Box::leak(entries.into_boxed_slice());
+        (entries, Registry::build(entries))
+    }
+
+    const FOUR: WorkersSpec = WorkersSpec::Fixed(NonZeroUsize::new(4).unwrap());
+
+    #[test]
+    fn shared_pool_takes_the_one_setting_given() {
+        let (e, reg) = table(vec![
+            Entry::new("m::a#1", "m::a", noop).with_pool("p"),
+            Entry::new("m::b#1", "m::b", noop).with_pool("p").with_workers(FOUR),
+            Entry::new("m::c#1", "m::c", noop),
+        ]);
+        assert_eq!(reg.settings(&e[0]), Ok(PoolSettings { workers: FOUR }));
+        assert_eq!(reg.settings(&e[1]), Ok(PoolSettings { workers: FOUR }));
+        assert_eq!(reg.settings(&e[2]), Ok(PoolSettings { workers: WorkersSpec::DEFAULT }));
+        assert_eq!(reg.lookup("m::c#1").map(|x| x.display), Some("m::c"));
+        assert!(reg.lookup("m::c").is_none());
+    }
+
+    #[test]
+    fn conflicting_settings_name_both_functions() {
+        let (e, reg) = table(vec![
+            Entry::new("m::a#1", "m::a", noop).with_pool("p").with_workers(WorkersSpec::Cpus),
+            Entry::new("m::b#1", "m::b", noop).with_pool("p").with_workers(FOUR),
+        ]);
+        let message = reg.settings(&e[1]).unwrap_err();
+        assert!(message.contains("`m::a` says workers = \"cpus\""), "{message}");
+        assert!(message.contains("`m::b` says workers = \"4\""), "{message}");
+        assert_eq!(reg.settings(&e[0]), Err(message));
+    }
+
+    #[test]
+    fn duplicate_names_are_detected() {
+        let (e, reg) = table(vec![Entry::new("m::a#1", "m::a", noop), Entry::new("m::a#1", "m::a", noop)]);
+        assert!(reg.settings(&e[0]).unwrap_err().contains("registered more than once"));
+    }
+
+    #[test]
+    fn hash_depends_on_the_names() {
+        let (_, one) = table(vec![Entry::new("m::a#1", "m::a", noop)]);
+        let (_, same) = table(vec![Entry::new("m::a#1", "m::a", noop)]);
+        let (_, other) = table(vec![Entry::new("m::a#2", "m::a", noop)]);
+        assert_eq!(one.hash(), same.hash());
+        assert_ne!(one.hash(), other.hash());
+    }
+}

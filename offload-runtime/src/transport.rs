@@ -1,0 +1,238 @@
+//! The parent's end of one worker's channel: length-prefixed frames over a Unix socket pair
+//! whose other end the worker inherited at spawn.
+//!
+//! The pair has no name in any namespace, so no other process can connect to it; the
+//! handshake still checks a per-pool secret and the build's registry hash.
+//!
+//! The socket is not tied to one Tokio runtime: it is registered with the reactor of the
+//! runtime a call comes from, and registered anew when a call comes from another one. Pools
+//! therefore outlive the runtime that first used them (every `#[tokio::test]` has its own).
+//! Every operation here uses `MSG_DONTWAIT`, so the socket itself stays in blocking mode for
+//! the worker's sake.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use rustix::net::{RecvFlags, SendFlags};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::error::ProtocolError;
+use crate::protocol::{self, HEADER, Tag};
+
+/// Reply buffers above this size are released after the call rather than kept per worker.
+const KEEP_BUFFER: usize = 1 << 20;
+
+/// Why a frame could not be exchanged.
+#[derive(Debug)]
+pub(crate) enum TransportError {
+    /// The worker's end is closed: it exited or was killed.
+    Closed,
+    /// The socket failed otherwise.
+    Io(io::Error),
+    /// The worker sent something that is not a frame.
+    Protocol(ProtocolError),
+}
+
+impl From<io::Error> for TransportError {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => {
+                TransportError::Closed
+            }
+            _ => TransportError::Io(e),
+        }
+    }
+}
+
+impl From<ProtocolError> for TransportError {
+    fn from(e: ProtocolError) -> Self {
+        TransportError::Protocol(e)
+    }
+}
+
+/// The parent's end of a worker's socket, and the buffer replies are read into.
+pub(crate) struct Channel {
+    /// Declared before `stream` so that it is dropped, and deregistered, first.
+    registered: Option<Registered>,
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Channel {
+    pub(crate) fn new(stream: UnixStream) -> Channel {
+        Channel { registered: None, stream, buf: Vec::new() }
+    }
+
+    /// Waits for one frame without a runtime, for the handshake on the supervisor thread.
+    pub(crate) fn recv_blocking(&mut self, patience: Duration) -> Result<(Tag, &[u8]), TransportError> {
+        let deadline = Instant::now() + patience;
+        let mut reader = FrameReader::start(&mut self.buf);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the worker did not say hello within {patience:?}"),
+                )));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            let n = match rustix::net::recv(&self.stream, reader.spare(&mut self.buf), RecvFlags::empty()) {
+                Ok((n, _)) => n,
+                Err(e) if e == rustix::io::Errno::INTR || e == rustix::io::Errno::AGAIN => continue,
+                Err(e) => return Err(io::Error::from(e).into()),
+            };
+            if reader.advance(&mut self.buf, n)? {
+                self.stream.set_read_timeout(None)?;
+                return Ok(reader.frame(&self.buf));
+            }
+        }
+    }
+
+    /// Whether the worker's end is closed (or the worker sent something unasked), checked
+    /// without blocking before an idle worker is given a call.
+    pub(crate) fn is_broken(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match rustix::net::recv(&self.stream, &mut probe[..], RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            Err(rustix::io::Errno::AGAIN) => false,
+            Ok(_) | Err(_) => true,
+        }
+    }
+
+    /// Sends `frame` and waits for the reply frame, on the current Tokio runtime.
+    ///
+    /// The returned body borrows the channel's buffer until the next call.
+    pub(crate) async fn round_trip(&mut self, frame: &[u8]) -> Result<(Tag, &[u8]), TransportError> {
+        let Channel { registered, stream, buf } = self;
+        if buf.capacity() > KEEP_BUFFER {
+            *buf = Vec::new();
+        }
+        // Most requests fit in the socket buffer: write without waiting for readiness, which
+        // a fresh registration would only learn after a turn of the reactor.
+        let mut written = match send(stream, frame) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            other => other?,
+        };
+        let fd = registration(registered, stream)?;
+        while written < frame.len() {
+            let mut ready = fd.writable().await?;
+            match ready.try_io(|_| send(stream, &frame[written..])) {
+                Ok(n) => written += n?,
+                Err(_would_block) => continue,
+            }
+        }
+
+        let mut reader = FrameReader::start(buf);
+        loop {
+            let mut ready = fd.readable().await?;
+            let spare = reader.spare(buf);
+            let n = match ready.try_io(|_| {
+                rustix::net::recv(&*stream, &mut *spare, RecvFlags::DONTWAIT)
+                    .map(|(n, _)| n)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(n) => n?,
+                Err(_would_block) => continue,
+            };
+            if reader.advance(buf, n)? {
+                return Ok(reader.frame(buf));
+            }
+        }
+    }
+}
+
+/// The socket's registration with the current runtime's reactor, made on the first call
+/// from that runtime and kept while calls come from it.
+fn registration<'c>(
+    registered: &'c mut Option<Registered>,
+    stream: &UnixStream,
+) -> io::Result<&'c AsyncFd<RawFd>> {
+    let runtime = tokio::runtime::Handle::current().id();
+    if registered.as_ref().is_some_and(|r| r.runtime == runtime) {
+        return Ok(&registered.as_ref().expect("checked above").fd);
+    }
+    // Drop the old registration (deregistering it) before making the new one.
+    *registered = None;
+    // SAFETY: the descriptor is open and stays the same file for as long as the
+    // registration exists: `registered` is declared before `stream`, so it is dropped
+    // first, and the stream is never replaced.
+    let fd = unsafe {
+        AsyncFd::register_with_interest(stream.as_raw_fd(), Interest::READABLE | Interest::WRITABLE)
+    }
+    .map_err(io::Error::from)?;
+    Ok(&registered.insert(Registered { runtime, fd }).fd)
+}
+
+/// A socket registered with one runtime's reactor.
+struct Registered {
+    runtime: tokio::runtime::Id,
+    fd: AsyncFd<RawFd>,
+}
+
+/// Sends as much of `bytes` as the socket takes now; 0 when it takes nothing.
+fn send(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match rustix::net::send(stream, &bytes[sent..], SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+            Ok(n) => sent += n,
+            Err(rustix::io::Errno::AGAIN) if sent > 0 => break,
+            Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(sent)
+}
+
+/// Reads one frame into a buffer: the header first, then exactly the body.
+struct FrameReader {
+    filled: usize,
+    /// Header plus body, once the header has been read.
+    total: Option<(usize, Tag)>,
+}
+
+impl FrameReader {
+    fn start(buf: &mut Vec<u8>) -> FrameReader {
+        if buf.len() < 4096 {
+            buf.resize(4096, 0);
+        }
+        FrameReader { filled: 0, total: None }
+    }
+
+    /// Where the next read goes: the rest of the buffer until the header is known (so a
+    /// small frame takes one read), then exactly the rest of the frame.
+    fn spare<'b>(&self, buf: &'b mut [u8]) -> &'b mut [u8] {
+        let end = self.total.map_or(buf.len(), |(total, _)| total);
+        &mut buf[self.filled..end]
+    }
+
+    /// Accounts for `n` bytes read; true once the whole frame is in.
+    fn advance(&mut self, buf: &mut Vec<u8>, n: usize) -> Result<bool, TransportError> {
+        if n == 0 {
+            return Err(TransportError::Closed);
+        }
+        self.filled += n;
+        if self.total.is_none() && self.filled >= HEADER {
+            let header: [u8; HEADER] = buf[..HEADER].try_into().expect("header length");
+            let (len, tag) = protocol::parse_header(header)?;
+            let total = HEADER + len;
+            if buf.len() < total {
+                buf.resize(total, 0);
+            }
+            self.total = Some((total, tag));
+        }
+        if let Some((total, _)) = self.total
+            && self.filled > total
+        {
+            return Err(ProtocolError::Invalid("the worker sent more than one frame".into()).into());
+        }
+        Ok(matches!(self.total, Some((total, _)) if self.filled >= total))
+    }
+
+    fn frame<'b>(&self, buf: &'b [u8]) -> (Tag, &'b [u8]) {
+        let (total, tag) = self.total.expect("a complete frame");
+        (tag, &buf[HEADER..total])
+    }
+}

@@ -1,0 +1,243 @@
+//! The child side: detect worker mode before `main`, say hello, serve calls, exit.
+//!
+//! A worker is the same binary re-executed with [`ENV`] set. A function in `.init_array`
+//! sees the variable, serves calls on the inherited socket and exits, so neither the user's
+//! `main` nor a test harness ever runs in a worker, and nothing has to be added to `main`.
+//! The worker is single-threaded, builds no async runtime, and never starts workers itself.
+
+use std::cell::RefCell;
+use std::io::{BufReader, Read, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Payload, ProtocolError};
+use crate::protocol::{self, FrameBuf, HEADER, Hello, PROTOCOL_VERSION, PanicReport, Tag};
+use crate::registry::Registry;
+
+/// Set in a worker's environment by its parent: `version:fd:parent-pid:secret-hex`.
+pub(crate) const ENV: &str = "OFFLOAD_WORKER";
+
+/// Exit status of a worker that could not start serving (bad environment, failed hello).
+const EXIT_SETUP_FAILED: i32 = 70;
+
+static IS_WORKER: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn is_worker() -> bool {
+    IS_WORKER.load(Ordering::Relaxed)
+}
+
+/// The pre-`main` hook. Referenced from [`crate::call`] so the linker keeps the object
+/// file that holds it in every binary that can make a call.
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+pub(crate) static ENTER_WORKER_MODE: extern "C" fn() = enter_worker_mode;
+
+#[cfg(target_os = "linux")]
+extern "C" fn enter_worker_mode() {
+    let Some(value) = std::env::var_os(ENV) else {
+        return;
+    };
+    IS_WORKER.store(true, Ordering::Relaxed);
+    // SAFETY: this runs before `main`, when the process has a single thread, so nothing
+    // reads the environment concurrently. Removing the variable keeps it from programs the
+    // user's function may start.
+    unsafe { std::env::remove_var(ENV) };
+    let code = match value.to_str().and_then(WorkerEnv::parse) {
+        None => {
+            eprintln!("offload: malformed {ENV} value; this process cannot serve as a worker");
+            EXIT_SETUP_FAILED
+        }
+        Some(env) => match serve(env) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("offload worker {}: {e}", std::process::id());
+                EXIT_SETUP_FAILED
+            }
+        },
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}
+
+/// What the parent put in [`ENV`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct WorkerEnv {
+    pub(crate) fd: RawFd,
+    pub(crate) parent: u32,
+    pub(crate) secret: [u8; 16],
+}
+
+impl WorkerEnv {
+    pub(crate) fn encode(&self) -> String {
+        let secret: String = self.secret.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{PROTOCOL_VERSION}:{}:{}:{secret}", self.fd, self.parent)
+    }
+
+    pub(crate) fn parse(value: &str) -> Option<WorkerEnv> {
+        let mut parts = value.split(':');
+        let version: u32 = parts.next()?.parse().ok()?;
+        let fd: RawFd = parts.next()?.parse().ok()?;
+        let parent: u32 = parts.next()?.parse().ok()?;
+        let hex = parts.next()?;
+        if version != PROTOCOL_VERSION || parts.next().is_some() || hex.len() != 32 || fd < 0 {
+            return None;
+        }
+        let mut secret = [0u8; 16];
+        for (i, byte) in secret.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(WorkerEnv { fd, parent, secret })
+    }
+}
+
+thread_local! {
+    /// Location of the last panic, recorded by the hook for the report.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+#[cfg(target_os = "linux")]
+fn serve(env: WorkerEnv) -> std::io::Result<()> {
+    use rustix::io::{FdFlags, fcntl_setfd};
+
+    // The parent may have died between our fork and its death signal being armed.
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(env.parent) {
+        return Err(std::io::Error::other("the parent process is gone"));
+    }
+    // SAFETY: the parent created this descriptor for us and passed its number; nothing
+    // else in this fresh process owns it.
+    let stream = unsafe { UnixStream::from_raw_fd(env.fd) };
+    // Programs the user's function starts must not inherit the channel.
+    fcntl_setfd(&stream, FdFlags::CLOEXEC)?;
+
+    panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| l.to_string());
+        if cfg!(panic = "abort") {
+            // The process is about to die: leave the message for the crash report.
+            eprintln!("{info}");
+        }
+        PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
+    }));
+
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        secret: env.secret,
+        registry: Registry::get().hash(),
+    };
+    let mut frame = FrameBuf::new(Tag::Hello);
+    protocol::append(frame.body(), &hello, Payload::Message).map_err(std::io::Error::other)?;
+    (&stream).write_all(&frame.finish().map_err(std::io::Error::other)?)?;
+
+    let mut reader = BufReader::with_capacity(64 * 1024, &stream);
+    let mut request = Vec::new();
+    let mut reply = Vec::new();
+    loop {
+        let mut header = [0u8; HEADER];
+        match reader.read_exact(&mut header) {
+            Ok(()) => {}
+            // The parent closed the channel: it is done with us, or gone.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let (len, tag) = protocol::parse_header(header).map_err(std::io::Error::other)?;
+        if tag != Tag::Call {
+            return Err(std::io::Error::other(format!("expected a call frame, got {tag:?}")));
+        }
+        request.clear();
+        request.reserve(len);
+        (&mut reader).take(len as u64).read_to_end(&mut request)?;
+        if request.len() != len {
+            return Ok(());
+        }
+        reply = answer(&request, reply);
+        (&stream).write_all(&reply)?;
+        // What the function printed reaches the terminal now, not at some later call.
+        let _ = std::io::stdout().flush();
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn serve(_env: WorkerEnv) -> std::io::Result<()> {
+    Err(std::io::Error::other("offload workers are supported on Linux only"))
+}
+
+/// Runs one call and builds its reply frame in `buf`.
+fn answer(body: &[u8], buf: Vec<u8>) -> Vec<u8> {
+    let result = protocol::split_call(body).and_then(|(name, args)| {
+        Registry::get()
+            .lookup(name)
+            .map(|entry| (entry.invoke, args))
+            .ok_or_else(|| ProtocolError::Invalid(format!("no offloaded function is registered as `{name}`")))
+    });
+    let (invoke, args) = match result {
+        Ok(found) => found,
+        Err(fault) => return fault_frame(buf, &fault),
+    };
+
+    let mut frame = FrameBuf::reuse(buf, Tag::Return);
+    match panic::catch_unwind(AssertUnwindSafe(|| invoke(args, frame.body()))) {
+        Ok(Ok(())) => match frame.finish() {
+            Ok(bytes) => bytes,
+            Err(too_large) => fault_frame(Vec::new(), &too_large),
+        },
+        Ok(Err(fault)) => fault_frame(frame.into_inner(), &fault),
+        Err(payload) => {
+            let message = if let Some(s) = payload.downcast_ref::<&str>() {
+                (*s).to_owned()
+            } else if let Some(s) = payload.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "Box<dyn Any>".to_owned()
+            };
+            let location = PANIC_LOCATION.with(|slot| slot.borrow_mut().take());
+            // Dropping a panic payload can itself panic; don't let that kill the worker.
+            let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(payload)));
+            let mut frame = FrameBuf::reuse(frame.into_inner(), Tag::Panicked);
+            let report = PanicReport { message, location };
+            match protocol::append(frame.body(), &report, Payload::Message).and_then(|()| frame.finish()) {
+                Ok(bytes) => bytes,
+                Err(fault) => fault_frame(Vec::new(), &fault),
+            }
+        }
+    }
+}
+
+fn fault_frame(buf: Vec<u8>, fault: &ProtocolError) -> Vec<u8> {
+    let mut frame = FrameBuf::reuse(buf, Tag::Fault);
+    protocol::append(frame.body(), fault, Payload::Message).expect("a fault always encodes");
+    frame.finish().expect("a fault is small")
+}
+
+/// Decodes an entry's arguments. Not public API: the macro's worker-side code calls it.
+pub fn decode_args<T: DeserializeOwned>(input: &[u8]) -> Result<T, ProtocolError> {
+    protocol::decode(input, Payload::Arguments)
+}
+
+/// Encodes an entry's return value onto the reply. Not public API.
+pub fn encode_return<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    protocol::append(out, value, Payload::ReturnValue)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_round_trips() {
+        let env = WorkerEnv { fd: 7, parent: 1234, secret: *b"0123456789abcdef" };
+        assert_eq!(WorkerEnv::parse(&env.encode()), Some(env));
+    }
+
+    #[test]
+    fn malformed_env_is_rejected() {
+        for bad in ["", "1:2:3", "1:x:3:00", "999:3:4:00112233445566778899aabbccddeeff", "1:3:4:zz"] {
+            assert_eq!(WorkerEnv::parse(bad), None, "{bad}");
+        }
+    }
+}

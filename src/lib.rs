@@ -1,0 +1,13 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs, unreachable_pub)]
+#![doc(test(attr(deny(warnings))))]
+
+#[doc(inline)]
+pub use offload_macros::offload;
+pub use offload_runtime::{Error, ExitReason, Payload, ProtocolError, is_worker};
+
+/// Not public API: what `#[offload]` expansions use. Anything here may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use offload_runtime::__private::*;
+}
