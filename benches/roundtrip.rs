@@ -51,7 +51,10 @@ impl RawPeer {
         // SAFETY: fcntl is async-signal-safe.
         unsafe {
             command.pre_exec(move || {
-                rustix::io::fcntl_setfd(rustix::fd::BorrowedFd::borrow_raw(fd), rustix::io::FdFlags::empty())?;
+                rustix::io::fcntl_setfd(
+                    rustix::fd::BorrowedFd::borrow_raw(fd),
+                    rustix::io::FdFlags::empty(),
+                )?;
                 Ok(())
             });
         }
@@ -146,7 +149,10 @@ fn bench(c: &mut Criterion) {
     group.bench_function("raw_socket", |b| b.iter(|| rt.block_on(raw.ping(std::hint::black_box(1)))));
     drop(raw);
     group.bench_function("spawn_blocking", |b| {
-        b.iter(|| rt.block_on(async { tokio::task::spawn_blocking(|| std::hint::black_box(1u64) + 1).await }).unwrap())
+        b.iter(|| {
+            rt.block_on(async { tokio::task::spawn_blocking(|| std::hint::black_box(1u64) + 1).await })
+                .unwrap()
+        })
     });
     group.finish();
 }

@@ -4,7 +4,7 @@
 
 #[doc(inline)]
 pub use offload_macros::offload;
-pub use offload_runtime::{Error, ExitReason, Payload, ProtocolError, is_worker};
+pub use offload_runtime::{Error, ExitReason, Payload, ProtocolError, is_worker, shutdown, warm_up};
 
 /// Not public API: what `#[offload]` expansions use. Anything here may change in any release.
 #[doc(hidden)]

@@ -99,15 +99,15 @@ async fn outside_kill_of_a_busy_worker() {
     let path = pid_file.to_str().unwrap().to_owned();
     let call = tokio::spawn(wait_to_be_killed(path));
     let read_pid = || std::fs::read_to_string(&pid_file).ok().and_then(|s| s.parse::<u32>().ok());
-    assert!(support::eventually_async(Duration::from_secs(20), || read_pid().is_some()).await, "the call never started");
+    assert!(
+        support::eventually_async(Duration::from_secs(20), || read_pid().is_some()).await,
+        "the call never started"
+    );
     let pid = read_pid().unwrap();
     support::kill9(pid);
     let err = call.await.unwrap().unwrap_err();
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(
-        matches!(err, Error::Crashed { pid: p, exit: ExitReason::Signal(9), .. } if p == pid),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::Crashed { pid: p, exit: ExitReason::Signal(9), .. } if p == pid), "{err:?}");
     assert!(err.to_string().contains("killed by signal 9 (SIGKILL)"), "{err}");
 }
 

@@ -42,7 +42,10 @@ fn give_untagged() -> Untagged {
 
 fn assert_protocol_error(err: Error) {
     assert!(
-        matches!(err, Error::Protocol { kind: ProtocolError::Encode { .. } | ProtocolError::Decode { .. }, .. }),
+        matches!(
+            err,
+            Error::Protocol { kind: ProtocolError::Encode { .. } | ProtocolError::Decode { .. }, .. }
+        ),
         "{err:?}"
     );
 }

@@ -133,10 +133,7 @@ impl OffloadArgs {
             return Ok(());
         };
         if seen.contains(&key) {
-            errors.push(syn::Error::new_spanned(
-                &meta.path,
-                format!("duplicate argument `{}`", key.name()),
-            ));
+            errors.push(syn::Error::new_spanned(&meta.path, format!("duplicate argument `{}`", key.name())));
             return Ok(());
         }
         seen.push(key);
@@ -176,9 +173,7 @@ impl OffloadArgs {
             }
             Key::Pool => {
                 if text.trim().is_empty() {
-                    return Err(error(
-                        "pool name must not be empty, e.g. `pool = \"images\"`".to_owned(),
-                    ));
+                    return Err(error("pool name must not be empty, e.g. `pool = \"images\"`".to_owned()));
                 }
                 self.pool = Some(lit.clone());
             }
@@ -210,8 +205,7 @@ fn value(meta: &ParseNestedMeta<'_>) -> syn::Result<Option<Expr>> {
 
 fn unknown_key(path: &Path) -> syn::Error {
     let name = path.to_token_stream().to_string().replace(' ', "");
-    let expected =
-        Key::ALL.iter().map(|key| format!("`{}`", key.name())).collect::<Vec<_>>().join(", ");
+    let expected = Key::ALL.iter().map(|key| format!("`{}`", key.name())).collect::<Vec<_>>().join(", ");
     let mut message = format!("unknown argument `{name}`; expected one of {expected}");
     if let Some(key) = Key::suggest(&name) {
         message.push_str(&format!("; did you mean `{}`?", key.name()));
@@ -333,30 +327,21 @@ mod tests {
 
     #[test]
     fn values_must_be_string_literals() {
-        assert_eq!(
-            errors(quote!(timeout = 30)),
-            ["expected a string literal, e.g. `timeout = \"30s\"`"]
-        );
+        assert_eq!(errors(quote!(timeout = 30)), ["expected a string literal, e.g. `timeout = \"30s\"`"]);
         assert_eq!(errors(quote!(workers = 4)), ["expected a string literal, e.g. `workers = \"4\"`"]);
         assert_eq!(
             errors(quote!(crate = ::offload)),
             ["expected a string literal, e.g. `crate = \"::offload\"`"]
         );
         assert_eq!(errors(quote!(pool)), ["`pool` needs a value, e.g. `pool = \"name\"`"]);
-        assert_eq!(
-            errors(quote!(timeout("1s"))),
-            ["`timeout` needs a value, e.g. `timeout = \"30s\"`"]
-        );
+        assert_eq!(errors(quote!(timeout("1s"))), ["`timeout` needs a value, e.g. `timeout = \"30s\"`"]);
     }
 
     #[test]
     fn bad_values() {
         assert_eq!(errors(quote!(timeout = "0s")), ["timeout must be greater than zero"]);
         assert_eq!(errors(quote!(workers = "0")), ["workers must be at least 1"]);
-        assert_eq!(
-            errors(quote!(pool = "")),
-            ["pool name must not be empty, e.g. `pool = \"images\"`"]
-        );
+        assert_eq!(errors(quote!(pool = "")), ["pool name must not be empty, e.g. `pool = \"images\"`"]);
         assert_eq!(
             errors(quote!(crate = "not a path")),
             ["invalid crate path `not a path`: expected a path to the `offload` crate, such as \

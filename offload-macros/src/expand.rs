@@ -155,9 +155,11 @@ impl Context<'_> {
             };
             (self.owned_args(), decode)
         };
-        let impl_args = self.arguments.iter().zip(&decoded).map(|(arg, decoded)| {
-            if arg.bytes { quote!(#decoded.into_vec()) } else { quote!(#decoded) }
-        });
+        let impl_args = self
+            .arguments
+            .iter()
+            .zip(&decoded)
+            .map(|(arg, decoded)| if arg.bytes { quote!(#decoded.into_vec()) } else { quote!(#decoded) });
         let (assert, encode) = match self.return_ty {
             Some(_) if self.return_bytes => {
                 let bytes = rt.bytes();
@@ -193,6 +195,8 @@ impl Context<'_> {
         let byte_buf = rt.byte_buf();
         let seq = Ident::new("seq", Span::mixed_site());
         let formatter = Ident::new("formatter", Span::mixed_site());
+        let input = Ident::new("deserializer", Span::mixed_site());
+        let value = Ident::new("value", Span::mixed_site());
 
         let len = self.arguments.len();
         let expecting = format!("a tuple of {len} arguments");
@@ -201,16 +205,14 @@ impl Context<'_> {
             .iter()
             .map(|arg| if arg.bytes { byte_buf.clone() } else { arg.ty.to_token_stream() })
             .collect();
-        let asserts = self.arguments.iter().filter(|arg| !arg.bytes).map(|arg| {
-            self.assert_transferable(arg.ty)
-        });
-        let fields: Vec<Ident> = (0..len)
-            .map(|index| format_ident!("arg{}", index, span = Span::mixed_site()))
-            .collect();
+        let asserts =
+            self.arguments.iter().filter(|arg| !arg.bytes).map(|arg| self.assert_transferable(arg.ty));
+        let fields: Vec<Ident> =
+            (0..len).map(|index| format_ident!("arg{}", index, span = Span::mixed_site())).collect();
         let reads = fields.iter().zip(&wire_types).enumerate().map(|(index, (field, ty))| {
             quote! {
                 let #field = match #seq_access::next_element::<#ty>(&mut #seq)? {
-                    ::core::option::Option::Some(value) => value,
+                    ::core::option::Option::Some(#value) => #value,
                     ::core::option::Option::None => {
                         return ::core::result::Result::Err(
                             #de_error::invalid_length(#index, &self),
@@ -224,7 +226,7 @@ impl Context<'_> {
 
             impl<'de> #deserialize<'de> for __OffloadOwnedArgs {
                 fn deserialize<__D: #deserializer<'de>>(
-                    deserializer: __D,
+                    #input: __D,
                 ) -> ::core::result::Result<Self, __D::Error> {
                     struct __OffloadVisitor;
 
@@ -248,7 +250,7 @@ impl Context<'_> {
                         }
                     }
 
-                    #deserializer::deserialize_tuple(deserializer, #len, __OffloadVisitor)
+                    #deserializer::deserialize_tuple(#input, #len, __OffloadVisitor)
                 }
             }
         }
@@ -264,12 +266,12 @@ impl Context<'_> {
         let serialize_tuple = rt.serde("ser::SerializeTuple");
         let bytes = rt.bytes();
         let tuple = Ident::new("tuple", Span::mixed_site());
+        let output = Ident::new("serializer", Span::mixed_site());
 
         let len = self.arguments.len();
         let types = self.arguments.iter().map(|arg| arg.ty);
-        let asserts = self.arguments.iter().filter(|arg| !arg.bytes).map(|arg| {
-            self.assert_transferable(arg.ty)
-        });
+        let asserts =
+            self.arguments.iter().filter(|arg| !arg.bytes).map(|arg| self.assert_transferable(arg.ty));
         let writes = self.arguments.iter().enumerate().map(|(index, arg)| {
             let index = syn::Index::from(index);
             if arg.bytes {
@@ -290,10 +292,10 @@ impl Context<'_> {
             impl #serialize for __OffloadArgs<'_> {
                 fn serialize<__S: #serializer>(
                     &self,
-                    serializer: __S,
+                    #output: __S,
                 ) -> ::core::result::Result<__S::Ok, __S::Error> {
                     #(#asserts)*
-                    let mut #tuple = #serializer::serialize_tuple(serializer, #len)?;
+                    let mut #tuple = #serializer::serialize_tuple(#output, #len)?;
                     #(#writes)*
                     #serialize_tuple::end(#tuple)
                 }
@@ -386,25 +388,26 @@ impl Context<'_> {
         let assert = self.assert_transferable(ty);
         let value = Ident::new("value", Span::mixed_site());
         let error = Ident::new("error", Span::mixed_site());
+        let input = Ident::new("deserializer", Span::mixed_site());
         quote! {
             struct __OffloadReturn(#ty);
 
             impl<'de> #deserialize<'de> for __OffloadReturn {
                 fn deserialize<__D: #deserializer<'de>>(
-                    deserializer: __D,
+                    #input: __D,
                 ) -> ::core::result::Result<Self, __D::Error> {
                     fn __offload_deserialize<'de, __T, __D>(
-                        deserializer: __D,
+                        #input: __D,
                     ) -> ::core::result::Result<__T, __D::Error>
                     where
                         __T: #deserialize<'de>,
                         __D: #deserializer<'de>,
                     {
-                        <__T as #deserialize<'de>>::deserialize(deserializer)
+                        <__T as #deserialize<'de>>::deserialize(#input)
                     }
 
                     #assert
-                    match __offload_deserialize::<#ty, __D>(deserializer) {
+                    match __offload_deserialize::<#ty, __D>(#input) {
                         ::core::result::Result::Ok(#value) => {
                             ::core::result::Result::Ok(__OffloadReturn(#value))
                         }
@@ -421,9 +424,8 @@ impl Context<'_> {
         let types: Vec<String> =
             self.arguments.iter().map(|arg| arg.ty.to_token_stream().to_string()).collect();
         let text = format!("({}) -> {}", types.join(", "), self.return_ty_tokens());
-        text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        })
+        text.bytes()
+            .fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
     }
 }
 
@@ -492,18 +494,190 @@ fn workers_spec(rt: &Runtime, spec: WorkersSpec) -> TokenStream {
 
 #[cfg(test)]
 mod tests {
+    use proc_macro2::TokenStream;
     use quote::quote;
+    use syn::{Type, parse_quote};
+
+    use super::{is_bytes, offload};
+
+    /// The expansion as a string without spaces, for substring checks.
+    fn expand(args: TokenStream, item: TokenStream) -> String {
+        offload(args, item).to_string().replace(' ', "")
+    }
 
     #[test]
-    fn print_expansion() {
-        let out = super::offload(
-            quote!(timeout = "30s", workers = "cpus-2", pool = "name"),
+    fn stub_keeps_name_visibility_and_attributes() {
+        let out = expand(
+            quote!(),
             quote! {
                 /// docs
                 #[inline]
-                pub fn digest(data: Vec<u8>, (a, b): (u32, u32)) -> [u8; 32] { body() }
+                pub(crate) fn digest(data: Vec<u8>, (a, b): (u32, u32)) -> [u8; 32] { body() }
             },
         );
-        println!("{out}");
+        assert!(out.starts_with("#[doc=r\"docs\"]#[inline]pub(crate)asyncfndigest(data:Vec<u8>,__arg1:(u32,u32))->::core::result::Result<[u8;32],::offload::__private::Error>{"), "{out}");
+        assert!(
+            out.contains("fn__offload_impl_digest(data:Vec<u8>,(a,b):(u32,u32))->[u8;32]{body()}"),
+            "{out}"
+        );
+        assert!(out.contains("::core::concat!(::core::module_path!(),\"::digest#"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn settings_only_when_given() {
+        let out = expand(
+            quote!(),
+            quote!(
+                fn f() {}
+            ),
+        );
+        assert!(!out.contains(".with_"), "{out}");
+
+        let out = expand(
+            quote!(timeout = "1m", pool = "p"),
+            quote!(
+                fn f() {}
+            ),
+        );
+        assert!(out.contains(".with_timeout_ms(60000).with_pool(\"p\");"), "{out}");
+    }
+
+    #[test]
+    fn workers_specs() {
+        let cases = [
+            ("4", "WorkersSpec::Fixed(match::core::num::NonZeroUsize::new(4)"),
+            ("cpus", "WorkersSpec::Cpus)"),
+            ("cpus-2", "WorkersSpec::CpusMinus(2)"),
+            ("cpus/3", "WorkersSpec::CpusDiv(match::core::num::NonZeroUsize::new(3)"),
+        ];
+        for (spec, expected) in cases {
+            let out = expand(
+                quote!(workers = #spec),
+                quote!(
+                    fn f() {}
+                ),
+            );
+            assert!(out.contains(&format!(".with_workers(::offload::__private::{expected}")), "{out}");
+        }
+    }
+
+    #[test]
+    fn crate_path_is_used_everywhere() {
+        let out = expand(
+            quote!(crate = "my::reexport"),
+            quote!(
+                fn f(x: u32) -> u32 {
+                    x
+                }
+            ),
+        );
+        assert!(!out.contains("::offload::"), "{out}");
+        assert!(out.contains("my::reexport::__private::call::<"), "{out}");
+    }
+
+    #[test]
+    fn bytes_go_through_serde_bytes() {
+        let out = expand(
+            quote!(),
+            quote!(
+                fn f(data: Vec<u8>) -> Vec<u8> {
+                    data
+                }
+            ),
+        );
+        assert!(out.contains("serde_bytes::Bytes::new(self.0)"), "{out}");
+        assert!(out.contains("next_element::<::offload::__private::serde_bytes::ByteBuf>"), "{out}");
+        assert!(out.contains("__offload_impl_f(arg0.into_vec())"), "{out}");
+        assert!(out.contains("encode_return::<::offload::__private::serde_bytes::Bytes>"), "{out}");
+        assert!(out.contains(".map(::offload::__private::serde_bytes::ByteBuf::into_vec)"), "{out}");
+    }
+
+    #[test]
+    fn bad_arguments_still_expand() {
+        let out = expand(
+            quote!(timeout = "0s"),
+            quote!(
+                fn f() {}
+            ),
+        );
+        assert!(out.contains("asyncfnf()"), "{out}");
+        assert!(out.contains("compile_error!{\"timeoutmustbegreaterthanzero\"}"), "{out}");
+    }
+
+    #[test]
+    fn unsupported_functions_are_left_as_written() {
+        let item = quote!(
+            async fn f(x: &str) {}
+        );
+        let out = expand(quote!(timeout = "0s"), item.clone());
+        assert!(out.starts_with(&item.to_string().replace(' ', "")), "{out}");
+        assert_eq!(out.matches("compile_error!").count(), 3, "{out}");
+
+        let out = expand(
+            quote!(),
+            quote!(
+                struct S;
+            ),
+        );
+        assert!(out.starts_with("structS;"), "{out}");
+        assert_eq!(out.matches("compile_error!").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn signature_hash_tells_signatures_apart() {
+        let key = |item: TokenStream| {
+            let out = expand(quote!(), item);
+            let start = out.find("\"::f#").unwrap();
+            out[start..start + 22].to_owned()
+        };
+        let a = key(quote!(
+            fn f(x: u32) -> u64 {
+                0
+            }
+        ));
+        assert_eq!(
+            a,
+            key(quote!(
+                fn f(y: u32) -> u64 {
+                    1
+                }
+            ))
+        );
+        assert_ne!(
+            a,
+            key(quote!(
+                fn f(x: u64) -> u64 {
+                    0
+                }
+            ))
+        );
+        assert_ne!(
+            a,
+            key(quote!(
+                fn f(x: u32) -> u32 {
+                    0
+                }
+            ))
+        );
+    }
+
+    #[test]
+    fn recognises_byte_vectors() {
+        let yes: [Type; 4] = [
+            parse_quote!(Vec<u8>),
+            parse_quote!(std::vec::Vec<u8>),
+            parse_quote!(::alloc::vec::Vec<::core::primitive::u8>),
+            parse_quote!((Vec<u8>)),
+        ];
+        let no: [Type; 5] = [
+            parse_quote!(Vec<i8>),
+            parse_quote!(Vec<u8, A>),
+            parse_quote!(Option<Vec<u8>>),
+            parse_quote!([u8; 4]),
+            parse_quote!(Box<[u8]>),
+        ];
+        assert!(yes.iter().all(is_bytes));
+        assert!(!no.iter().any(is_bytes));
     }
 }

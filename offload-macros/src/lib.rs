@@ -80,14 +80,17 @@ use proc_macro::TokenStream;
 ///   `mut buf: Vec<u8>`.
 /// - Every argument type and the return type is `Serialize + DeserializeOwned + Send +
 ///   'static`: derive `serde::Serialize` and `serde::Deserialize` for your own types. A
-///   type that is not gets one compile error, at the type.
+///   type that is not is a compile error at the type, saying what offload needs.
 /// - A `Vec<u8>` argument or return type (written `Vec<u8>`, `std::vec::Vec<u8>`, ...) is
 ///   sent as one byte string rather than element by element, which is several times faster.
 ///   This applies to the whole argument or return type only: a `Vec<u8>` nested in another
 ///   type (`Option<Vec<u8>>`, a struct field) goes element by element, unless you mark it
-///   with [`serde_bytes`](https://docs.rs/serde_bytes) yourself.
-/// - The body must not call the function by its own name: inside the module, that name is
-///   the async function now.
+///   with [`serde_bytes`](https://docs.rs/serde_bytes) yourself. The macro goes by the
+///   written type: a type of your own named `Vec` would be taken for the standard one.
+/// - In an `impl` block it can be an associated function (without `self`), but neither its
+///   signature nor its body can use `Self`: write the type's name.
+/// - The body must not call the function by its own name: that name is the async function
+///   now.
 ///
 /// # How it works
 ///
@@ -131,10 +134,10 @@ use proc_macro::TokenStream;
 ///
 /// Each mistake is one error, spanned on what is wrong: an unknown, misspelt or duplicate
 /// argument, a value that is not a string or does not parse, a function that is `async`,
-/// `const`, `unsafe`, `extern`, generic, takes `self`, a reference or `impl Trait`, and an
-/// argument or return type that cannot be sent. All of them are reported at once. When
-/// only the attribute's arguments are wrong, the function is still expanded with the
-/// defaults, so its callers compile; when the function itself cannot be offloaded, it is
+/// `const`, `unsafe`, `extern` or generic, takes `self`, a reference or `impl Trait`, or uses
+/// `Self`, and an argument or return type that cannot be sent. All of them are reported at
+/// once. When only the attribute's arguments are wrong, the function is still expanded with
+/// the defaults, so its callers compile; when the function itself cannot be offloaded, it is
 /// left as written.
 #[proc_macro_attribute]
 pub fn offload(args: TokenStream, item: TokenStream) -> TokenStream {

@@ -114,10 +114,7 @@ mod tests {
     fn defaults_to_offload() {
         let runtime = Runtime::new(None);
         assert_eq!(runtime.call().to_string(), ":: offload :: __private :: call");
-        assert_eq!(
-            runtime.bytes().to_string(),
-            ":: offload :: __private :: serde_bytes :: Bytes"
-        );
+        assert_eq!(runtime.bytes().to_string(), ":: offload :: __private :: serde_bytes :: Bytes");
     }
 
     #[test]

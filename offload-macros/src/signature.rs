@@ -7,9 +7,7 @@
 //! checks that [`crate::expand`] emits.
 
 use quote::ToTokens;
-use syn::{
-    Attribute, FnArg, GenericArgument, GenericParam, ItemFn, PathArguments, ReturnType, Type,
-};
+use syn::{Attribute, FnArg, GenericArgument, GenericParam, ItemFn, PathArguments, ReturnType, Type};
 
 use crate::Errors;
 
@@ -118,19 +116,14 @@ fn check_type(ty: &Type, position: Position, top_level: bool, errors: &mut Error
             let message = match (position, top_level) {
                 (Position::Argument, true) => {
                     let hint = match &*reference.elem {
-                        Type::Path(path) if path.path.is_ident("str") => {
-                            "; take `String` instead of `&str`"
-                        }
+                        Type::Path(path) if path.path.is_ident("str") => "; take `String` instead of `&str`",
                         Type::Slice(_) => "; take a `Vec` instead of a slice",
                         _ => "",
                     };
-                    format!(
-                        "arguments must be passed by value: they are sent to another process{hint}"
-                    )
+                    format!("arguments must be passed by value: they are sent to another process{hint}")
                 }
                 (Position::Argument, false) => {
-                    "arguments must own their data: references cannot be sent to another process"
-                        .to_owned()
+                    "arguments must own their data: references cannot be sent to another process".to_owned()
                 }
                 (Position::Return, _) => "return values must own their data: references cannot \
                                           be sent back from another process"
@@ -162,6 +155,13 @@ fn check_type(ty: &Type, position: Position, top_level: bool, errors: &mut Error
             for elem in &tuple.elems {
                 check_type(elem, position, false, errors);
             }
+        }
+        Type::Path(path) if path.qself.is_none() && path.path.segments[0].ident == "Self" => {
+            errors.push(syn::Error::new_spanned(
+                path,
+                "`#[offload]` functions cannot use `Self`: the body moves into a function of \
+                 its own, where `Self` means nothing; write the type's name",
+            ));
         }
         Type::Path(path) => {
             if let Some(qself) = &path.qself {
@@ -223,15 +223,40 @@ mod tests {
     #[test]
     fn accepts_plain_functions() {
         let accepted: [ItemFn; 9] = [
-            parse_quote!(fn f() {}),
-            parse_quote!(pub fn f(x: u32) -> u64 { 0 }),
-            parse_quote!(fn f((a, b): (u32, u32), mut x: String) -> () {}),
-            parse_quote!(fn f(_: Vec<u8>) -> Vec<u8> { vec![] }),
-            parse_quote!(fn f(x: [u8; 32]) -> Result<String, String> { todo!() }),
-            parse_quote!(fn f(x: std::borrow::Cow<'static, str>) {}),
-            parse_quote!(fn f(x: Option<Box<[u8]>>, y: ::std::vec::Vec<(u8, char)>) {}),
-            parse_quote!(#[inline] pub(crate) fn f(#[allow(unused)] x: u8) {}),
-            parse_quote!(fn f(x: <Foo as Bar>::Assoc) {}),
+            parse_quote!(
+                fn f() {}
+            ),
+            parse_quote!(
+                pub fn f(x: u32) -> u64 {
+                    0
+                }
+            ),
+            parse_quote!(
+                fn f((a, b): (u32, u32), mut x: String) -> () {}
+            ),
+            parse_quote!(
+                fn f(_: Vec<u8>) -> Vec<u8> {
+                    vec![]
+                }
+            ),
+            parse_quote!(
+                fn f(x: [u8; 32]) -> Result<String, String> {
+                    todo!()
+                }
+            ),
+            parse_quote!(
+                fn f(x: std::borrow::Cow<'static, str>) {}
+            ),
+            parse_quote!(
+                fn f(x: Option<Box<[u8]>>, y: ::std::vec::Vec<(u8, char)>) {}
+            ),
+            parse_quote!(
+                #[inline]
+                pub(crate) fn f(#[allow(unused)] x: u8) {}
+            ),
+            parse_quote!(
+                fn f(x: <Foo as Bar>::Assoc) {}
+            ),
         ];
         for item in accepted {
             assert_eq!(errors(item), Vec::<String>::new());
@@ -241,16 +266,27 @@ mod tests {
     #[test]
     fn rejects_qualifiers() {
         assert_one_error(
-            parse_quote!(async fn f() {}),
+            parse_quote!(
+                async fn f() {}
+            ),
             "`#[offload]` functions must be synchronous: remove `async`",
         );
-        assert_one_error(parse_quote!(const fn f() {}), "`#[offload]` functions cannot be `const`");
         assert_one_error(
-            parse_quote!(unsafe fn f() {}),
+            parse_quote!(
+                const fn f() {}
+            ),
+            "`#[offload]` functions cannot be `const`",
+        );
+        assert_one_error(
+            parse_quote!(
+                unsafe fn f() {}
+            ),
             "`#[offload]` functions cannot be `unsafe`",
         );
         assert_one_error(
-            parse_quote!(extern "C" fn f() {}),
+            parse_quote!(
+                extern "C" fn f() {}
+            ),
             "`#[offload]` functions cannot declare an ABI: remove `extern \"C\"`",
         );
     }
@@ -258,20 +294,41 @@ mod tests {
     #[test]
     fn rejects_generics_once() {
         assert_one_error(
-            parse_quote!(fn f<T: Clone>(x: T) where T: Copy {}),
+            parse_quote!(
+                fn f<T: Clone>(x: T)
+                where
+                    T: Copy,
+                {
+                }
+            ),
             "`#[offload]` functions cannot be generic",
         );
-        assert_one_error(parse_quote!(fn f<const N: usize>() {}), "`#[offload]` functions cannot be generic");
         assert_one_error(
-            parse_quote!(fn f<'a, T>(x: T) {}),
+            parse_quote!(
+                fn f<const N: usize>() {}
+            ),
             "`#[offload]` functions cannot be generic",
         );
         assert_one_error(
-            parse_quote!(fn f<'a>(x: Vec<u8>) {}),
+            parse_quote!(
+                fn f<'a, T>(x: T) {}
+            ),
+            "`#[offload]` functions cannot be generic",
+        );
+        assert_one_error(
+            parse_quote!(
+                fn f<'a>(x: Vec<u8>) {}
+            ),
             "`#[offload]` functions cannot have lifetime parameters",
         );
         assert_one_error(
-            parse_quote!(fn f() where u8: Copy {}),
+            parse_quote!(
+                fn f()
+                where
+                    u8: Copy,
+                {
+                }
+            ),
             "`#[offload]` functions cannot have a `where` clause",
         );
     }
@@ -279,9 +336,15 @@ mod tests {
     #[test]
     fn rejects_receivers() {
         for item in [
-            parse_quote!(fn f(self) {}),
-            parse_quote!(fn f(&self) {}),
-            parse_quote!(fn f(mut self: Box<Self>, x: u8) {}),
+            parse_quote!(
+                fn f(self) {}
+            ),
+            parse_quote!(
+                fn f(&self) {}
+            ),
+            parse_quote!(
+                fn f(mut self: Box<Self>, x: u8) {}
+            ),
         ] {
             assert_one_error(item, "`#[offload]` functions cannot take `self`");
         }
@@ -290,29 +353,41 @@ mod tests {
     #[test]
     fn rejects_borrowed_arguments() {
         assert_eq!(
-            errors(parse_quote!(fn f(x: &str) {})),
+            errors(parse_quote!(
+                fn f(x: &str) {}
+            )),
             ["arguments must be passed by value: they are sent to another process; take \
               `String` instead of `&str`"]
         );
         assert_eq!(
-            errors(parse_quote!(fn f(x: &mut [u8]) {})),
+            errors(parse_quote!(
+                fn f(x: &mut [u8]) {}
+            )),
             ["arguments must be passed by value: they are sent to another process; take a \
               `Vec` instead of a slice"]
         );
         assert_eq!(
-            errors(parse_quote!(fn f(x: &'static Config) {})),
+            errors(parse_quote!(
+                fn f(x: &'static Config) {}
+            )),
             ["arguments must be passed by value: they are sent to another process"]
         );
         assert_one_error(
-            parse_quote!(fn f(x: Vec<&str>) {}),
+            parse_quote!(
+                fn f(x: Vec<&str>) {}
+            ),
             "arguments must own their data: references cannot be sent",
         );
         assert_one_error(
-            parse_quote!(fn f(x: (u8, [&u8; 2])) {}),
+            parse_quote!(
+                fn f(x: (u8, [&u8; 2])) {}
+            ),
             "arguments must own their data: references cannot be sent",
         );
         assert_one_error(
-            parse_quote!(fn f(x: Borrowed<'_>) {}),
+            parse_quote!(
+                fn f(x: Borrowed<'_>) {}
+            ),
             "arguments must own their data: `'_` borrows",
         );
     }
@@ -320,15 +395,23 @@ mod tests {
     #[test]
     fn rejects_impl_trait() {
         assert_one_error(
-            parse_quote!(fn f(x: impl Into<String>) {}),
+            parse_quote!(
+                fn f(x: impl Into<String>) {}
+            ),
             "`impl Trait` arguments are not supported",
         );
         assert_one_error(
-            parse_quote!(fn f(x: Vec<impl Clone>) {}),
+            parse_quote!(
+                fn f(x: Vec<impl Clone>) {}
+            ),
             "`impl Trait` arguments are not supported",
         );
         assert_one_error(
-            parse_quote!(fn f() -> impl Clone { 0 }),
+            parse_quote!(
+                fn f() -> impl Clone {
+                    0
+                }
+            ),
             "`#[offload]` functions cannot return `impl Trait`",
         );
     }
@@ -336,27 +419,64 @@ mod tests {
     #[test]
     fn rejects_borrowed_returns() {
         assert_one_error(
-            parse_quote!(fn f() -> &'static str { "" }),
+            parse_quote!(
+                fn f() -> &'static str {
+                    ""
+                }
+            ),
             "return values must own their data: references cannot be sent back",
         );
         assert_one_error(
-            parse_quote!(fn f() -> Option<Borrowed<'_>> { None }),
+            parse_quote!(
+                fn f() -> Option<Borrowed<'_>> {
+                    None
+                }
+            ),
             "return values must own their data: `'_` borrows",
         );
-        assert_one_error(parse_quote!(fn f() -> ! { loop {} }), "`#[offload]` functions cannot return `!`");
+        assert_one_error(
+            parse_quote!(
+                fn f() -> ! {
+                    loop {}
+                }
+            ),
+            "`#[offload]` functions cannot return `!`",
+        );
+    }
+
+    #[test]
+    fn rejects_self_type() {
+        assert_one_error(
+            parse_quote!(
+                fn f() -> Self {
+                    todo!()
+                }
+            ),
+            "`#[offload]` functions cannot use `Self`",
+        );
+        assert_one_error(
+            parse_quote!(
+                fn f(x: Vec<Self::Item>) {}
+            ),
+            "`#[offload]` functions cannot use `Self`",
+        );
     }
 
     #[test]
     fn rejects_cfg_on_arguments() {
         assert_one_error(
-            parse_quote!(fn f(#[cfg(unix)] x: u8) {}),
+            parse_quote!(
+                fn f(#[cfg(unix)] x: u8) {}
+            ),
             "`#[cfg]` on arguments of `#[offload]` functions is not supported",
         );
     }
 
     #[test]
     fn reports_every_problem() {
-        let errors = errors(parse_quote!(async unsafe fn f<T>(&self, x: &T) -> impl Sized {}));
+        let errors = errors(parse_quote!(
+            async unsafe fn f<T>(&self, x: &T) -> impl Sized {}
+        ));
         assert_eq!(errors.len(), 6, "{errors:?}");
     }
 }

@@ -3,17 +3,18 @@
 
 use std::pin::Pin;
 use std::task::Poll;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
-use crate::error::{Error, Payload, ProtocolError};
+use crate::error::{Error, ExitReason, Payload, ProtocolError};
+use crate::pool;
 use crate::pool::supervisor::Ending;
-use crate::pool::{self, AcquireError, Pool};
 use crate::protocol::{self, PanicReport, Tag};
-use crate::registry::{Entry, Registry};
+use crate::registry::Entry;
 use crate::transport::TransportError;
 use crate::worker;
 
@@ -63,38 +64,60 @@ async fn run(
             message: "offloaded functions must be awaited inside a Tokio runtime".into(),
         });
     }
-    let pool = pool_for(entry)?;
+    if pool::is_shut_down() {
+        return Err(Error::Shutdown { entry: entry.display() });
+    }
+    let pool = pool::for_entry(entry).map_err(|message| Error::Config { entry: entry.display(), message })?;
+    let timeout = pool.settings.timeout.unwrap_or(entry.timeout);
+    let timed_out = |pid| Error::Timeout { entry: entry.display(), timeout, pid };
 
     // One timer for the whole call: waiting for a worker and running.
-    let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline(entry)));
+    let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline(timeout)));
     let mut lease = match before(deadline.as_mut(), pool.acquire()).await {
         Some(Ok(lease)) => lease,
-        Some(Err(AcquireError::Spawn(source))) => {
-            return Err(Error::Spawn { entry: entry.display(), source });
+        Some(Err(e)) => {
+            tracing::debug!(error = ?e, "offload call got no worker");
+            return Err(e.into_error(entry.display()));
         }
         None => {
-            tracing::warn!(timeout = ?entry.timeout, "offload call timed out waiting for a worker");
-            return Err(Error::Timeout { entry: entry.display(), timeout: entry.timeout, pid: None });
+            tracing::warn!(?timeout, "offload call timed out waiting for a worker");
+            return Err(timed_out(None));
         }
     };
+    if deadline.is_elapsed() {
+        // The worker came as the deadline passed: a call whose deadline passed in the queue
+        // is never started.
+        lease.release_unused();
+        return Err(timed_out(None));
+    }
     let pid = lease.worker().pid;
     tracing::Span::current().record("pid", pid);
     tracing::debug!("dispatch");
 
-    let outcome = before(deadline, lease.worker().channel.round_trip(frame)).await;
+    let outcome = before(deadline, lease.worker().channel().round_trip(frame)).await;
     let (tag, body) = match outcome {
         Some(Ok(reply)) => reply,
         None => {
             let _ended = lease.end(Ending::Kill).await;
-            tracing::warn!(timeout = ?entry.timeout, "offload call timed out; worker killed");
-            return Err(Error::Timeout { entry: entry.display(), timeout: entry.timeout, pid: Some(pid) });
+            tracing::warn!(?timeout, "offload call timed out; worker killed");
+            return Err(timed_out(Some(pid)));
+        }
+        Some(Err(_)) if pool.is_closed() => {
+            drop(lease.end(Ending::Kill));
+            return Err(Error::Shutdown { entry: entry.display() });
         }
         Some(Err(TransportError::Closed)) => {
             let ended = lease.end(Ending::Exited).await;
             let (exit, stderr) = match ended {
                 Ok(info) => (info.reason, info.stderr),
-                Err(_) => (crate::error::ExitReason::Unknown, Vec::new()),
+                Err(_) => (ExitReason::Unknown, Vec::new()),
             };
+            if let Some(limit) = pool.settings.memory
+                && ran_out_of_memory(exit, &stderr)
+            {
+                tracing::error!(limit, "offload worker ran out of memory");
+                return Err(Error::MemoryLimit { entry: entry.display(), pid, limit });
+            }
             tracing::error!(%exit, "offload worker crashed");
             return Err(Error::Crashed { entry: entry.display(), pid, exit, stderr });
         }
@@ -134,15 +157,11 @@ async fn run(
     result
 }
 
-fn pool_for(entry: &'static Entry) -> Result<&'static std::sync::Arc<Pool>, Error> {
-    entry
-        .pool_cell
-        .get_or_init(|| {
-            let settings = Registry::get().settings(entry)?;
-            Ok(pool::get_or_start(entry.pool_key(), settings))
-        })
-        .as_ref()
-        .map_err(|message| Error::Config { entry: entry.display(), message: message.clone() })
+/// Whether a worker died because an allocation failed: Rust's allocation error handler
+/// prints this line and aborts.
+fn ran_out_of_memory(exit: ExitReason, stderr: &[String]) -> bool {
+    exit == ExitReason::Signal(6)
+        && stderr.iter().any(|line| line.starts_with("memory allocation of ") && line.ends_with(" failed"))
 }
 
 /// Runs `future` until `deadline` fires; `None` if the deadline came first.
@@ -157,11 +176,10 @@ async fn before<F: Future>(mut deadline: Pin<&mut Sleep>, future: F) -> Option<F
     .await
 }
 
-fn deadline(entry: &Entry) -> Instant {
+fn deadline(timeout: Duration) -> Instant {
     let now = Instant::now();
     // A timeout too large to add is as good as none: about thirty years.
-    now.checked_add(entry.timeout)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(30 * 365 * 24 * 3600))
+    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600))
 }
 
 fn protocol_error(entry: &Entry, kind: ProtocolError) -> Error {

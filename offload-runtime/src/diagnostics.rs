@@ -62,6 +62,9 @@ impl StderrTail {
                 }
             }
         }
+        // Close the pipe before saying so: once `eof` is set, no descriptor of this worker is
+        // left open in this process.
+        drop(reader);
         self.state.lock().unwrap_or_else(|e| e.into_inner()).eof = true;
         self.ended.notify_all();
     }

@@ -51,6 +51,28 @@ pub enum Error {
         stderr: Vec<String>,
     },
 
+    /// The worker ran past its memory limit (`memory = "..."`) while running the call: an
+    /// allocation failed and the worker died. A replacement is started.
+    #[error("`{entry}` ran out of memory in worker {pid}: it is limited to {} bytes of address space", limit)]
+    MemoryLimit {
+        /// The offloaded function.
+        entry: &'static str,
+        /// The worker process that died.
+        pid: u32,
+        /// The limit, in bytes.
+        limit: u64,
+    },
+
+    /// The pool's queue was full and its overload policy is `"reject"`: the call was refused
+    /// at once, without running.
+    #[error("`{entry}` was refused: all workers are busy and the queue of {queue} calls is full")]
+    Overloaded {
+        /// The offloaded function.
+        entry: &'static str,
+        /// The pool's queue size.
+        queue: u64,
+    },
+
     /// A worker process could not be started or did not complete its handshake.
     #[error("`{entry}` could not start a worker: {source}")]
     Spawn {
@@ -96,6 +118,8 @@ impl Error {
             Error::Timeout { entry, .. }
             | Error::Panicked { entry, .. }
             | Error::Crashed { entry, .. }
+            | Error::MemoryLimit { entry, .. }
+            | Error::Overloaded { entry, .. }
             | Error::Spawn { entry, .. }
             | Error::Protocol { entry, .. }
             | Error::Config { entry, .. }

@@ -20,6 +20,29 @@ mod worker;
 
 pub use error::{Error, ExitReason, Payload, ProtocolError};
 
+/// Stops every pool: new calls fail with [`Error::Shutdown`], calls already running get up
+/// to `grace` to finish, then their workers are killed (those calls fail with
+/// [`Error::Shutdown`] too). Returns once every worker process has exited and been reaped,
+/// so nothing is left behind: no process, no socket, no pipe.
+///
+/// Shutdown is for the whole process and final: pools do not start again.
+pub async fn shutdown(grace: std::time::Duration) {
+    pool::shutdown(grace).await
+}
+
+/// Starts the workers of every pool in this binary now, instead of on first use, and waits
+/// until each has completed its handshake. Call it before traffic arrives so that the first
+/// calls do not pay for starting processes.
+///
+/// # Errors
+///
+/// The first pool that cannot start: [`Error::Config`] for bad settings (a bad `OFFLOAD_*`
+/// environment variable, conflicting settings in a shared pool), [`Error::Spawn`] for a
+/// worker that did not start.
+pub async fn warm_up() -> Result<(), Error> {
+    pool::warm_up_all().await
+}
+
 /// Whether this process is an offload worker. Workers run offloaded functions only; they
 /// never start workers of their own.
 pub fn is_worker() -> bool {
@@ -35,9 +58,9 @@ pub mod __private {
 
     pub use crate::call::call;
     pub use crate::error::{Error, ProtocolError};
-    pub use crate::limits::WorkersSpec;
     pub use crate::registry::{ENTRIES, Entry, Invoke};
     pub use crate::worker::{decode_args, encode_return};
+    pub use offload_spec::{Overload, WorkersSpec};
 
     /// What an argument or return type of an `#[offload]` function needs.
     #[diagnostic::on_unimplemented(
@@ -49,6 +72,9 @@ pub mod __private {
     )]
     pub trait Transferable: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
 
+    // `do_not_recommend` makes rustc report the unmet `Transferable` bound, with the message
+    // above, instead of each serde bound behind it.
+    #[diagnostic::do_not_recommend]
     impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> Transferable for T {}
 
     /// Compile-time check that `T` can be an argument or return type; spanned at the type.

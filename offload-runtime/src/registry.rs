@@ -6,12 +6,11 @@
 //! Each stub references its own entry, so the linker keeps every entry that can be called.
 
 use std::collections::HashMap;
-use std::collections::hash_map;
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use crate::error::ProtocolError;
-use crate::limits::WorkersSpec;
+use crate::limits::{Overload, PoolOptions, WorkersSpec};
 use crate::pool::Pool;
 
 /// The worker side of an entry: decode the arguments from `input`, run the user's function,
@@ -37,8 +36,8 @@ pub struct Entry {
     pub(crate) timeout: Duration,
     /// The shared pool this function names, or `None` for a pool of its own.
     pub(crate) pool: Option<&'static str>,
-    /// `None` when the attribute left it out: a shared pool takes it from its other members.
-    pub(crate) workers: Option<WorkersSpec>,
+    /// What the attribute says about the pool; a shared pool merges its members' options.
+    pub(crate) options: PoolOptions,
     /// The pool serving this entry, looked up on the first call.
     pub(crate) pool_cell: OnceLock<Result<Arc<Pool>, String>>,
 }
@@ -55,7 +54,14 @@ impl Entry {
             invoke,
             timeout: Entry::DEFAULT_TIMEOUT,
             pool: None,
-            workers: None,
+            options: PoolOptions {
+                workers: None,
+                memory: None,
+                queue: None,
+                overload: None,
+                max_tasks: None,
+                max_rss: None,
+            },
             pool_cell: OnceLock::new(),
         }
     }
@@ -68,7 +74,37 @@ impl Entry {
 
     /// `workers = "..."`.
     pub const fn with_workers(mut self, workers: WorkersSpec) -> Entry {
-        self.workers = Some(workers);
+        self.options.workers = Some(workers);
+        self
+    }
+
+    /// `memory = "..."`, in bytes.
+    pub const fn with_memory(mut self, bytes: u64) -> Entry {
+        self.options.memory = Some(bytes);
+        self
+    }
+
+    /// `queue = N`.
+    pub const fn with_queue(mut self, queue: u64) -> Entry {
+        self.options.queue = Some(queue);
+        self
+    }
+
+    /// `overload = "..."`.
+    pub const fn with_overload(mut self, overload: Overload) -> Entry {
+        self.options.overload = Some(overload);
+        self
+    }
+
+    /// `max_tasks = N`.
+    pub const fn with_max_tasks(mut self, tasks: u64) -> Entry {
+        self.options.max_tasks = Some(tasks);
+        self
+    }
+
+    /// `max_rss = "..."`, in bytes.
+    pub const fn with_max_rss(mut self, bytes: u64) -> Entry {
+        self.options.max_rss = Some(bytes);
         self
     }
 
@@ -87,19 +123,19 @@ impl Entry {
     pub(crate) fn display(&self) -> &'static str {
         self.display
     }
-}
 
-/// The settings a pool is started with, merged from all entries that share it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PoolSettings {
-    pub(crate) workers: WorkersSpec,
+    /// The pool's name for people and environment variables: the named pool, or the
+    /// function's path.
+    pub(crate) fn pool_label(&self) -> &'static str {
+        self.pool.unwrap_or(self.display)
+    }
 }
 
 /// The checked view of [`ENTRIES`], built once per process.
 pub(crate) struct Registry {
     by_name: HashMap<&'static str, &'static Entry>,
-    /// Settings per pool key, or why the pool cannot start.
-    pools: HashMap<&'static str, Result<PoolSettings, String>>,
+    /// Merged options per pool key, or why the pool cannot start.
+    pools: HashMap<&'static str, Result<PoolOptions, String>>,
     /// Entries whose name is registered more than once.
     duplicates: Vec<&'static str>,
     /// Hash of every entry name: equal in parent and worker only for the same build.
@@ -122,32 +158,30 @@ impl Registry {
             }
         }
 
-        let mut pools: HashMap<&'static str, Result<PoolSettings, String>> = HashMap::new();
-        // Who set each pool's worker count, for the conflict message.
-        let mut set_by: HashMap<&'static str, &'static Entry> = HashMap::new();
+        let mut pools: HashMap<&'static str, Result<PoolOptions, String>> = HashMap::new();
         for entry in entries {
-            let key = entry.pool_key();
-            let slot = pools.entry(key).or_insert(Ok(PoolSettings { workers: WorkersSpec::DEFAULT }));
-            let (Ok(settings), Some(workers)) = (slot.as_mut(), entry.workers) else {
-                continue;
-            };
-            match set_by.entry(key) {
-                hash_map::Entry::Vacant(v) => {
-                    v.insert(entry);
-                    settings.workers = workers;
-                }
-                hash_map::Entry::Occupied(o) if settings.workers != workers => {
-                    *slot = Err(format!(
-                        "pool `{key}` has conflicting settings: `{}` says workers = {} but `{}` \
-                         says workers = {}; give every function in a pool the same settings, \
-                         or set them on one function only",
-                        o.get().display,
-                        settings.workers,
-                        entry.display,
-                        workers,
-                    ));
-                }
-                hash_map::Entry::Occupied(_) => {}
+            let merged = pools.entry(entry.pool_key()).or_insert(Ok(PoolOptions::default()));
+            let Ok(options) = merged else { continue };
+            if let Err(conflict) = options.merge(&entry.options) {
+                // Name a function that gave the value this one disagrees with.
+                let other = entries
+                    .iter()
+                    .filter(|e| e.pool_key() == entry.pool_key())
+                    .find(|e| {
+                        let mut probe = e.options;
+                        probe.merge(&entry.options).is_err()
+                    })
+                    .map_or("another function", |e| e.display);
+                *merged = Err(format!(
+                    "pool `{}` has conflicting settings: `{other}` says {setting} = {ours} but `{}` \
+                     says {setting} = {theirs}; give every function in a pool the same settings, or \
+                     set them on one function only",
+                    entry.pool_label(),
+                    entry.display,
+                    setting = conflict.setting,
+                    ours = conflict.ours,
+                    theirs = conflict.theirs,
+                ));
             }
         }
 
@@ -158,13 +192,18 @@ impl Registry {
         Registry { by_name, pools, duplicates, hash }
     }
 
+    /// Every entry, in link order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &'static Entry> + '_ {
+        self.by_name.values().copied()
+    }
+
     /// The entry registered under `name`, for the worker's dispatch.
     pub(crate) fn lookup(&self, name: &str) -> Option<&'static Entry> {
         self.by_name.get(name).copied()
     }
 
-    /// The settings of `entry`'s pool, or a message saying why it cannot be used.
-    pub(crate) fn settings(&self, entry: &'static Entry) -> Result<PoolSettings, String> {
+    /// The merged options of `entry`'s pool, or a message saying why it cannot be used.
+    pub(crate) fn options(&self, entry: &'static Entry) -> Result<PoolOptions, String> {
         if self.duplicates.contains(&entry.name) {
             return Err(format!(
                 "`{}` is registered more than once under the name `{}`; two crates with the \
@@ -219,9 +258,9 @@ mod tests {
             Entry::new("m::b#1", "m::b", noop).with_pool("p").with_workers(FOUR),
             Entry::new("m::c#1", "m::c", noop),
         ]);
-        assert_eq!(reg.settings(&e[0]), Ok(PoolSettings { workers: FOUR }));
-        assert_eq!(reg.settings(&e[1]), Ok(PoolSettings { workers: FOUR }));
-        assert_eq!(reg.settings(&e[2]), Ok(PoolSettings { workers: WorkersSpec::DEFAULT }));
+        assert_eq!(reg.options(&e[0]).unwrap().workers, Some(FOUR));
+        assert_eq!(reg.options(&e[1]).unwrap().workers, Some(FOUR));
+        assert_eq!(reg.options(&e[2]), Ok(PoolOptions::default()));
         assert_eq!(reg.lookup("m::c#1").map(|x| x.display), Some("m::c"));
         assert!(reg.lookup("m::c").is_none());
     }
@@ -232,16 +271,16 @@ mod tests {
             Entry::new("m::a#1", "m::a", noop).with_pool("p").with_workers(WorkersSpec::Cpus),
             Entry::new("m::b#1", "m::b", noop).with_pool("p").with_workers(FOUR),
         ]);
-        let message = reg.settings(&e[1]).unwrap_err();
+        let message = reg.options(&e[1]).unwrap_err();
         assert!(message.contains("`m::a` says workers = \"cpus\""), "{message}");
         assert!(message.contains("`m::b` says workers = \"4\""), "{message}");
-        assert_eq!(reg.settings(&e[0]), Err(message));
+        assert_eq!(reg.options(&e[0]), Err(message));
     }
 
     #[test]
     fn duplicate_names_are_detected() {
         let (e, reg) = table(vec![Entry::new("m::a#1", "m::a", noop), Entry::new("m::a#1", "m::a", noop)]);
-        assert!(reg.settings(&e[0]).unwrap_err().contains("registered more than once"));
+        assert!(reg.options(&e[0]).unwrap_err().contains("registered more than once"));
     }
 
     #[test]

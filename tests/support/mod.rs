@@ -38,7 +38,10 @@ pub fn worker_children() -> Vec<u32> {
         let Some((_, rest)) = stat.rsplit_once(')') else { continue };
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let ppid: u32 = fields.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        if ppid == me && alive(pid) && std::fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() == Some(&exe) {
+        if ppid == me
+            && alive(pid)
+            && std::fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() == Some(&exe)
+        {
             pids.push(pid);
         }
     }

@@ -7,9 +7,7 @@ use std::time::Duration;
 /// Sub-millisecond remainders round up, so a deadline is never shorter than written.
 pub(crate) fn parse_millis(text: &str) -> Result<u64, String> {
     let duration = humantime::parse_duration(text).map_err(|err| {
-        format!(
-            "invalid duration `{text}`: {err}; expected a duration such as \"30s\" or \"500ms\""
-        )
+        format!("invalid duration `{text}`: {err}; expected a duration such as \"30s\" or \"500ms\"")
     })?;
     if duration.is_zero() {
         return Err("timeout must be greater than zero".to_owned());
@@ -24,7 +22,7 @@ pub(crate) fn parse_millis(text: &str) -> Result<u64, String> {
 }
 
 fn has_sub_millis(duration: Duration) -> bool {
-    duration.subsec_nanos() % 1_000_000 != 0
+    !duration.subsec_nanos().is_multiple_of(1_000_000)
 }
 
 #[cfg(test)]

@@ -83,8 +83,22 @@ mod tests {
     #[test]
     fn rejects_everything_else() {
         for bad in [
-            "", " ", "-1", "+4", "4.5", "four", "cpu", "cpus-", "cpus/", "cpus+1", "cpus2",
-            "cpus*2", "cpus-2-1", "cpus - -2", "CPUS", "99999999999999999999999999",
+            "",
+            " ",
+            "-1",
+            "+4",
+            "4.5",
+            "four",
+            "cpu",
+            "cpus-",
+            "cpus/",
+            "cpus+1",
+            "cpus2",
+            "cpus*2",
+            "cpus-2-1",
+            "cpus - -2",
+            "CPUS",
+            "99999999999999999999999999",
         ] {
             let err = parse(bad).unwrap_err();
             assert_eq!(

@@ -2,41 +2,111 @@
 //! Tokio runtime.
 //!
 //! A pool has one *slot* per worker and a semaphore with one permit per slot. A call takes a
-//! permit (waiting in FIFO order when all workers are busy: that is the queue), then takes a
-//! slot: a ready worker, a worker still starting, or an empty slot to start one in. It gives
-//! the slot back when done, or, if the worker died or was killed, puts a replacement that is
-//! already starting in its place. So the pool heals itself and never gets stuck broken.
+//! permit (waiting in FIFO order when all workers are busy), then takes a slot: a ready
+//! worker, a worker still starting, or an empty slot to start one in. It gives the slot back
+//! when done, or, if the worker died, was killed or is due for recycling, puts a replacement
+//! that is already starting in its place. So the pool heals itself and never stays broken.
+//!
+//! With a bounded queue, a second semaphore admits at most `workers + queue` calls; the
+//! overload policy says whether a call that finds it full waits (backpressure) or is refused
+//! (load shedding).
 
 pub(crate) mod supervisor;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 
 use self::supervisor::{Ending, ExitInfo, Worker};
-use crate::registry::PoolSettings;
+use crate::error::Error;
+use crate::limits::{Overload, PoolSettings};
+use crate::registry::{Entry, Registry};
 
-/// The pool serving `key`, started with `settings` if it is the first use.
-pub(crate) fn get_or_start(key: &'static str, settings: PoolSettings) -> Arc<Pool> {
-    static POOLS: LazyLock<Mutex<HashMap<&'static str, Arc<Pool>>>> = LazyLock::new(Default::default);
-    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-    Arc::clone(pools.entry(key).or_insert_with(|| Pool::start(key, settings)))
+/// First pause after a worker failed to start; doubles with each failure in a row.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest pause between attempts to start a worker.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+static POOLS: LazyLock<Mutex<HashMap<&'static str, Arc<Pool>>>> = LazyLock::new(Default::default);
+static SHUT_DOWN: AtomicBool = AtomicBool::new(false);
+
+/// The pool serving `entry`, started on the first call.
+pub(crate) fn for_entry(entry: &'static Entry) -> Result<&'static Arc<Pool>, String> {
+    entry
+        .pool_cell
+        .get_or_init(|| {
+            let options = Registry::get().options(entry)?;
+            let mut pools = lock(&POOLS);
+            if let Some(pool) = pools.get(entry.pool_key()) {
+                return Ok(Arc::clone(pool));
+            }
+            let settings = PoolSettings::resolve(entry.pool_label(), options)?;
+            let pool = Pool::start(entry.pool_label(), settings);
+            pools.insert(entry.pool_key(), Arc::clone(&pool));
+            Ok(pool)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Whether [`shutdown`] has begun.
+pub(crate) fn is_shut_down() -> bool {
+    SHUT_DOWN.load(Ordering::Acquire)
+}
+
+/// Stops every pool: refuses new calls, lets running ones finish for up to `grace`, kills
+/// what still runs, and returns once every worker process has been reaped.
+pub(crate) async fn shutdown(grace: Duration) {
+    SHUT_DOWN.store(true, Ordering::Release);
+    supervisor::stop_spawning();
+    let pools: Vec<Arc<Pool>> = lock(&POOLS).values().cloned().collect();
+    tracing::info!(pools = pools.len(), ?grace, "offload shutting down");
+    for pool in &pools {
+        pool.close();
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    for pool in &pools {
+        let _ = tokio::time::timeout_at(deadline, pool.calls_finished()).await;
+    }
+    for pool in &pools {
+        pool.stop_workers();
+    }
+    supervisor::all_reaped().await;
+    tracing::info!("offload shut down");
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub(crate) struct Pool {
+    /// The pool's name, or the function's path for a pool of its own.
     name: &'static str,
+    pub(crate) settings: PoolSettings,
     /// Proves to the pool that a worker is one of its own.
     secret: [u8; 16],
+    /// `workers + queue` permits when the queue is bounded.
+    admission: Option<Arc<Semaphore>>,
+    /// One permit per slot.
     permits: Arc<Semaphore>,
     slots: Mutex<Vec<Slot>>,
+    /// Workers lent to calls, by pid. A pid is removed, under this lock, before its process
+    /// is handed to the reaper, so every pid here names a live or unreaped child.
+    leased: Mutex<HashSet<u32>>,
+    /// Signalled when a lease ends.
+    returned: Notify,
+    backoff: Mutex<Backoff>,
+    closed: AtomicBool,
 }
 
 enum Slot {
     Ready(Worker),
     Starting(oneshot::Receiver<io::Result<Worker>>),
-    /// Its last start failed; the next call tries again.
+    /// Nothing runs here: the last start failed, or the pool is shut down.
     Empty,
 }
 
@@ -44,42 +114,138 @@ enum Slot {
 #[derive(Debug)]
 pub(crate) enum AcquireError {
     Spawn(io::Error),
+    /// The queue is full and the policy is to refuse.
+    Overloaded(u64),
+    Shutdown,
+}
+
+impl AcquireError {
+    pub(crate) fn into_error(self, entry: &'static str) -> Error {
+        match self {
+            AcquireError::Spawn(source) => Error::Spawn { entry, source },
+            AcquireError::Overloaded(queue) => Error::Overloaded { entry, queue },
+            AcquireError::Shutdown => Error::Shutdown { entry },
+        }
+    }
+}
+
+/// Starts the workers of every pool in this binary and waits for their handshakes.
+pub(crate) async fn warm_up_all() -> Result<(), Error> {
+    let mut seen: Vec<*const Pool> = Vec::new();
+    for entry in Registry::get().entries() {
+        let pool = for_entry(entry).map_err(|message| Error::Config { entry: entry.display(), message })?;
+        if seen.contains(&Arc::as_ptr(pool)) {
+            continue;
+        }
+        seen.push(Arc::as_ptr(pool));
+        pool.warm_up().await.map_err(|e| e.into_error(entry.display()))?;
+    }
+    Ok(())
+}
+
+/// Consecutive failures to start a worker, and when to try again.
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+impl Backoff {
+    fn failed(&mut self, error: &io::Error) {
+        self.failures = self.failures.saturating_add(1);
+        let pause = BACKOFF_START.saturating_mul(1 << (self.failures - 1).min(16)).min(BACKOFF_MAX);
+        self.retry_at = Some(Instant::now() + pause);
+        self.last_error = error.to_string();
+    }
+
+    fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+
+    /// The error for a call that arrives while the pool waits before trying again.
+    fn refusal(&self) -> Option<io::Error> {
+        let left = self.retry_at?.checked_duration_since(Instant::now())?;
+        Some(io::Error::other(format!(
+            "workers of this pool failed to start {} times in a row (last: {}); the next attempt \
+             is in {}ms",
+            self.failures,
+            self.last_error,
+            left.as_millis()
+        )))
+    }
 }
 
 impl Pool {
     fn start(name: &'static str, settings: PoolSettings) -> Arc<Pool> {
-        let size = settings.workers.resolve();
+        let workers = settings.workers.get();
+        let admission = settings.queue.map(|queue| {
+            let permits = usize::try_from(queue).unwrap_or(usize::MAX).saturating_add(workers);
+            Arc::new(Semaphore::new(permits.min(Semaphore::MAX_PERMITS)))
+        });
         let mut secret = [0u8; 16];
         fill_random(&mut secret);
-        let slots = (0..size.get()).map(|_| Slot::Starting(supervisor::spawn(secret))).collect();
-        tracing::info!(pool = name, workers = size.get(), "offload pool starting");
-        Arc::new(Pool {
+        tracing::info!(pool = name, %settings, "offload pool starting");
+        let pool = Arc::new(Pool {
             name,
             secret,
-            permits: Arc::new(Semaphore::new(size.get())),
-            slots: Mutex::new(slots),
-        })
+            admission,
+            permits: Arc::new(Semaphore::new(workers)),
+            slots: Mutex::new(Vec::with_capacity(workers)),
+            leased: Mutex::new(HashSet::new()),
+            returned: Notify::new(),
+            backoff: Mutex::new(Backoff::default()),
+            closed: AtomicBool::new(false),
+            settings,
+        });
+        let slots = (0..workers).map(|_| pool.start_worker()).collect();
+        *lock(&pool.slots) = slots;
+        pool
     }
 
-    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
-    /// Waits for a free worker, starting one if its slot is empty. Cancel-safe: a dropped
-    /// future gives back its permit and its slot.
+    fn start_worker(&self) -> Slot {
+        if self.is_closed() {
+            return Slot::Empty;
+        }
+        Slot::Starting(supervisor::spawn(self.secret, self.settings.memory))
+    }
+
+    /// Waits for admission and a free worker, starting one if its slot is empty.
+    /// Cancel-safe: a dropped future gives back its permits and its slot, and a call that
+    /// was only queued never reaches a worker.
     pub(crate) async fn acquire(self: &Arc<Self>) -> Result<Lease, AcquireError> {
-        let permit =
-            Arc::clone(&self.permits).acquire_owned().await.expect("the pool's semaphore is never closed");
-        let slot = self.slots().pop().expect("a permit guarantees a slot");
+        let admitted = match &self.admission {
+            None => None,
+            Some(admission) => Some(match self.settings.overload {
+                Overload::Wait => {
+                    Arc::clone(admission).acquire_owned().await.map_err(|_| AcquireError::Shutdown)?
+                }
+                Overload::Reject => Arc::clone(admission).try_acquire_owned().map_err(|e| match e {
+                    TryAcquireError::Closed => AcquireError::Shutdown,
+                    TryAcquireError::NoPermits => AcquireError::Overloaded(self.settings.queue.unwrap_or(0)),
+                })?,
+            }),
+        };
+        let permit = Arc::clone(&self.permits).acquire_owned().await.map_err(|_| AcquireError::Shutdown)?;
+        let slot = lock(&self.slots).pop().expect("a permit guarantees a slot");
         let mut held = HeldSlot { pool: self, slot: Some(slot) };
+        let worker = self.ready_worker(&mut held).await?;
+        lock(&self.leased).insert(worker.pid);
+        Ok(Lease { pool: Arc::clone(self), worker: Some(worker), _permit: permit, _admitted: admitted })
+    }
+
+    /// Turns the held slot into a live worker.
+    async fn ready_worker(&self, held: &mut HeldSlot<'_>) -> Result<Worker, AcquireError> {
         loop {
             let slot = held.slot.as_mut().expect("held until taken");
             match slot {
-                Slot::Ready(worker) if !worker.channel.is_broken() => break,
+                Slot::Ready(worker) if !worker.is_broken() => break,
                 Slot::Ready(_) => {
-                    let Some(Slot::Ready(dead)) =
-                        held.slot.replace(Slot::Starting(supervisor::spawn(self.secret)))
-                    else {
+                    let Some(Slot::Ready(dead)) = held.slot.replace(self.start_worker()) else {
                         unreachable!()
                     };
                     tracing::warn!(
@@ -89,24 +255,96 @@ impl Pool {
                     );
                     drop(dead.end(Ending::Exited));
                 }
-                Slot::Starting(starting) => match starting.await {
-                    Ok(Ok(worker)) => *slot = Slot::Ready(worker),
-                    Ok(Err(e)) => {
-                        *slot = Slot::Empty;
-                        return Err(AcquireError::Spawn(e));
+                Slot::Starting(starting) => {
+                    let started = starting
+                        .await
+                        .unwrap_or_else(|_| Err(io::Error::other("the spawner thread is gone")));
+                    match started {
+                        Ok(worker) => {
+                            lock(&self.backoff).succeeded();
+                            *slot = Slot::Ready(worker);
+                        }
+                        Err(e) => {
+                            *slot = Slot::Empty;
+                            if self.is_closed() {
+                                return Err(AcquireError::Shutdown);
+                            }
+                            lock(&self.backoff).failed(&e);
+                            tracing::error!(pool = self.name, error = %e, "offload worker failed to start");
+                            return Err(AcquireError::Spawn(e));
+                        }
                     }
-                    Err(_) => {
-                        *slot = Slot::Empty;
-                        return Err(AcquireError::Spawn(io::Error::other(
-                            "the offload spawner thread is gone",
-                        )));
+                }
+                Slot::Empty if self.is_closed() => return Err(AcquireError::Shutdown),
+                Slot::Empty => {
+                    if let Some(refusal) = lock(&self.backoff).refusal() {
+                        return Err(AcquireError::Spawn(refusal));
                     }
-                },
-                Slot::Empty => *slot = Slot::Starting(supervisor::spawn(self.secret)),
+                    *slot = self.start_worker();
+                }
             }
         }
         let Some(Slot::Ready(worker)) = held.slot.take() else { unreachable!() };
-        Ok(Lease { pool: Arc::clone(self), worker: Some(worker), _permit: permit })
+        Ok(worker)
+    }
+
+    /// Starts every worker now and waits until all have completed their handshake.
+    pub(crate) async fn warm_up(self: &Arc<Self>) -> Result<(), AcquireError> {
+        let workers = u32::try_from(self.settings.workers.get()).unwrap_or(u32::MAX);
+        let _all = Arc::clone(&self.permits)
+            .acquire_many_owned(workers)
+            .await
+            .map_err(|_| AcquireError::Shutdown)?;
+        let slots: Vec<Slot> = std::mem::take(&mut *lock(&self.slots));
+        let mut result = Ok(());
+        for slot in slots {
+            let mut held = HeldSlot { pool: self, slot: Some(slot) };
+            match self.ready_worker(&mut held).await {
+                Ok(worker) => held.slot = Some(Slot::Ready(worker)),
+                Err(e) => result = result.and(Err(e)),
+            }
+        }
+        result
+    }
+
+    /// Refuses new calls and wakes queued ones with [`AcquireError::Shutdown`].
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Some(admission) = &self.admission {
+            admission.close();
+        }
+        self.permits.close();
+    }
+
+    /// Resolves when no call holds a worker.
+    async fn calls_finished(&self) {
+        loop {
+            let returned = self.returned.notified();
+            if lock(&self.leased).is_empty() {
+                return;
+            }
+            returned.await;
+        }
+    }
+
+    /// Kills workers still lent to calls and ends idle ones.
+    fn stop_workers(&self) {
+        for &pid in lock(&self.leased).iter() {
+            supervisor::kill(pid);
+        }
+        for slot in std::mem::take(&mut *lock(&self.slots)) {
+            match slot {
+                // Closing its channel tells an idle worker to exit.
+                Slot::Ready(worker) => drop(worker.end(Ending::Retire)),
+                // The spawner kills a worker nobody waits for.
+                Slot::Starting(_) | Slot::Empty => {}
+            }
+        }
+    }
+
+    fn unlease(&self, pid: u32) {
+        lock(&self.leased).remove(&pid);
+        self.returned.notify_waiters();
     }
 }
 
@@ -119,19 +357,20 @@ struct HeldSlot<'p> {
 impl Drop for HeldSlot<'_> {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
-            self.pool.slots().push(slot);
+            lock(&self.pool.slots).push(slot);
         }
     }
 }
 
 /// One worker, lent to one call. Dropping the lease without [`Lease::release`] or
-/// [`Lease::end`] (the call's future was dropped mid-call) kills the worker, because
-/// its state is unknown, and starts a replacement.
+/// [`Lease::end`] (the call's future was dropped mid-call) kills the worker, because its
+/// state is unknown, and starts a replacement.
 pub(crate) struct Lease {
     pool: Arc<Pool>,
     worker: Option<Worker>,
     // Dropped after `Drop::drop` has put the slot back.
     _permit: OwnedSemaphorePermit,
+    _admitted: Option<OwnedSemaphorePermit>,
 }
 
 impl Lease {
@@ -139,21 +378,45 @@ impl Lease {
         self.worker.as_mut().expect("present until the lease ends")
     }
 
-    /// The call went well: the worker goes back to the pool.
+    /// The call went well: the worker goes back to the pool, or is replaced if it has served
+    /// `max_tasks` calls or its resident memory is above `max_rss`.
     pub(crate) fn release(mut self) {
+        let mut worker = self.worker.take().expect("present until the lease ends");
+        self.pool.unlease(worker.pid);
+        worker.calls += 1;
+        let settings = &self.pool.settings;
+        let worn_out = settings.max_tasks.is_some_and(|max| worker.calls >= max);
+        let bloated =
+            settings.max_rss.is_some_and(|max| worker.resident_bytes().is_some_and(|rss| rss > max));
+        if (worn_out || bloated) && !self.pool.is_closed() {
+            tracing::info!(
+                pool = self.pool.name,
+                pid = worker.pid,
+                calls = worker.calls,
+                cause = if worn_out { "max_tasks" } else { "max_rss" },
+                "offload worker recycled"
+            );
+            lock(&self.pool.slots).push(self.pool.start_worker());
+            drop(worker.end(Ending::Retire));
+        } else {
+            lock(&self.pool.slots).push(Slot::Ready(worker));
+        }
+    }
+
+    /// The call never used the worker (its deadline passed as it got one): give it back
+    /// without counting a call.
+    pub(crate) fn release_unused(mut self) {
         let worker = self.worker.take().expect("present until the lease ends");
-        self.pool.slots().push(Slot::Ready(worker));
+        self.pool.unlease(worker.pid);
+        lock(&self.pool.slots).push(Slot::Ready(worker));
     }
 
     /// The worker must go: end it as `how` says and start its replacement.
     pub(crate) fn end(mut self, how: Ending) -> oneshot::Receiver<ExitInfo> {
         let worker = self.worker.take().expect("present until the lease ends");
-        self.replace();
+        self.pool.unlease(worker.pid);
+        lock(&self.pool.slots).push(self.pool.start_worker());
         worker.end(how)
-    }
-
-    fn replace(&self) {
-        self.pool.slots().push(Slot::Starting(supervisor::spawn(self.pool.secret)));
     }
 }
 
@@ -165,8 +428,9 @@ impl Drop for Lease {
                 pid = worker.pid,
                 "offload call abandoned; killing its worker"
             );
+            self.pool.unlease(worker.pid);
+            lock(&self.pool.slots).push(self.pool.start_worker());
             drop(worker.end(Ending::Kill));
-            self.replace();
         }
     }
 }
@@ -186,5 +450,29 @@ fn fill_random(buf: &mut [u8]) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_bounded() {
+        let mut backoff = Backoff::default();
+        assert!(backoff.refusal().is_none());
+        let error = io::Error::other("boom");
+        backoff.failed(&error);
+        let first = backoff.retry_at.unwrap().duration_since(Instant::now());
+        assert!(first <= BACKOFF_START, "{first:?}");
+        for _ in 0..40 {
+            backoff.failed(&error);
+        }
+        let last = backoff.retry_at.unwrap().duration_since(Instant::now());
+        assert!(last <= BACKOFF_MAX && last > BACKOFF_MAX / 2, "{last:?}");
+        let refusal = backoff.refusal().unwrap().to_string();
+        assert!(refusal.contains("failed to start 41 times in a row (last: boom)"), "{refusal}");
+        backoff.succeeded();
+        assert!(backoff.refusal().is_none());
     }
 }

@@ -13,11 +13,12 @@
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::diagnostics::StderrTail;
 use crate::error::{ExitReason, Payload};
@@ -36,7 +37,11 @@ const STDERR_GRACE: Duration = Duration::from_millis(500);
 /// A running worker process and the parent's end of its channel.
 pub(crate) struct Worker {
     pub(crate) pid: u32,
-    pub(crate) channel: Channel,
+    /// `None` once the worker is ended: closed before the reaper waits, so that no
+    /// descriptor of a reaped worker is left open.
+    channel: Option<Channel>,
+    /// Calls this worker has completed.
+    pub(crate) calls: u64,
     /// `None` once handed to the reaper.
     child: Option<Child>,
     stderr: Arc<StderrTail>,
@@ -49,6 +54,9 @@ pub(crate) enum Ending {
     Kill,
     /// Its channel closed: it is exiting on its own; wait for it, then kill if it lingers.
     Exited,
+    /// It is done (recycled, or the pool stops): closing its channel makes it exit; wait for
+    /// it, then kill if it lingers.
+    Retire,
 }
 
 /// How a worker ended, for the caller's error.
@@ -59,9 +67,26 @@ pub(crate) struct ExitInfo {
 }
 
 impl Worker {
+    pub(crate) fn channel(&mut self) -> &mut Channel {
+        self.channel.as_mut().expect("open until the worker is ended")
+    }
+
+    /// Whether the worker's end of the channel is closed (it died) or it sent unasked data.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.channel.as_ref().is_none_or(Channel::is_broken)
+    }
+
+    /// Its resident memory now, from `/proc/<pid>/statm`.
+    pub(crate) fn resident_bytes(&self) -> Option<u64> {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        Some(pages * rustix::param::page_size() as u64)
+    }
+
     /// Hands the worker to the reaper; the receiver says how it ended.
     pub(crate) fn end(mut self, how: Ending) -> oneshot::Receiver<ExitInfo> {
         let (tx, rx) = oneshot::channel();
+        self.channel = None;
         if let Some(child) = self.child.take() {
             supervisor().reap(Reap { child, how, stderr: Arc::clone(&self.stderr), reply: Some(tx) });
         }
@@ -73,6 +98,7 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // A worker nobody ended explicitly was abandoned mid-call (or its pool went away):
         // its state is unknown, so kill it.
+        self.channel = None;
         if let Some(child) = self.child.take() {
             supervisor().reap(Reap {
                 child,
@@ -84,15 +110,44 @@ impl Drop for Worker {
     }
 }
 
-/// Starts a worker on the spawner thread. The receiver yields it after a good handshake.
-pub(crate) fn spawn(secret: [u8; 16]) -> oneshot::Receiver<io::Result<Worker>> {
+/// Starts a worker on the spawner thread, with its address space limited to `memory` bytes.
+/// The receiver yields it after a good handshake.
+pub(crate) fn spawn(secret: [u8; 16], memory: Option<u64>) -> oneshot::Receiver<io::Result<Worker>> {
     let (tx, rx) = oneshot::channel();
-    supervisor().spawn(SpawnJob { secret, reply: tx });
+    if crate::worker::is_worker() {
+        // The last line of the fork-bomb guard: a worker never starts workers.
+        let _ = tx.send(Err(io::Error::other("an offload worker cannot start workers of its own")));
+        return rx;
+    }
+    LIVE.send_modify(|n| *n += 1);
+    supervisor().spawn(SpawnJob { secret, memory, reply: tx });
     rx
+}
+
+/// Workers asked for and not yet reaped (or failed to start): zero means no process left.
+static LIVE: LazyLock<watch::Sender<usize>> = LazyLock::new(|| watch::Sender::new(0));
+static STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// From now on the spawner starts nothing.
+pub(crate) fn stop_spawning() {
+    STOPPED.store(true, Ordering::Release);
+}
+
+/// Resolves when every worker ever started has been reaped.
+pub(crate) async fn all_reaped() {
+    let _ = LIVE.subscribe().wait_for(|n| *n == 0).await;
+}
+
+/// Sends SIGKILL to a worker the caller knows is not yet reaped.
+pub(crate) fn kill(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
 }
 
 struct SpawnJob {
     secret: [u8; 16],
+    memory: Option<u64>,
     reply: oneshot::Sender<io::Result<Worker>>,
 }
 
@@ -121,7 +176,14 @@ impl Supervisor {
         // there is nothing better to do without threads.
         let _ = std::thread::Builder::new().name("offload-spawner".into()).spawn(move || {
             for job in spawn_rx {
-                let result = start_worker(job.secret);
+                let result = if STOPPED.load(Ordering::Acquire) {
+                    Err(io::Error::other("offload is shutting down"))
+                } else {
+                    start_worker(job.secret, job.memory)
+                };
+                if result.is_err() {
+                    LIVE.send_modify(|n| *n -= 1);
+                }
                 // A caller that gave up drops the receiver; the worker is then dropped here,
                 // which kills and reaps it.
                 let _ = job.reply.send(result);
@@ -130,6 +192,7 @@ impl Supervisor {
         let _ = std::thread::Builder::new().name("offload-reaper".into()).spawn(move || {
             for job in reap_rx {
                 let info = reap(job.child, job.how, &job.stderr);
+                LIVE.send_modify(|n| *n -= 1);
                 if let Some(reply) = job.reply {
                     let _ = reply.send(info);
                 }
@@ -148,12 +211,12 @@ impl Supervisor {
 }
 
 #[cfg(target_os = "linux")]
-fn start_worker(secret: [u8; 16]) -> io::Result<Worker> {
+fn start_worker(secret: [u8; 16], memory: Option<u64>) -> io::Result<Worker> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
 
     use rustix::io::{FdFlags, fcntl_setfd};
-    use rustix::process::{Signal, getppid, set_parent_process_death_signal};
+    use rustix::process::{Resource, Rlimit, Signal, getppid, set_parent_process_death_signal, setrlimit};
 
     let (ours, theirs) = UnixStream::pair()?;
     let parent = std::process::id();
@@ -162,7 +225,14 @@ fn start_worker(secret: [u8; 16]) -> io::Result<Worker> {
 
     // The running image, even if the file on disk has been replaced since.
     let mut command = Command::new("/proc/self/exe");
-    command.env(ENV, env.encode()).stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped());
+    command
+        .env(ENV, env.encode())
+        // One malloc arena: the worker is single-threaded, and more arenas would only reserve
+        // address space that counts against the memory limit.
+        .env("MALLOC_ARENA_MAX", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped());
     if let Some(arg0) = std::env::args_os().next() {
         command.arg0(arg0);
     }
@@ -177,6 +247,9 @@ fn start_worker(secret: [u8; 16]) -> io::Result<Worker> {
             }
             // Only the worker's end crosses exec.
             fcntl_setfd(rustix::fd::BorrowedFd::borrow_raw(fd), FdFlags::empty())?;
+            if let Some(limit) = memory {
+                setrlimit(Resource::As, Rlimit { current: Some(limit), maximum: Some(limit) })?;
+            }
             Ok(())
         });
     }
@@ -192,8 +265,8 @@ fn start_worker(secret: [u8; 16]) -> io::Result<Worker> {
         }
         None => Arc::new(StderrTail::default()),
     };
-    let mut worker = Worker { pid, channel: Channel::new(ours), child: Some(child), stderr };
-    match handshake(&mut worker.channel, secret, pid) {
+    let mut worker = Worker { pid, channel: Some(Channel::new(ours)), calls: 0, child: Some(child), stderr };
+    match handshake(worker.channel(), secret, pid) {
         Ok(()) => {
             tracing::debug!(pid, "offload worker started");
             Ok(worker)
@@ -212,7 +285,7 @@ fn start_worker(secret: [u8; 16]) -> io::Result<Worker> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_worker(_secret: [u8; 16]) -> io::Result<Worker> {
+fn start_worker(_secret: [u8; 16], _memory: Option<u64>) -> io::Result<Worker> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "offload workers are supported on Linux only"))
 }
 
@@ -252,7 +325,7 @@ fn reap(mut child: Child, how: Ending, stderr: &StderrTail) -> ExitInfo {
         Ending::Kill => {
             let _ = child.kill();
         }
-        Ending::Exited => {
+        Ending::Exited | Ending::Retire => {
             if !exits_within(&child, EXIT_GRACE) {
                 let _ = child.kill();
             }

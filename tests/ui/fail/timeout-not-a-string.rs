@@ -1,0 +1,8 @@
+// Argument values are string literals; a bare number is an error on the value.
+
+use offload::offload;
+
+#[offload(timeout = 30)]
+fn work() {}
+
+fn main() {}
