@@ -23,6 +23,12 @@ fn trivial(x: u64) -> u64 {
     x.wrapping_add(1)
 }
 
+/// The same, through a bounded queue: measures the cost of admission control.
+#[offload::offload(timeout = "30s", workers = "1", queue = 64)]
+fn trivial_bounded(x: u64) -> u64 {
+    x.wrapping_add(1)
+}
+
 /// The raw baseline's peer: echo 8-byte messages plus one until EOF.
 fn echo_peer(fd: i32) -> ! {
     // SAFETY: the parent passed us this descriptor and nothing else owns it.
@@ -98,16 +104,22 @@ fn latency_table(n: usize) {
         // Warm up: start the worker, fault in the code paths.
         for i in 0..2_000 {
             trivial(i).await.unwrap();
+            trivial_bounded(i).await.unwrap();
             raw.ping(i).await;
             tokio::task::spawn_blocking(move || i + 1).await.unwrap();
         }
-        let (mut off, mut sock, mut blocking) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut off, mut bounded, mut sock, mut blocking) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..10 {
             for i in 0..(n / 10) as u64 {
                 let x = round * 1_000_000 + i;
                 let t = Instant::now();
                 assert_eq!(trivial(x).await.unwrap(), x + 1);
                 off.push(t.elapsed());
+            }
+            for i in 0..(n / 10) as u64 {
+                let t = Instant::now();
+                assert_eq!(trivial_bounded(i).await.unwrap(), i + 1);
+                bounded.push(t.elapsed());
             }
             for i in 0..(n / 10) as u64 {
                 let t = Instant::now();
@@ -121,11 +133,13 @@ fn latency_table(n: usize) {
             }
         }
         let (o50, o99) = percentiles(off);
+        let (q50, q99) = percentiles(bounded);
         let (s50, s99) = percentiles(sock);
         let (b50, b99) = percentiles(blocking);
         println!("\nround trip of a trivial call, {n} samples each (current_thread runtime):");
         println!("  {:<16} {:>10} {:>10}", "", "p50", "p99");
         println!("  {:<16} {:>10.1?} {:>10.1?}", "offload", o50, o99);
+        println!("  {:<16} {:>10.1?} {:>10.1?}", "offload queue=64", q50, q99);
         println!("  {:<16} {:>10.1?} {:>10.1?}", "raw socket", s50, s99);
         println!("  {:<16} {:>10.1?} {:>10.1?}", "spawn_blocking", b50, b99);
         let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
@@ -134,7 +148,12 @@ fn latency_table(n: usize) {
             ratio(o50, s50),
             ratio(o99, s99)
         );
-        println!("  offload / spawn_blocking: p50 {:.2}x, p99 {:.2}x\n", ratio(o50, b50), ratio(o99, b99));
+        println!("  offload / spawn_blocking: p50 {:.2}x, p99 {:.2}x", ratio(o50, b50), ratio(o99, b99));
+        println!(
+            "  bounded queue / unbounded: p50 {:.3}x, p99 {:.3}x (target: under 1.05x)\n",
+            ratio(q50, o50),
+            ratio(q99, o99)
+        );
     });
 }
 
@@ -144,6 +163,10 @@ fn bench(c: &mut Criterion) {
     group.bench_function("offload", |b| {
         rt.block_on(trivial(0)).unwrap();
         b.iter(|| rt.block_on(trivial(std::hint::black_box(1))).unwrap())
+    });
+    group.bench_function("offload_bounded_queue", |b| {
+        rt.block_on(trivial_bounded(0)).unwrap();
+        b.iter(|| rt.block_on(trivial_bounded(std::hint::black_box(1))).unwrap())
     });
     let mut raw = rt.block_on(async { RawPeer::start() });
     group.bench_function("raw_socket", |b| b.iter(|| rt.block_on(raw.ping(std::hint::black_box(1)))));

@@ -4,7 +4,13 @@
 
 #[doc(inline)]
 pub use offload_macros::offload;
-pub use offload_runtime::{Error, ExitReason, Payload, ProtocolError, is_worker, shutdown, warm_up};
+pub use offload_runtime::{
+    BreakerState, Error, ErrorKind, ExitReason, Latency, Payload, PoolStats, ProtocolError, RestartCause,
+    is_worker, shutdown, stats, warm_up,
+};
+
+#[doc(inline)]
+pub use offload_runtime::lag as diagnostics;
 
 /// Not public API: what `#[offload]` expansions use. Anything here may change in any release.
 #[doc(hidden)]

@@ -1,19 +1,18 @@
 //! The attribute's arguments: `#[offload(timeout = "30s", workers = "cpus-2", ...)]`.
 //!
-//! Every value is a string literal, checked here at compile time; errors point at the
-//! literal (bad value) or the key (unknown, duplicate, missing value). Parsing goes on past a
-//! bad argument so that all of them are reported at once.
+//! Values are string literals, except the counts `queue` and `max_tasks`, which are integer
+//! literals. Each is checked here at compile time with the grammar of `offload-spec`, which
+//! the runtime uses for its environment variables too; errors point at the literal (bad
+//! value) or the key (unknown, duplicate, missing value). Parsing goes on past a bad
+//! argument so that all of them are reported at once.
 
-mod duration;
-mod workers;
-
+use offload_spec::{Overload, WorkersSpec};
 use proc_macro2::{Span, TokenStream};
 use quote::ToTokens;
 use syn::meta::ParseNestedMeta;
 use syn::parse::Parser;
-use syn::{Expr, ExprLit, Lit, LitStr, Path, Token};
+use syn::{Expr, ExprLit, ExprUnary, Lit, LitInt, LitStr, Path, Token, UnOp};
 
-pub(crate) use self::workers::WorkersSpec;
 use crate::Errors;
 
 /// A value and the span of the literal it came from.
@@ -31,6 +30,16 @@ pub(crate) struct OffloadArgs {
     pub(crate) timeout_ms: Option<Spanned<u64>>,
     /// `workers = "..."`.
     pub(crate) workers: Option<Spanned<WorkersSpec>>,
+    /// `memory = "..."` in bytes, never zero.
+    pub(crate) memory: Option<Spanned<u64>>,
+    /// `queue = N`, maybe zero.
+    pub(crate) queue: Option<Spanned<u64>>,
+    /// `overload = "..."`.
+    pub(crate) overload: Option<Spanned<Overload>>,
+    /// `max_tasks = N`, never zero.
+    pub(crate) max_tasks: Option<Spanned<u64>>,
+    /// `max_rss = "..."` in bytes, never zero.
+    pub(crate) max_rss: Option<Spanned<u64>>,
     /// `pool = "..."`, never empty.
     pub(crate) pool: Option<LitStr>,
     /// `crate = "..."`: where the `offload` crate is, `::offload` when not given.
@@ -42,17 +51,37 @@ pub(crate) struct OffloadArgs {
 enum Key {
     Timeout,
     Workers,
+    Memory,
+    Queue,
+    Overload,
+    MaxTasks,
+    MaxRss,
     Pool,
     Crate,
 }
 
 impl Key {
-    const ALL: [Key; 4] = [Key::Timeout, Key::Workers, Key::Pool, Key::Crate];
+    const ALL: [Key; 9] = [
+        Key::Timeout,
+        Key::Workers,
+        Key::Memory,
+        Key::Queue,
+        Key::Overload,
+        Key::MaxTasks,
+        Key::MaxRss,
+        Key::Pool,
+        Key::Crate,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Key::Timeout => "timeout",
             Key::Workers => "workers",
+            Key::Memory => "memory",
+            Key::Queue => "queue",
+            Key::Overload => "overload",
+            Key::MaxTasks => "max_tasks",
+            Key::MaxRss => "max_rss",
             Key::Pool => "pool",
             Key::Crate => "crate",
         }
@@ -63,6 +92,11 @@ impl Key {
         match self {
             Key::Timeout => "`timeout = \"30s\"`",
             Key::Workers => "`workers = \"4\"`",
+            Key::Memory => "`memory = \"512MiB\"`",
+            Key::Queue => "`queue = 64`",
+            Key::Overload => "`overload = \"reject\"`",
+            Key::MaxTasks => "`max_tasks = 1000`",
+            Key::MaxRss => "`max_rss = \"1GiB\"`",
             Key::Pool => "`pool = \"name\"`",
             Key::Crate => "`crate = \"::offload\"`",
         }
@@ -91,6 +125,34 @@ impl Key {
             ("concurrency", Key::Workers),
             ("parallelism", Key::Workers),
             ("pool_size", Key::Workers),
+            ("mem", Key::Memory),
+            ("mem_limit", Key::Memory),
+            ("memory_limit", Key::Memory),
+            ("max_mem", Key::Memory),
+            ("rlimit", Key::Memory),
+            ("rlimit_as", Key::Memory),
+            ("address_space", Key::Memory),
+            ("queue_size", Key::Queue),
+            ("queue_len", Key::Queue),
+            ("queue_length", Key::Queue),
+            ("queue_depth", Key::Queue),
+            ("max_queue", Key::Queue),
+            ("backlog", Key::Queue),
+            ("on_overload", Key::Overload),
+            ("overload_policy", Key::Overload),
+            ("policy", Key::Overload),
+            ("on_full", Key::Overload),
+            ("backpressure", Key::Overload),
+            ("max_tasks_per_child", Key::MaxTasks),
+            ("maxtasksperchild", Key::MaxTasks),
+            ("max_tasks_per_worker", Key::MaxTasks),
+            ("max_calls", Key::MaxTasks),
+            ("max_requests", Key::MaxTasks),
+            ("recycle", Key::MaxTasks),
+            ("recycle_after", Key::MaxTasks),
+            ("rss", Key::MaxRss),
+            ("rss_limit", Key::MaxRss),
+            ("max_memory", Key::MaxRss),
             ("pool_name", Key::Pool),
             ("krate", Key::Crate),
             ("crate_name", Key::Crate),
@@ -118,8 +180,8 @@ impl OffloadArgs {
         (args, errors.finish())
     }
 
-    /// One `key = "value"`. Errors about this argument alone go to `errors`, so parsing
-    /// goes on; `Err` is for input that the parser cannot get past.
+    /// One `key = value`. Errors about this argument alone go to `errors`, so parsing goes
+    /// on; `Err` is for input that the parser cannot get past.
     fn parse_one(
         &mut self,
         meta: &ParseNestedMeta<'_>,
@@ -138,51 +200,53 @@ impl OffloadArgs {
         }
         seen.push(key);
 
-        let lit = match value {
-            Some(Expr::Lit(ExprLit { lit: Lit::Str(lit), attrs })) if attrs.is_empty() => lit,
-            Some(other) => {
-                let message = format!("expected a string literal, e.g. {}", key.example());
-                errors.push(syn::Error::new_spanned(other, message));
-                return Ok(());
-            }
-            None => {
-                let message = format!("`{}` needs a value, e.g. {}", key.name(), key.example());
-                errors.push(syn::Error::new_spanned(&meta.path, message));
-                return Ok(());
-            }
+        let Some(value) = value else {
+            let message = format!("`{}` needs a value, e.g. {}", key.name(), key.example());
+            errors.push(syn::Error::new_spanned(&meta.path, message));
+            return Ok(());
         };
-        if let Err(err) = self.set(key, &lit) {
+        if let Err(err) = self.set(key, &value) {
             errors.push(err);
         }
         Ok(())
     }
 
     /// Checks a value and stores it.
-    fn set(&mut self, key: Key, lit: &LitStr) -> syn::Result<()> {
-        let span = lit.span();
-        let text = lit.value();
-        let error = |message: String| syn::Error::new(span, message);
+    fn set(&mut self, key: Key, value: &Expr) -> syn::Result<()> {
+        let what = key.name();
         match key {
             Key::Timeout => {
-                let value = duration::parse_millis(&text).map_err(error)?;
-                self.timeout_ms = Some(Spanned { value, span });
+                self.timeout_ms = Some(parse_str(key, value, |text| offload_spec::parse_millis(text, what))?);
             }
-            Key::Workers => {
-                let value = workers::parse(&text).map_err(error)?;
-                self.workers = Some(Spanned { value, span });
+            Key::Workers => self.workers = Some(parse_str(key, value, offload_spec::parse_workers)?),
+            Key::Memory => {
+                self.memory = Some(parse_str(key, value, |text| offload_spec::parse_size(text, what))?);
+            }
+            Key::Queue => self.queue = Some(parse_count(key, value, 0)?),
+            Key::Overload => self.overload = Some(parse_str(key, value, offload_spec::parse_overload)?),
+            Key::MaxTasks => self.max_tasks = Some(parse_count(key, value, 1)?),
+            Key::MaxRss => {
+                self.max_rss = Some(parse_str(key, value, |text| offload_spec::parse_size(text, what))?);
             }
             Key::Pool => {
-                if text.trim().is_empty() {
-                    return Err(error("pool name must not be empty, e.g. `pool = \"images\"`".to_owned()));
+                let lit = string(key, value)?;
+                if lit.value().trim().is_empty() {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "pool name must not be empty, e.g. `pool = \"images\"`",
+                    ));
                 }
-                self.pool = Some(lit.clone());
+                self.pool = Some(lit);
             }
             Key::Crate => {
+                let lit = string(key, value)?;
                 let path = lit.parse_with(Path::parse_mod_style).map_err(|_| {
-                    error(format!(
-                        "invalid crate path `{text}`: expected a path to the `offload` crate, \
-                         such as \"::offload\" or \"my_crate::offload\""
-                    ))
+                    let message = format!(
+                        "invalid crate path `{}`: expected a path to the `offload` crate, such as \
+                         \"::offload\" or \"my_crate::offload\"",
+                        lit.value()
+                    );
+                    syn::Error::new(lit.span(), message)
                 })?;
                 self.krate = Some(path);
             }
@@ -201,6 +265,63 @@ fn value(meta: &ParseNestedMeta<'_>) -> syn::Result<Option<Expr>> {
         let _ignored: proc_macro2::TokenTree = meta.input.parse()?;
     }
     Ok(None)
+}
+
+/// The value of `key`, which must be a string literal.
+fn string(key: Key, value: &Expr) -> syn::Result<LitStr> {
+    match value {
+        Expr::Lit(ExprLit { lit: Lit::Str(lit), attrs }) if attrs.is_empty() => Ok(lit.clone()),
+        other => {
+            let message = format!("expected a string literal, e.g. {}", key.example());
+            Err(syn::Error::new_spanned(other, message))
+        }
+    }
+}
+
+/// The value of `key`, a string literal, parsed by `parse`; errors point at the literal.
+fn parse_str<T>(
+    key: Key,
+    value: &Expr,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> syn::Result<Spanned<T>> {
+    let lit = string(key, value)?;
+    let span = lit.span();
+    let value = parse(&lit.value()).map_err(|message| syn::Error::new(span, message))?;
+    Ok(Spanned { value, span })
+}
+
+/// The value of `key`, an integer literal of at least `min` that fits `u64`.
+fn parse_count(key: Key, value: &Expr, min: u64) -> syn::Result<Spanned<u64>> {
+    let what = key.name();
+    let lit = match value {
+        Expr::Lit(ExprLit { lit: Lit::Int(lit), attrs }) if attrs.is_empty() => lit,
+        // `-1`: say what the bound is, rather than that this is no literal.
+        negative if is_negative_int(negative) => {
+            return Err(syn::Error::new_spanned(negative, format!("{what} must be at least {min}")));
+        }
+        other => {
+            let message = format!("expected an integer literal, e.g. {}", key.example());
+            return Err(syn::Error::new_spanned(other, message));
+        }
+    };
+    let span = lit.span();
+    let value = count(lit, what, min).map_err(|message| syn::Error::new(span, message))?;
+    Ok(Spanned { value, span })
+}
+
+/// `-N`, an integer literal other than zero with a minus sign.
+fn is_negative_int(value: &Expr) -> bool {
+    let Expr::Unary(ExprUnary { op: UnOp::Neg(_), expr, .. }) = value else { return false };
+    matches!(&**expr, Expr::Lit(ExprLit { lit: Lit::Int(lit), .. }) if lit.base10_digits() != "0")
+}
+
+/// An integer literal as a count, with the shared grammar's bound.
+fn count(lit: &LitInt, what: &str, min: u64) -> Result<u64, String> {
+    let digits = lit.base10_digits();
+    if lit.base10_parse::<u64>().is_err() {
+        return Err(format!("{what} `{digits}` is too large: it must be at most {}", u64::MAX));
+    }
+    offload_spec::parse_count(digits, what, min)
 }
 
 fn unknown_key(path: &Path) -> syn::Error {
@@ -232,7 +353,12 @@ fn edit_distance(a: &str, b: &str) -> usize {
 mod tests {
     use quote::quote;
 
-    use super::{OffloadArgs, WorkersSpec, edit_distance};
+    use std::num::NonZeroUsize;
+
+    use super::{OffloadArgs, Overload, WorkersSpec, edit_distance};
+
+    const EXPECTED: &str = "expected one of `timeout`, `workers`, `memory`, `queue`, `overload`, \
+                            `max_tasks`, `max_rss`, `pool`, `crate`";
 
     fn parse_ok(tokens: proc_macro2::TokenStream) -> OffloadArgs {
         let (args, err) = OffloadArgs::parse(tokens);
@@ -252,6 +378,11 @@ mod tests {
         let args = parse_ok(quote!());
         assert!(args.timeout_ms.is_none());
         assert!(args.workers.is_none());
+        assert!(args.memory.is_none());
+        assert!(args.queue.is_none());
+        assert!(args.overload.is_none());
+        assert!(args.max_tasks.is_none());
+        assert!(args.max_rss.is_none());
         assert!(args.pool.is_none());
         assert!(args.krate.is_none());
     }
@@ -261,11 +392,21 @@ mod tests {
         let args = parse_ok(quote!(
             timeout = "1m 30s",
             workers = "cpus / 2",
+            memory = "512MiB",
+            queue = 64,
+            overload = "reject",
+            max_tasks = 1_000,
+            max_rss = "1 GB",
             pool = "images",
             crate = "my_crate::offload",
         ));
         assert_eq!(args.timeout_ms.map(|t| t.value), Some(90_000));
-        assert_eq!(args.workers.map(|w| w.value), Some(WorkersSpec::CpusDiv(2)));
+        assert_eq!(args.workers.map(|w| w.value), Some(WorkersSpec::CpusDiv(NonZeroUsize::new(2).unwrap())));
+        assert_eq!(args.memory.map(|m| m.value), Some(512 << 20));
+        assert_eq!(args.queue.map(|q| q.value), Some(64));
+        assert_eq!(args.overload.map(|o| o.value), Some(Overload::Reject));
+        assert_eq!(args.max_tasks.map(|t| t.value), Some(1000));
+        assert_eq!(args.max_rss.map(|r| r.value), Some(1_000_000_000));
         assert_eq!(args.pool.map(|p| p.value()).as_deref(), Some("images"));
         let krate = args.krate.unwrap();
         assert_eq!(quote!(#krate).to_string(), "my_crate :: offload");
@@ -281,14 +422,8 @@ mod tests {
 
     #[test]
     fn unknown_key_lists_the_accepted_ones() {
-        assert_eq!(
-            errors(quote!(retries = "3")),
-            ["unknown argument `retries`; expected one of `timeout`, `workers`, `pool`, `crate`"]
-        );
-        assert_eq!(
-            errors(quote!(a::b = "3")),
-            ["unknown argument `a::b`; expected one of `timeout`, `workers`, `pool`, `crate`"]
-        );
+        assert_eq!(errors(quote!(retries = "3")), [format!("unknown argument `retries`; {EXPECTED}")]);
+        assert_eq!(errors(quote!(a::b = "3")), [format!("unknown argument `a::b`; {EXPECTED}")]);
     }
 
     #[test]
@@ -302,6 +437,25 @@ mod tests {
             (quote!(worker = "4"), "workers"),
             (quote!(threads = "4"), "workers"),
             (quote!(processes = "4"), "workers"),
+            (quote!(mem = "1GiB"), "memory"),
+            (quote!(memory_limit = "1GiB"), "memory"),
+            (quote!(rlimit = "1GiB"), "memory"),
+            (quote!(memroy = "1GiB"), "memory"),
+            (quote!(queue_size = 4), "queue"),
+            (quote!(max_queue = 4), "queue"),
+            (quote!(backlog = 4), "queue"),
+            (quote!(queues = 4), "queue"),
+            (quote!(on_overload = "reject"), "overload"),
+            (quote!(policy = "reject"), "overload"),
+            (quote!(overloaded = "reject"), "overload"),
+            (quote!(max_tasks_per_child = 10), "max_tasks"),
+            (quote!(maxtasksperchild = 10), "max_tasks"),
+            (quote!(max_calls = 10), "max_tasks"),
+            (quote!(recycle = 10), "max_tasks"),
+            (quote!(max_task = 10), "max_tasks"),
+            (quote!(rss = "1GiB"), "max_rss"),
+            (quote!(max_memory = "1GiB"), "max_rss"),
+            (quote!(max_rs = "1GiB"), "max_rss"),
             (quote!(pools = "a"), "pool"),
             (quote!(krate = "a"), "crate"),
         ];
@@ -333,8 +487,54 @@ mod tests {
             errors(quote!(crate = ::offload)),
             ["expected a string literal, e.g. `crate = \"::offload\"`"]
         );
+        assert_eq!(errors(quote!(memory = 512)), ["expected a string literal, e.g. `memory = \"512MiB\"`"]);
+        assert_eq!(
+            errors(quote!(overload = reject)),
+            ["expected a string literal, e.g. `overload = \"reject\"`"]
+        );
+        assert_eq!(errors(quote!(max_rss = 1)), ["expected a string literal, e.g. `max_rss = \"1GiB\"`"]);
         assert_eq!(errors(quote!(pool)), ["`pool` needs a value, e.g. `pool = \"name\"`"]);
+        assert_eq!(errors(quote!(queue)), ["`queue` needs a value, e.g. `queue = 64`"]);
         assert_eq!(errors(quote!(timeout("1s"))), ["`timeout` needs a value, e.g. `timeout = \"30s\"`"]);
+    }
+
+    #[test]
+    fn counts_must_be_integer_literals() {
+        assert_eq!(errors(quote!(queue = "64")), ["expected an integer literal, e.g. `queue = 64`"]);
+        assert_eq!(errors(quote!(queue = 6.4)), ["expected an integer literal, e.g. `queue = 64`"]);
+        assert_eq!(errors(quote!(queue = N)), ["expected an integer literal, e.g. `queue = 64`"]);
+        assert_eq!(
+            errors(quote!(max_tasks = "1000")),
+            ["expected an integer literal, e.g. `max_tasks = 1000`"]
+        );
+    }
+
+    #[test]
+    fn counts() {
+        assert_eq!(parse_ok(quote!(queue = 0)).queue.map(|q| q.value), Some(0));
+        assert_eq!(parse_ok(quote!(queue = 0x10)).queue.map(|q| q.value), Some(16));
+        assert_eq!(parse_ok(quote!(max_tasks = 1)).max_tasks.map(|t| t.value), Some(1));
+        assert_eq!(parse_ok(quote!(max_tasks = 7u64)).max_tasks.map(|t| t.value), Some(7));
+        assert_eq!(errors(quote!(max_tasks = 0)), ["max_tasks must be at least 1"]);
+        assert_eq!(errors(quote!(max_tasks = -3)), ["max_tasks must be at least 1"]);
+        assert_eq!(errors(quote!(queue = -1)), ["queue must be at least 0"]);
+        assert_eq!(errors(quote!(queue = -0)), ["expected an integer literal, e.g. `queue = 64`"]);
+        assert_eq!(
+            errors(quote!(queue = 18446744073709551616)),
+            ["queue `18446744073709551616` is too large: it must be at most 18446744073709551615"]
+        );
+    }
+
+    #[test]
+    fn sizes_and_policies() {
+        assert_eq!(parse_ok(quote!(memory = "64KiB")).memory.map(|m| m.value), Some(65_536));
+        assert_eq!(parse_ok(quote!(max_rss = "2 GiB")).max_rss.map(|r| r.value), Some(2 << 30));
+        assert_eq!(parse_ok(quote!(overload = "wait")).overload.map(|o| o.value), Some(Overload::Wait));
+        assert_eq!(errors(quote!(memory = "0MiB")), ["memory must be greater than zero"]);
+        assert_eq!(errors(quote!(max_rss = "0GiB")), ["max_rss must be greater than zero"]);
+        assert!(errors(quote!(memory = "512"))[0].starts_with("invalid size `512`"));
+        assert!(errors(quote!(max_rss = "1.5GiB"))[0].starts_with("invalid size `1.5GiB`"));
+        assert!(errors(quote!(overload = "drop"))[0].starts_with("invalid overload policy `drop`"));
     }
 
     #[test]
@@ -366,7 +566,7 @@ mod tests {
         let (args, err) = OffloadArgs::parse(quote!(timeout = "0s", workers = "3"));
         assert!(err.is_some());
         assert!(args.timeout_ms.is_none());
-        assert_eq!(args.workers.map(|w| w.value), Some(WorkersSpec::Fixed(3)));
+        assert_eq!(args.workers.map(|w| w.value), Some(WorkersSpec::Fixed(NonZeroUsize::new(3).unwrap())));
     }
 
     #[test]

@@ -2,13 +2,17 @@
 //! inside it the user's body as a plain fn, the worker-side entry point, and the registration
 //! of that entry point under a stable name.
 
+use std::num::NonZeroUsize;
+
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{FnArg, Ident, ItemFn, Pat, ReturnType, Type};
 
-use crate::args::{OffloadArgs, WorkersSpec};
+use offload_spec::{Overload, WorkersSpec};
+
+use crate::args::OffloadArgs;
 use crate::paths::Runtime;
 use crate::{fallback, signature};
 
@@ -304,14 +308,22 @@ impl Context<'_> {
     }
 
     /// The entry the worker looks up by name, with the attribute's settings.
+    ///
+    /// The name is the module path, the function's name, a hash of its signature and the
+    /// position of its name in the source: two functions of one module with the same name
+    /// and signature, in two function bodies, are two entries. `line!()` and `column!()` are
+    /// spanned on the user's identifier, so they give its position, not the attribute's.
     fn registration(&self, args: &OffloadArgs) -> TokenStream {
         let rt = &self.runtime;
         let linkme = rt.linkme();
         let entries = rt.entries();
         let entry = rt.entry();
-        let name = self.function.sig.ident.unraw();
-        let key = format!("::{name}#{:016x}", self.signature_hash());
+        let ident = &self.function.sig.ident;
+        let name = ident.unraw();
+        let key = format!("::{name}#{:016x}@", self.signature_hash());
         let display = format!("::{name}");
+        let line = quote_spanned!(ident.span()=> ::core::line!());
+        let column = quote_spanned!(ident.span()=> ::core::column!());
 
         let mut settings = TokenStream::new();
         if let Some(timeout) = &args.timeout_ms {
@@ -322,6 +334,30 @@ impl Context<'_> {
             let spec = workers_spec(rt, workers.value);
             settings.extend(quote_spanned!(workers.span=> .with_workers(#spec)));
         }
+        if let Some(memory) = &args.memory {
+            let bytes = Literal::u64_unsuffixed(memory.value);
+            settings.extend(quote_spanned!(memory.span=> .with_memory(#bytes)));
+        }
+        if let Some(queue) = &args.queue {
+            let queue_len = Literal::u64_unsuffixed(queue.value);
+            settings.extend(quote_spanned!(queue.span=> .with_queue(#queue_len)));
+        }
+        if let Some(overload) = &args.overload {
+            let path = rt.overload();
+            let policy = match overload.value {
+                Overload::Wait => quote!(#path::Wait),
+                Overload::Reject => quote!(#path::Reject),
+            };
+            settings.extend(quote_spanned!(overload.span=> .with_overload(#policy)));
+        }
+        if let Some(max_tasks) = &args.max_tasks {
+            let tasks = Literal::u64_unsuffixed(max_tasks.value);
+            settings.extend(quote_spanned!(max_tasks.span=> .with_max_tasks(#tasks)));
+        }
+        if let Some(max_rss) = &args.max_rss {
+            let bytes = Literal::u64_unsuffixed(max_rss.value);
+            settings.extend(quote_spanned!(max_rss.span=> .with_max_rss(#bytes)));
+        }
         if let Some(pool) = &args.pool {
             settings.extend(quote_spanned!(pool.span()=> .with_pool(#pool)));
         }
@@ -329,7 +365,7 @@ impl Context<'_> {
             #[#linkme::distributed_slice(#entries)]
             #[linkme(crate = #linkme)]
             static __OFFLOAD_ENTRY: #entry = #entry::new(
-                ::core::concat!(::core::module_path!(), #key),
+                ::core::concat!(::core::module_path!(), #key, #line, ":", #column),
                 ::core::concat!(::core::module_path!(), #display),
                 __offload_invoke,
             )
@@ -465,8 +501,8 @@ fn is_u8(arg: &syn::GenericArgument) -> bool {
 /// A `WorkersSpec` expression that can initialise a static.
 fn workers_spec(rt: &Runtime, spec: WorkersSpec) -> TokenStream {
     let path = rt.workers_spec();
-    let non_zero = |n: usize| {
-        let n = Literal::usize_unsuffixed(n);
+    let non_zero = |n: NonZeroUsize| {
+        let n = Literal::usize_unsuffixed(n.get());
         let bound = Ident::new("n", Span::mixed_site());
         quote! {
             match ::core::num::NonZeroUsize::new(#n) {
@@ -521,6 +557,7 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("::core::concat!(::core::module_path!(),\"::digest#"), "{out}");
+        assert!(out.contains("::core::concat!(::core::module_path!(),\"::digest\"),"), "{out}");
         assert!(!out.contains("compile_error"), "{out}");
     }
 
@@ -541,6 +578,66 @@ mod tests {
             ),
         );
         assert!(out.contains(".with_timeout_ms(60000).with_pool(\"p\");"), "{out}");
+
+        let out = expand(
+            quote!(
+                pool = "p",
+                max_rss = "1KB",
+                max_tasks = 7,
+                overload = "reject",
+                queue = 0,
+                memory = "2KiB",
+                workers = "cpus",
+                timeout = "1s",
+            ),
+            quote!(
+                fn f() {}
+            ),
+        );
+        assert!(
+            out.contains(
+                ".with_timeout_ms(1000)\
+                 .with_workers(::offload::__private::WorkersSpec::Cpus)\
+                 .with_memory(2048)\
+                 .with_queue(0)\
+                 .with_overload(::offload::__private::Overload::Reject)\
+                 .with_max_tasks(7)\
+                 .with_max_rss(1000)\
+                 .with_pool(\"p\");"
+            ),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn overload_policies() {
+        for (policy, variant) in [("wait", "Wait"), ("reject", "Reject")] {
+            let out = expand(
+                quote!(overload = #policy, crate = "my::offload"),
+                quote!(
+                    fn f() {}
+                ),
+            );
+            assert!(
+                out.contains(&format!(".with_overload(my::offload::__private::Overload::{variant})")),
+                "{out}"
+            );
+        }
+    }
+
+    #[test]
+    fn entry_name_has_the_position() {
+        let out = expand(
+            quote!(),
+            quote!(
+                fn f() {}
+            ),
+        );
+        let prefix = "::core::concat!(::core::module_path!(),\"::f#";
+        let start = out.find(prefix).unwrap() + prefix.len();
+        let (hash, rest) = out[start..].split_at(16);
+        assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()), "{out}");
+        assert!(rest.starts_with("@\",::core::line!(),\":\",::core::column!()),"), "{out}");
     }
 
     #[test]

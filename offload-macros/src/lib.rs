@@ -42,28 +42,30 @@ use proc_macro::TokenStream;
 ///
 /// # Arguments
 ///
-/// All arguments are optional string literals, checked at compile time: a mistake is a
-/// compile error pointing at the literal.
+/// All arguments are optional and checked at compile time: a mistake is a compile error
+/// pointing at the value. Values are string literals, except `queue` and `max_tasks`, which
+/// are integer literals. The same grammar applies to the `OFFLOAD_*` environment variables
+/// that override these settings when a pool starts.
 ///
-/// - **`timeout = "30s"`**: how long a call may run in the worker before it is killed and
-///   the call returns a timeout error. A [humantime](https://docs.rs/humantime) duration:
-///   `"500ms"`, `"30s"`, `"1m 30s"`, `"2h"`. Greater than zero; rounded up to whole
-///   milliseconds. Default: 30 seconds.
-/// - **`workers = "cpus-2"`**: how many worker processes serve the function. `"4"`: exactly
-///   that many (at least 1). `"cpus"`: one per available core. `"cpus-N"`: the available
-///   cores less `N`. `"cpus/N"`: the available cores divided by `N` (`N` at least 1). Spaces
-///   around `-` and `/` are allowed; a count computed from the cores is never below 1.
-///   Resolved when the pool starts, against the cores available to the process. Default:
-///   the runtime's (`"cpus-2"`), or, in a shared pool, what another function of that pool
-///   says.
-/// - **`pool = "name"`**: share a pool of workers with every other function that names the
-///   same pool. Functions of one pool must agree on `workers`, or give it on one function
-///   only. Default: the function gets a pool of its own.
-/// - **`crate = "path"`**: where the `offload` crate is, for code that re-exports it, e.g.
-///   `crate = "my_crate::offload"`. Default: `"::offload"`.
+/// | argument | grammar | default | meaning |
+/// |---|---|---|---|
+/// | `timeout` | a [humantime](https://docs.rs/humantime) duration: `"500ms"`, `"30s"`, `"1m 30s"`, `"2h"`; greater than zero, rounded up to whole milliseconds | `"30s"` | how long a call may take, waiting for a worker included; past it the worker is killed and the call fails with a timeout error |
+/// | `workers` | `"4"` (at least 1), `"cpus"`, `"cpus-N"`, `"cpus/N"` (`N` at least 1); spaces around `-` and `/` allowed | `"cpus-2"` | how many worker processes serve the pool; a count computed from the cores available when the pool starts, never below 1 |
+/// | `memory` | a size: a whole number and a unit, `B`, `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024) or `KB`, `MB`, `GB`, `TB` (powers of 1000): `"512MiB"`, `"2GiB"`, `"100MB"`; greater than zero | no limit | `RLIMIT_AS` of each worker: it bounds the worker's whole address space, the binary and its libraries included, not only what the function allocates; a call that runs past it fails and the worker is replaced |
+/// | `queue` | an integer: `64`; `0` allowed | unbounded | how many calls may wait for a worker beyond those running; `0`: none waits |
+/// | `overload` | `"wait"` or `"reject"` | `"wait"` | what a call does when the queue is full: wait for room (backpressure), or fail at once with `Error::Overloaded` (load shedding) |
+/// | `max_tasks` | an integer: `1000`; at least 1 | none | replace a worker after it has run this many calls |
+/// | `max_rss` | a size, as `memory`: `"1GiB"` | none | replace a worker after a call that left its resident memory above this |
+/// | `pool` | a name: `"images"` | a pool per function | share a pool of workers with every function that names the same pool |
+/// | `crate` | a path: `"my_crate::offload"` | `"::offload"` | where the `offload` crate is, for code that re-exports it |
+///
+/// `workers`, `memory`, `queue`, `overload`, `max_tasks` and `max_rss` belong to the pool: in
+/// a shared pool, give each on one function only, or the same value on several; functions
+/// that disagree make calls to that pool fail with `Error::Config`.
 ///
 /// ```ignore
-/// #[offload(timeout = "2m", workers = "cpus/2", pool = "images")]
+/// #[offload(timeout = "2m", workers = "cpus/2", pool = "images", memory = "1GiB", queue = 64,
+///           overload = "reject", max_tasks = 1000, max_rss = "512MiB")]
 /// fn thumbnail(image: Vec<u8>, width: u32) -> Vec<u8> {
 ///     # unimplemented!()
 /// }
@@ -111,10 +113,11 @@ use proc_macro::TokenStream;
 ///         ::offload::__private::encode_return(&ret, out)
 ///     }
 ///
-///     // Registered at link time under a name that is the same in every process.
+///     // Registered at link time under a name that is the same in every process: the
+///     // path, a hash of the signature, and where `digest` is written in the source.
 ///     #[distributed_slice(::offload::__private::ENTRIES)]
 ///     static __OFFLOAD_ENTRY: Entry = Entry::new(
-///         concat!(module_path!(), "::digest#<hash of the signature>"),
+///         concat!(module_path!(), "::digest#<hash of the signature>@", line!(), ":", column!()),
 ///         concat!(module_path!(), "::digest"),
 ///         __offload_invoke,
 ///     )
@@ -133,10 +136,10 @@ use proc_macro::TokenStream;
 /// # Compile errors
 ///
 /// Each mistake is one error, spanned on what is wrong: an unknown, misspelt or duplicate
-/// argument, a value that is not a string or does not parse, a function that is `async`,
-/// `const`, `unsafe`, `extern` or generic, takes `self`, a reference or `impl Trait`, or uses
-/// `Self`, and an argument or return type that cannot be sent. All of them are reported at
-/// once. When only the attribute's arguments are wrong, the function is still expanded with
+/// argument, a value that is not the kind of literal the argument takes or does not parse, a
+/// function that is `async`, `const`, `unsafe`, `extern` or generic, takes `self`, a
+/// reference or `impl Trait`, or uses `Self`, and an argument or return type that cannot be
+/// sent. All of them are reported at once. When only the attribute's arguments are wrong, the function is still expanded with
 /// the defaults, so its callers compile; when the function itself cannot be offloaded, it is
 /// left as written.
 #[proc_macro_attribute]

@@ -43,6 +43,10 @@ impl Runtime {
         self.item("WorkersSpec")
     }
 
+    pub(crate) fn overload(&self) -> TokenStream {
+        self.item("Overload")
+    }
+
     /// `serde_bytes::Bytes`, which encodes a `Vec<u8>` as one byte string.
     pub(crate) fn bytes(&self) -> TokenStream {
         self.item("serde_bytes::Bytes")

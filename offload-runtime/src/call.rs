@@ -1,7 +1,10 @@
-//! What the stub awaits: encode, find the pool, take a worker before the deadline, exchange
-//! one frame each way, decode, and turn every way this can fail into an [`Error`].
+//! What the stub awaits: encode, find the pool, ask the breaker, take a worker before the
+//! deadline, exchange frames, decode, and turn every way this can fail into an [`Error`];
+//! record the outcome in the pool's figures and the breaker.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -10,13 +13,18 @@ use serde::de::DeserializeOwned;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
+use crate::breaker::{Admission, Transition};
 use crate::error::{Error, ExitReason, Payload, ProtocolError};
-use crate::pool;
 use crate::pool::supervisor::Ending;
-use crate::protocol::{self, PanicReport, Tag};
+use crate::pool::{self, Pool};
+use crate::protocol::{self, LogRecord, PanicReport, Tag};
 use crate::registry::Entry;
+use crate::stats::RestartCause;
 use crate::transport::TransportError;
 use crate::worker;
+
+/// Numbers calls in this process, for the `task` field of logs.
+static NEXT_TASK: AtomicU64 = AtomicU64::new(1);
 
 /// Runs `entry` in a worker with `args` and returns what it returned.
 ///
@@ -26,15 +34,17 @@ pub async fn call<A: Serialize, R: DeserializeOwned + Send>(
     entry: &'static Entry,
     args: A,
 ) -> Result<R, Error> {
-    let frame = protocol::encode_call(entry.name, &args).map_err(|kind| protocol_error(entry, kind))?;
+    // Workers forward `tracing` events up to the level some subscriber here wants.
+    let log_level = protocol::level_to_u8(tracing::level_filters::LevelFilter::current());
+    let frame =
+        protocol::encode_call(entry.name, log_level, &args).map_err(|kind| protocol_error(entry, kind))?;
     drop(args);
     let mut value = None;
     let mut decode = |body: &[u8]| -> Result<(), ProtocolError> {
         value = Some(protocol::decode::<R>(body, Payload::ReturnValue)?);
         Ok(())
     };
-    let span = tracing::debug_span!("offload", entry = entry.display(), pid = tracing::field::Empty);
-    run(entry, &frame, &mut decode).instrument(span).await?;
+    run(entry, &frame, &mut decode).await?;
     Ok(value.expect("decoded on success"))
 }
 
@@ -68,6 +78,107 @@ async fn run(
         return Err(Error::Shutdown { entry: entry.display() });
     }
     let pool = pool::for_entry(entry).map_err(|message| Error::Config { entry: entry.display(), message })?;
+
+    let task = NEXT_TASK.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::debug_span!(
+        "offload",
+        entry = entry.display(),
+        task,
+        pid = tracing::field::Empty,
+        queue_wait_us = tracing::field::Empty,
+        run_us = tracing::field::Empty,
+    );
+    let mut record = Record::start(entry, pool);
+    if let Some(config) = entry.breaker {
+        let (admission, transition) = entry.breaker_state.admit(config);
+        log_transition(entry, transition);
+        if let Admission::Refuse(retry_in) = admission {
+            let error = Error::CircuitOpen { entry: entry.display(), retry_in };
+            record.finish(Err(&error));
+            return Err(error);
+        }
+        record.admission = Some(admission);
+    }
+    let result = exchange(entry, pool, frame, decode, &mut record).instrument(span).await;
+    record.finish(result.as_ref().map(|_| ()));
+    result
+}
+
+/// What one call has been through so far: kept up to date as it goes, so that a call whose
+/// future is dropped midway is still counted, and its breaker trial given back.
+struct Record {
+    entry: &'static Entry,
+    pool: Arc<Pool>,
+    started: Instant,
+    queue_wait: Option<Duration>,
+    run_time: Option<Duration>,
+    admission: Option<Admission>,
+    finished: bool,
+}
+
+impl Record {
+    fn start(entry: &'static Entry, pool: &Arc<Pool>) -> Record {
+        pool.metrics.submitted();
+        Record {
+            entry,
+            pool: Arc::clone(pool),
+            started: Instant::now(),
+            queue_wait: None,
+            run_time: None,
+            admission: None,
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self, outcome: Result<(), &Error>) {
+        self.finished = true;
+        self.pool.metrics.finished(
+            outcome.map_err(Error::kind),
+            self.queue_wait,
+            self.run_time,
+            self.started.elapsed(),
+        );
+        if let (Some(config), Some(admission)) = (self.entry.breaker, self.admission) {
+            let verdict = match outcome {
+                Ok(()) => Some(true),
+                Err(e) if e.is_worker_failure() => Some(false),
+                Err(_) => None,
+            };
+            log_transition(self.entry, self.entry.breaker_state.record(config, admission, verdict));
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.pool.metrics.cancelled();
+            if let (Some(config), Some(admission)) = (self.entry.breaker, self.admission) {
+                self.entry.breaker_state.record(config, admission, None);
+            }
+        }
+    }
+}
+
+fn log_transition(entry: &Entry, transition: Option<Transition>) {
+    match transition {
+        Some(Transition::Opened) => tracing::warn!(entry = entry.display(), "offload circuit breaker opened"),
+        Some(Transition::HalfOpened) => {
+            tracing::info!(entry = entry.display(), "offload circuit breaker half-open: trying one call")
+        }
+        Some(Transition::Closed) => tracing::info!(entry = entry.display(), "offload circuit breaker closed"),
+        None => {}
+    }
+}
+
+/// Takes a worker before the deadline, sends the call, and reads the reply.
+async fn exchange(
+    entry: &'static Entry,
+    pool: &Arc<Pool>,
+    frame: &[u8],
+    decode: &mut (dyn FnMut(&[u8]) -> Result<(), ProtocolError> + Send),
+    record: &mut Record,
+) -> Result<(), Error> {
     let timeout = pool.settings.timeout.unwrap_or(entry.timeout);
     let timed_out = |pid| Error::Timeout { entry: entry.display(), timeout, pid };
 
@@ -84,6 +195,8 @@ async fn run(
             return Err(timed_out(None));
         }
     };
+    let queue_wait = record.started.elapsed();
+    record.queue_wait = Some(queue_wait);
     if deadline.is_elapsed() {
         // The worker came as the deadline passed: a call whose deadline passed in the queue
         // is never started.
@@ -91,43 +204,35 @@ async fn run(
         return Err(timed_out(None));
     }
     let pid = lease.worker().pid;
-    tracing::Span::current().record("pid", pid);
+    let span = tracing::Span::current();
+    span.record("pid", pid);
+    span.record("queue_wait_us", queue_wait.as_micros() as u64);
     tracing::debug!("dispatch");
 
-    let outcome = before(deadline, lease.worker().channel().round_trip(frame)).await;
+    let sent = Instant::now();
+    let outcome = before(deadline, lease.worker().channel().round_trip(frame, &mut forward_logs)).await;
+    let run_time = sent.elapsed();
+    record.run_time = Some(run_time);
+    span.record("run_us", run_time.as_micros() as u64);
     let (tag, body) = match outcome {
         Some(Ok(reply)) => reply,
         None => {
-            let _ended = lease.end(Ending::Kill).await;
+            let _ended = lease.end(Ending::Kill, RestartCause::Timeout).await;
             tracing::warn!(?timeout, "offload call timed out; worker killed");
             return Err(timed_out(Some(pid)));
         }
         Some(Err(_)) if pool.is_closed() => {
-            drop(lease.end(Ending::Kill));
+            drop(lease.end(Ending::Kill, RestartCause::Crashed));
             return Err(Error::Shutdown { entry: entry.display() });
         }
-        Some(Err(TransportError::Closed)) => {
-            let ended = lease.end(Ending::Exited).await;
-            let (exit, stderr) = match ended {
-                Ok(info) => (info.reason, info.stderr),
-                Err(_) => (ExitReason::Unknown, Vec::new()),
-            };
-            if let Some(limit) = pool.settings.memory
-                && ran_out_of_memory(exit, &stderr)
-            {
-                tracing::error!(limit, "offload worker ran out of memory");
-                return Err(Error::MemoryLimit { entry: entry.display(), pid, limit });
-            }
-            tracing::error!(%exit, "offload worker crashed");
-            return Err(Error::Crashed { entry: entry.display(), pid, exit, stderr });
-        }
+        Some(Err(TransportError::Closed)) => return Err(crashed(entry, pool, lease, pid).await),
         Some(Err(TransportError::Io(e))) => {
-            drop(lease.end(Ending::Kill));
+            drop(lease.end(Ending::Kill, RestartCause::Protocol));
             let kind = ProtocolError::Invalid(format!("the channel to worker {pid} failed: {e}"));
             return Err(protocol_error(entry, kind));
         }
         Some(Err(TransportError::Protocol(kind))) => {
-            drop(lease.end(Ending::Kill));
+            drop(lease.end(Ending::Kill, RestartCause::Protocol));
             tracing::error!(%kind, "offload worker broke the protocol; killed");
             return Err(protocol_error(entry, kind));
         }
@@ -148,8 +253,8 @@ async fn run(
             entry,
             protocol::decode::<ProtocolError>(body, Payload::Message).unwrap_or_else(|e| e),
         )),
-        Tag::Hello | Tag::Call => {
-            drop(lease.end(Ending::Kill));
+        Tag::Hello | Tag::Call | Tag::Log => {
+            drop(lease.end(Ending::Kill, RestartCause::Protocol));
             return Err(protocol_error(entry, ProtocolError::Invalid(format!("unexpected {tag:?} frame"))));
         }
     };
@@ -157,11 +262,56 @@ async fn run(
     result
 }
 
-/// Whether a worker died because an allocation failed: Rust's allocation error handler
-/// prints this line and aborts.
-fn ran_out_of_memory(exit: ExitReason, stderr: &[String]) -> bool {
-    exit == ExitReason::Signal(6)
-        && stderr.iter().any(|line| line.starts_with("memory allocation of ") && line.ends_with(" failed"))
+/// Re-emits the events a worker forwarded, inside the current call's span (which carries the
+/// function, task id and worker pid), under the target `offload::worker`.
+fn forward_logs(body: &[u8]) {
+    let Ok(records) = protocol::decode::<Vec<LogRecord>>(body, Payload::Message) else {
+        tracing::warn!("offload worker sent an unreadable log frame");
+        return;
+    };
+    for r in records {
+        macro_rules! emit {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "offload::worker",
+                    $level,
+                    worker_target = %r.target,
+                    fields = %r.fields,
+                    "{}",
+                    r.message
+                )
+            };
+        }
+        match r.level {
+            1 => emit!(tracing::Level::ERROR),
+            2 => emit!(tracing::Level::WARN),
+            3 => emit!(tracing::Level::INFO),
+            4 => emit!(tracing::Level::DEBUG),
+            _ => emit!(tracing::Level::TRACE),
+        }
+    }
+}
+
+/// The worker's channel closed mid-call: wait for it to end and say how.
+async fn crashed(entry: &'static Entry, pool: &Pool, lease: pool::Lease, pid: u32) -> Error {
+    let memory = pool.settings.memory;
+    let ended = lease.end_crashed().await;
+    let (exit, stderr, alloc_failed) = match ended {
+        Ok(info) => (info.reason, info.stderr, info.alloc_failed),
+        Err(_) => (ExitReason::Unknown, Vec::new(), false),
+    };
+    // Rust's allocation error handler reports the failure, then aborts.
+    if let Some(limit) = memory
+        && alloc_failed
+        && exit == ExitReason::Signal(6)
+    {
+        pool.metrics.restarted(RestartCause::MemoryLimit);
+        tracing::error!(limit, "offload worker ran out of memory");
+        return Error::MemoryLimit { entry: entry.display(), pid, limit };
+    }
+    pool.metrics.restarted(RestartCause::Crashed);
+    tracing::error!(%exit, "offload worker crashed");
+    Error::Crashed { entry: entry.display(), pid, exit, stderr }
 }
 
 /// Runs `future` until `deadline` fires; `None` if the deadline came first.

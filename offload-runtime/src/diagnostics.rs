@@ -22,6 +22,10 @@ pub(crate) struct StderrTail {
 struct TailState {
     lines: VecDeque<String>,
     eof: bool,
+    /// The worker reported a failed allocation: Rust's allocation error handler prints
+    /// `memory allocation of N bytes failed` before it aborts. Remembered apart from the
+    /// tail, which a backtrace after the line would push it out of.
+    alloc_failed: bool,
 }
 
 impl StderrTail {
@@ -55,6 +59,9 @@ impl StderrTail {
                         text.push('…');
                     }
                     let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if text.starts_with("memory allocation of ") && text.ends_with(" failed") {
+                        state.alloc_failed = true;
+                    }
                     if state.lines.len() == TAIL_LINES {
                         state.lines.pop_front();
                     }
@@ -69,9 +76,10 @@ impl StderrTail {
         self.ended.notify_all();
     }
 
-    /// The kept lines, after waiting up to `patience` for the stream to end (it ends when
-    /// the worker and every process that inherited its stderr have exited).
-    pub(crate) fn lines_at_end(&self, patience: Duration) -> Vec<String> {
+    /// The kept lines, and whether an allocation failure was reported, after waiting up to
+    /// `patience` for the stream to end (it ends when the worker and every process that
+    /// inherited its stderr have exited).
+    pub(crate) fn at_end(&self, patience: Duration) -> (Vec<String>, bool) {
         let deadline = Instant::now() + patience;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while !state.eof {
@@ -81,7 +89,7 @@ impl StderrTail {
             }
             state = self.ended.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0;
         }
-        state.lines.iter().cloned().collect()
+        (state.lines.iter().cloned().collect(), state.alloc_failed)
     }
 }
 
@@ -93,9 +101,25 @@ mod tests {
     fn keeps_the_last_lines() {
         let text: String = (0..40).map(|i| format!("line {i}\n")).collect();
         let tail = StderrTail::capture(0, std::io::Cursor::new(text.into_bytes())).unwrap();
-        let lines = tail.lines_at_end(Duration::from_secs(10));
+        let (lines, alloc_failed) = tail.at_end(Duration::from_secs(10));
+        assert!(!alloc_failed);
         assert_eq!(lines.len(), TAIL_LINES);
         assert_eq!(lines.first().unwrap(), "line 24");
         assert_eq!(lines.last().unwrap(), "line 39");
+    }
+}
+
+#[cfg(test)]
+mod alloc_tests {
+    use super::*;
+
+    #[test]
+    fn remembers_an_allocation_failure_past_the_tail() {
+        let mut text = String::from("memory allocation of 4294967296 bytes failed\n");
+        text.extend((0..40).map(|i| format!("  {i}: frame\n")));
+        let tail = StderrTail::capture(0, std::io::Cursor::new(text.into_bytes())).unwrap();
+        let (lines, alloc_failed) = tail.at_end(Duration::from_secs(10));
+        assert!(alloc_failed);
+        assert!(!lines.iter().any(|l| l.starts_with("memory allocation")));
     }
 }

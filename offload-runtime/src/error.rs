@@ -73,6 +73,17 @@ pub enum Error {
         queue: u64,
     },
 
+    /// The function's circuit breaker is open after repeated worker-side failures: the call
+    /// was refused at once, without running. A trial call is let through after the reset
+    /// period.
+    #[error("`{entry}` was refused: its circuit breaker is open (next trial in about {}ms)", retry_in.as_millis())]
+    CircuitOpen {
+        /// The offloaded function.
+        entry: &'static str,
+        /// About how long until the breaker lets a trial call through.
+        retry_in: Duration,
+    },
+
     /// A worker process could not be started or did not complete its handshake.
     #[error("`{entry}` could not start a worker: {source}")]
     Spawn {
@@ -120,10 +131,107 @@ impl Error {
             | Error::Crashed { entry, .. }
             | Error::MemoryLimit { entry, .. }
             | Error::Overloaded { entry, .. }
+            | Error::CircuitOpen { entry, .. }
             | Error::Spawn { entry, .. }
             | Error::Protocol { entry, .. }
             | Error::Config { entry, .. }
             | Error::Shutdown { entry } => entry,
+        }
+    }
+}
+
+impl Error {
+    /// What kind of error this is, for counting and matching without the details.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Panicked { .. } => ErrorKind::Panicked,
+            Error::Crashed { .. } => ErrorKind::Crashed,
+            Error::MemoryLimit { .. } => ErrorKind::MemoryLimit,
+            Error::Overloaded { .. } => ErrorKind::Overloaded,
+            Error::CircuitOpen { .. } => ErrorKind::CircuitOpen,
+            Error::Spawn { .. } => ErrorKind::Spawn,
+            Error::Protocol { .. } => ErrorKind::Protocol,
+            Error::Config { .. } => ErrorKind::Config,
+            Error::Shutdown { .. } => ErrorKind::Shutdown,
+        }
+    }
+
+    /// Whether a `fallback` replaces this error: a worker-side failure, or an open breaker.
+    pub fn should_fall_back(&self) -> bool {
+        self.is_worker_failure() || matches!(self, Error::CircuitOpen { .. })
+    }
+
+    /// Whether the function's own run failed in the worker: a running call's timeout, a
+    /// panic, a crash or the memory limit. These are what a circuit breaker counts and what
+    /// a fallback replaces; queueing, overload, shutdown and configuration errors are not.
+    pub fn is_worker_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { pid: Some(_), .. }
+                | Error::Panicked { .. }
+                | Error::Crashed { .. }
+                | Error::MemoryLimit { .. }
+        )
+    }
+}
+
+/// The kinds of [`Error`], without their details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`Error::Timeout`].
+    Timeout,
+    /// [`Error::Panicked`].
+    Panicked,
+    /// [`Error::Crashed`].
+    Crashed,
+    /// [`Error::MemoryLimit`].
+    MemoryLimit,
+    /// [`Error::Overloaded`].
+    Overloaded,
+    /// [`Error::CircuitOpen`].
+    CircuitOpen,
+    /// [`Error::Spawn`].
+    Spawn,
+    /// [`Error::Protocol`].
+    Protocol,
+    /// [`Error::Config`].
+    Config,
+    /// [`Error::Shutdown`].
+    Shutdown,
+}
+
+impl ErrorKind {
+    pub(crate) const COUNT: usize = 10;
+
+    /// Every kind, in declaration order.
+    pub const ALL: [ErrorKind; ErrorKind::COUNT] = [
+        ErrorKind::Timeout,
+        ErrorKind::Panicked,
+        ErrorKind::Crashed,
+        ErrorKind::MemoryLimit,
+        ErrorKind::Overloaded,
+        ErrorKind::CircuitOpen,
+        ErrorKind::Spawn,
+        ErrorKind::Protocol,
+        ErrorKind::Config,
+        ErrorKind::Shutdown,
+    ];
+
+    /// A short name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Panicked => "panicked",
+            ErrorKind::Crashed => "crashed",
+            ErrorKind::MemoryLimit => "memory_limit",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::Spawn => "spawn",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Config => "config",
+            ErrorKind::Shutdown => "shutdown",
         }
     }
 }

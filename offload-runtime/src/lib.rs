@@ -8,17 +8,31 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+mod breaker;
 mod call;
 mod diagnostics;
 mod error;
+mod fallback;
+mod histogram;
+pub mod lag;
 mod limits;
 mod pool;
 mod protocol;
 mod registry;
+mod stats;
 mod transport;
 mod worker;
 
-pub use error::{Error, ExitReason, Payload, ProtocolError};
+pub use breaker::BreakerState;
+pub use error::{Error, ErrorKind, ExitReason, Payload, ProtocolError};
+pub use stats::{Latency, PoolStats, RestartCause};
+
+/// A snapshot of every pool started so far in this process, sorted by name: workers alive
+/// and busy, queue depth, calls by outcome, worker restarts by cause, circuit breaker states
+/// and latency percentiles. Cheap enough to call from a metrics endpoint on every scrape.
+pub fn stats() -> Vec<PoolStats> {
+    pool::stats()
+}
 
 /// Stops every pool: new calls fail with [`Error::Shutdown`], calls already running get up
 /// to `grace` to finish, then their workers are killed (those calls fail with
@@ -58,6 +72,7 @@ pub mod __private {
 
     pub use crate::call::call;
     pub use crate::error::{Error, ProtocolError};
+    pub use crate::fallback::{Async, Fallback, Sync, fallback};
     pub use crate::registry::{ENTRIES, Entry, Invoke};
     pub use crate::worker::{decode_args, encode_return};
     pub use offload_spec::{Overload, WorkersSpec};

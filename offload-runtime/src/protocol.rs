@@ -35,6 +35,8 @@ pub(crate) enum Tag {
     /// Worker to parent: a [`ProtocolError`] about the call (bad arguments, unknown entry,
     /// return value that does not encode).
     Fault = 5,
+    /// Worker to parent, before the reply: [`LogRecord`]s the function emitted.
+    Log = 6,
 }
 
 impl Tag {
@@ -45,6 +47,7 @@ impl Tag {
             3 => Tag::Return,
             4 => Tag::Panicked,
             5 => Tag::Fault,
+            6 => Tag::Log,
             _ => return None,
         })
     }
@@ -66,6 +69,30 @@ pub(crate) struct Hello {
 pub(crate) struct PanicReport {
     pub(crate) message: String,
     pub(crate) location: Option<String>,
+}
+
+/// A `tracing` event emitted in the worker, forwarded to the parent's subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LogRecord {
+    /// 1 = error .. 5 = trace.
+    pub(crate) level: u8,
+    pub(crate) target: String,
+    pub(crate) message: String,
+    /// The event's other fields, as `name=value` pairs separated by spaces.
+    pub(crate) fields: String,
+}
+
+/// A `tracing` level filter as one byte: 0 = off, 1 = error .. 5 = trace.
+pub(crate) fn level_to_u8(level: tracing::level_filters::LevelFilter) -> u8 {
+    use tracing::level_filters::LevelFilter;
+    match level {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => 1,
+        LevelFilter::WARN => 2,
+        LevelFilter::INFO => 3,
+        LevelFilter::DEBUG => 4,
+        _ => 5,
+    }
 }
 
 /// A frame being built: header space reserved, body appended, length filled in by
@@ -118,29 +145,43 @@ pub(crate) fn parse_header(header: [u8; HEADER]) -> Result<(usize, Tag), Protoco
     Ok((len - 1, tag))
 }
 
-/// A call frame for `name` with `args`.
-pub(crate) fn encode_call<A: Serialize>(name: &str, args: &A) -> Result<Vec<u8>, ProtocolError> {
+/// A call frame for `name` with `args`; the worker forwards `tracing` events up to `log_level`
+/// (see [`level_to_u8`]).
+pub(crate) fn encode_call<A: Serialize>(
+    name: &str,
+    log_level: u8,
+    args: &A,
+) -> Result<Vec<u8>, ProtocolError> {
     let mut frame = FrameBuf::new(Tag::Call);
     let name_len = u16::try_from(name.len())
         .map_err(|_| ProtocolError::Invalid(format!("entry name of {} bytes", name.len())))?;
     frame.body().extend_from_slice(&name_len.to_le_bytes());
     frame.body().extend_from_slice(name.as_bytes());
+    frame.body().push(log_level);
     append(frame.body(), args, Payload::Arguments)?;
     frame.finish()
 }
 
-/// Splits a call body into the entry name and the encoded arguments.
-pub(crate) fn split_call(body: &[u8]) -> Result<(&str, &[u8]), ProtocolError> {
+/// A call frame's parts.
+#[derive(Clone, Copy)]
+pub(crate) struct CallFrame<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) log_level: u8,
+    pub(crate) args: &'a [u8],
+}
+
+/// Splits a call body into the entry name, the log level and the encoded arguments.
+pub(crate) fn split_call(body: &[u8]) -> Result<CallFrame<'_>, ProtocolError> {
     let bad = || ProtocolError::Invalid("truncated call frame".into());
     let (len, rest) = body.split_first_chunk::<2>().ok_or_else(bad)?;
     let len = u16::from_le_bytes(*len) as usize;
-    if rest.len() < len {
+    if rest.len() <= len {
         return Err(bad());
     }
-    let (name, args) = rest.split_at(len);
+    let (name, rest) = rest.split_at(len);
     let name =
         std::str::from_utf8(name).map_err(|_| ProtocolError::Invalid("entry name is not UTF-8".into()))?;
-    Ok((name, args))
+    Ok(CallFrame { name, log_level: rest[0], args: &rest[1..] })
 }
 
 /// Appends `value` to `out` in postcard.
@@ -182,22 +223,22 @@ mod tests {
 
     #[test]
     fn call_frame_round_trips() {
-        let frame = encode_call("a::b#1", &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32)).unwrap();
+        let frame = encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32)).unwrap();
         let (len, tag) = parse_header(frame[..HEADER].try_into().unwrap()).unwrap();
         assert_eq!(tag, Tag::Call);
         assert_eq!(len, frame.len() - HEADER);
-        let (name, args) = split_call(&frame[HEADER..]).unwrap();
-        assert_eq!(name, "a::b#1");
-        let (bytes, n): (serde_bytes::ByteBuf, u32) = decode(args, Payload::Arguments).unwrap();
+        let call = split_call(&frame[HEADER..]).unwrap();
+        assert_eq!((call.name, call.log_level), ("a::b#1", 3));
+        let (bytes, n): (serde_bytes::ByteBuf, u32) = decode(call.args, Payload::Arguments).unwrap();
         assert_eq!((bytes.into_vec(), n), (vec![1, 2, 3], 7));
     }
 
     #[test]
     fn bytes_are_not_encoded_element_by_element() {
         let data = vec![200u8; 1000];
-        let frame = encode_call("x", &(serde_bytes::Bytes::new(&data),)).unwrap();
-        // 5 header + 2 name length + 1 name + 2 varint length + 1000 raw bytes.
-        assert_eq!(frame.len(), 5 + 2 + 1 + 2 + 1000);
+        let frame = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),)).unwrap();
+        // 5 header + 2 name length + 1 name + 1 log level + 2 varint length + 1000 raw bytes.
+        assert_eq!(frame.len(), 5 + 2 + 1 + 1 + 2 + 1000);
     }
 
     #[test]
@@ -209,6 +250,7 @@ mod tests {
         assert!(matches!(parse_header([0, 0, 0, 0, 2]), Err(ProtocolError::Invalid(_))));
         assert!(matches!(parse_header([1, 0, 0, 0, 99]), Err(ProtocolError::Invalid(_))));
         assert!(split_call(&[5, 0, b'a']).is_err());
+        assert!(split_call(&[1, 0, b'a']).is_err(), "no log level");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
+use crate::breaker::{Breaker, BreakerConfig};
 use crate::error::ProtocolError;
 use crate::limits::{Overload, PoolOptions, WorkersSpec};
 use crate::pool::Pool;
@@ -27,8 +28,8 @@ pub static ENTRIES: [Entry];
 /// Not public API.
 #[doc(hidden)]
 pub struct Entry {
-    /// Unique and stable across builds of the same source:
-    /// `module::path::fn_name#signature-hash`.
+    /// Unique and the same in every process of one build:
+    /// `module::path::fn_name#signature-hash@line:column`.
     pub(crate) name: &'static str,
     /// `module::path::fn_name`, for messages.
     pub(crate) display: &'static str,
@@ -38,6 +39,9 @@ pub struct Entry {
     pub(crate) pool: Option<&'static str>,
     /// What the attribute says about the pool; a shared pool merges its members' options.
     pub(crate) options: PoolOptions,
+    /// `breaker(failures = N, reset = "...")`, if given.
+    pub(crate) breaker: Option<BreakerConfig>,
+    pub(crate) breaker_state: Breaker,
     /// The pool serving this entry, looked up on the first call.
     pub(crate) pool_cell: OnceLock<Result<Arc<Pool>, String>>,
 }
@@ -62,8 +66,17 @@ impl Entry {
                 max_tasks: None,
                 max_rss: None,
             },
+            breaker: None,
+            breaker_state: Breaker::new(),
             pool_cell: OnceLock::new(),
         }
+    }
+
+    /// `breaker(failures = N, reset = "...")`: open after `failures` worker-side failures
+    /// in a row (at least 1), try again after `reset_ms` milliseconds (at least 1).
+    pub const fn with_breaker(mut self, failures: u32, reset_ms: u64) -> Entry {
+        self.breaker = Some(BreakerConfig { failures, reset: Duration::from_millis(reset_ms) });
+        self
     }
 
     /// `timeout = "..."`, already parsed to milliseconds (never zero).
@@ -206,8 +219,9 @@ impl Registry {
     pub(crate) fn options(&self, entry: &'static Entry) -> Result<PoolOptions, String> {
         if self.duplicates.contains(&entry.name) {
             return Err(format!(
-                "`{}` is registered more than once under the name `{}`; two crates with the \
-                 same name and module path define it",
+                "`{}` is registered more than once under the name `{}`: two crates with the \
+                 same name and module path define it, or a `macro_rules!` macro generates it \
+                 twice at one position",
                 entry.display, entry.name
             ));
         }

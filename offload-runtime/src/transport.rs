@@ -58,19 +58,22 @@ pub(crate) struct Channel {
     /// Declared before `stream` so that it is dropped, and deregistered, first.
     registered: Option<Registered>,
     stream: UnixStream,
-    buf: Vec<u8>,
+    inbox: Inbox,
 }
 
 impl Channel {
     pub(crate) fn new(stream: UnixStream) -> Channel {
-        Channel { registered: None, stream, buf: Vec::new() }
+        Channel { registered: None, stream, inbox: Inbox::default() }
     }
 
     /// Waits for one frame without a runtime, for the handshake on the supervisor thread.
     pub(crate) fn recv_blocking(&mut self, patience: Duration) -> Result<(Tag, &[u8]), TransportError> {
         let deadline = Instant::now() + patience;
-        let mut reader = FrameReader::start(&mut self.buf);
         loop {
+            if let Some((tag, range)) = self.inbox.next()? {
+                self.stream.set_read_timeout(None)?;
+                return Ok((tag, &self.inbox.buf[range]));
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(TransportError::Io(io::Error::new(
@@ -79,21 +82,21 @@ impl Channel {
                 )));
             }
             self.stream.set_read_timeout(Some(left))?;
-            let n = match rustix::net::recv(&self.stream, reader.spare(&mut self.buf), RecvFlags::empty()) {
+            let n = match rustix::net::recv(&self.stream, self.inbox.spare(), RecvFlags::empty()) {
                 Ok((n, _)) => n,
                 Err(e) if e == rustix::io::Errno::INTR || e == rustix::io::Errno::AGAIN => continue,
                 Err(e) => return Err(io::Error::from(e).into()),
             };
-            if reader.advance(&mut self.buf, n)? {
-                self.stream.set_read_timeout(None)?;
-                return Ok(reader.frame(&self.buf));
-            }
+            self.inbox.advance(n)?;
         }
     }
 
     /// Whether the worker's end is closed (or the worker sent something unasked), checked
     /// without blocking before an idle worker is given a call.
     pub(crate) fn is_broken(&self) -> bool {
+        if self.inbox.pending() {
+            return true;
+        }
         let mut probe = [0u8; 1];
         match rustix::net::recv(&self.stream, &mut probe[..], RecvFlags::PEEK | RecvFlags::DONTWAIT) {
             Err(rustix::io::Errno::AGAIN) => false,
@@ -101,14 +104,17 @@ impl Channel {
         }
     }
 
-    /// Sends `frame` and waits for the reply frame, on the current Tokio runtime.
+    /// Sends `frame` and waits for the reply frame, on the current Tokio runtime. Log frames
+    /// that come before the reply go to `on_log`.
     ///
     /// The returned body borrows the channel's buffer until the next call.
-    pub(crate) async fn round_trip(&mut self, frame: &[u8]) -> Result<(Tag, &[u8]), TransportError> {
-        let Channel { registered, stream, buf } = self;
-        if buf.capacity() > KEEP_BUFFER {
-            *buf = Vec::new();
-        }
+    pub(crate) async fn round_trip(
+        &mut self,
+        frame: &[u8],
+        on_log: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<(Tag, &[u8]), TransportError> {
+        let Channel { registered, stream, inbox } = self;
+        inbox.shrink();
         // Most requests fit in the socket buffer: write without waiting for readiness, which
         // a fresh registration would only learn after a turn of the reactor.
         let mut written = match send(stream, frame) {
@@ -124,10 +130,16 @@ impl Channel {
             }
         }
 
-        let mut reader = FrameReader::start(buf);
         loop {
+            while let Some((tag, range)) = inbox.next()? {
+                if tag == Tag::Log {
+                    on_log(&inbox.buf[range]);
+                    continue;
+                }
+                return Ok((tag, &inbox.buf[range]));
+            }
             let mut ready = fd.readable().await?;
-            let spare = reader.spare(buf);
+            let spare = inbox.spare();
             let n = match ready.try_io(|_| {
                 rustix::net::recv(&*stream, &mut *spare, RecvFlags::DONTWAIT)
                     .map(|(n, _)| n)
@@ -136,9 +148,70 @@ impl Channel {
                 Ok(n) => n?,
                 Err(_would_block) => continue,
             };
-            if reader.advance(buf, n)? {
-                return Ok(reader.frame(buf));
+            inbox.advance(n)?;
+        }
+    }
+}
+
+/// Bytes read from the worker: whole frames, one at a time, and whatever follows them.
+#[derive(Default)]
+struct Inbox {
+    buf: Vec<u8>,
+    /// Valid bytes in `buf`.
+    filled: usize,
+    /// Length of the frame last handed out, dropped from the front on the next read.
+    consumed: usize,
+}
+
+impl Inbox {
+    /// The next complete frame in the buffer: its tag and where its body is.
+    fn next(&mut self) -> Result<Option<(Tag, std::ops::Range<usize>)>, ProtocolError> {
+        if self.consumed > 0 {
+            self.buf.copy_within(self.consumed..self.filled, 0);
+            self.filled -= self.consumed;
+            self.consumed = 0;
+        }
+        if self.filled < HEADER {
+            return Ok(None);
+        }
+        let header: [u8; HEADER] = self.buf[..HEADER].try_into().expect("header length");
+        let (len, tag) = protocol::parse_header(header)?;
+        let total = HEADER + len;
+        if self.filled < total {
+            if self.buf.len() < total {
+                self.buf.resize(total, 0);
             }
+            return Ok(None);
+        }
+        self.consumed = total;
+        Ok(Some((tag, HEADER..total)))
+    }
+
+    /// Room for the next read.
+    fn spare(&mut self) -> &mut [u8] {
+        if self.buf.len() < 4096 {
+            self.buf.resize(4096, 0);
+        }
+        &mut self.buf[self.filled..]
+    }
+
+    fn advance(&mut self, n: usize) -> Result<(), TransportError> {
+        if n == 0 {
+            return Err(TransportError::Closed);
+        }
+        self.filled += n;
+        Ok(())
+    }
+
+    /// Whether bytes beyond the last frame handed out are waiting.
+    fn pending(&self) -> bool {
+        self.filled > self.consumed
+    }
+
+    /// Lets go of a large buffer between calls.
+    fn shrink(&mut self) {
+        if self.buf.len() > KEEP_BUFFER && !self.pending() {
+            *self = Inbox::default();
         }
     }
 }
@@ -184,55 +257,4 @@ fn send(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
         }
     }
     Ok(sent)
-}
-
-/// Reads one frame into a buffer: the header first, then exactly the body.
-struct FrameReader {
-    filled: usize,
-    /// Header plus body, once the header has been read.
-    total: Option<(usize, Tag)>,
-}
-
-impl FrameReader {
-    fn start(buf: &mut Vec<u8>) -> FrameReader {
-        if buf.len() < 4096 {
-            buf.resize(4096, 0);
-        }
-        FrameReader { filled: 0, total: None }
-    }
-
-    /// Where the next read goes: the rest of the buffer until the header is known (so a
-    /// small frame takes one read), then exactly the rest of the frame.
-    fn spare<'b>(&self, buf: &'b mut [u8]) -> &'b mut [u8] {
-        let end = self.total.map_or(buf.len(), |(total, _)| total);
-        &mut buf[self.filled..end]
-    }
-
-    /// Accounts for `n` bytes read; true once the whole frame is in.
-    fn advance(&mut self, buf: &mut Vec<u8>, n: usize) -> Result<bool, TransportError> {
-        if n == 0 {
-            return Err(TransportError::Closed);
-        }
-        self.filled += n;
-        if self.total.is_none() && self.filled >= HEADER {
-            let header: [u8; HEADER] = buf[..HEADER].try_into().expect("header length");
-            let (len, tag) = protocol::parse_header(header)?;
-            let total = HEADER + len;
-            if buf.len() < total {
-                buf.resize(total, 0);
-            }
-            self.total = Some((total, tag));
-        }
-        if let Some((total, _)) = self.total
-            && self.filled > total
-        {
-            return Err(ProtocolError::Invalid("the worker sent more than one frame".into()).into());
-        }
-        Ok(matches!(self.total, Some((total, _)) if self.filled >= total))
-    }
-
-    fn frame<'b>(&self, buf: &'b [u8]) -> (Tag, &'b [u8]) {
-        let (total, tag) = self.total.expect("a complete frame");
-        (tag, &buf[HEADER..total])
-    }
 }

@@ -115,6 +115,7 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
     // Programs the user's function starts must not inherit the channel.
     fcntl_setfd(&stream, FdFlags::CLOEXEC)?;
 
+    logs::install();
     panic::set_hook(Box::new(|info| {
         let location = info.location().map(|l| l.to_string());
         if cfg!(panic = "abort") {
@@ -167,19 +168,30 @@ fn serve(_env: WorkerEnv) -> std::io::Result<()> {
     Err(std::io::Error::other("offload workers are supported on Linux only"))
 }
 
-/// Runs one call and builds its reply frame in `buf`.
+/// Runs one call and builds its reply in `buf`: a frame of forwarded log events if the
+/// function emitted any, then the reply frame.
 fn answer(body: &[u8], buf: Vec<u8>) -> Vec<u8> {
-    let result = protocol::split_call(body).and_then(|(name, args)| {
-        Registry::get()
-            .lookup(name)
-            .map(|entry| (entry.invoke, args))
-            .ok_or_else(|| ProtocolError::Invalid(format!("no offloaded function is registered as `{name}`")))
+    let result = protocol::split_call(body).and_then(|call| {
+        Registry::get().lookup(call.name).map(|entry| (entry.invoke, call)).ok_or_else(|| {
+            ProtocolError::Invalid(format!("no offloaded function is registered as `{}`", call.name))
+        })
     });
-    let (invoke, args) = match result {
+    let (invoke, call) = match result {
         Ok(found) => found,
         Err(fault) => return fault_frame(buf, &fault),
     };
+    logs::start_call(call.log_level);
+    let reply = run(invoke, call.args, buf);
+    match logs::finish_call() {
+        None => reply,
+        Some(mut log_frame) => {
+            log_frame.extend_from_slice(&reply);
+            log_frame
+        }
+    }
+}
 
+fn run(invoke: crate::registry::Invoke, args: &[u8], buf: Vec<u8>) -> Vec<u8> {
     let mut frame = FrameBuf::reuse(buf, Tag::Return);
     match panic::catch_unwind(AssertUnwindSafe(|| invoke(args, frame.body()))) {
         Ok(Ok(())) => match frame.finish() {
@@ -238,6 +250,147 @@ mod tests {
     fn malformed_env_is_rejected() {
         for bad in ["", "1:2:3", "1:x:3:00", "999:3:4:00112233445566778899aabbccddeeff", "1:3:4:zz"] {
             assert_eq!(WorkerEnv::parse(bad), None, "{bad}");
+        }
+    }
+}
+
+/// Forwarding of the function's `tracing` events to the parent.
+///
+/// The worker installs a subscriber of its own (the user's `main` never runs here, so no
+/// other subscriber is installed). It keeps the events of the running call up to the level
+/// the parent's subscribers want, which the call frame carries, and [`finish_call`] turns
+/// them into a log frame sent just before the reply. The parent re-emits them inside the
+/// call's span, with the call's task id and the worker's pid.
+mod logs {
+    use std::cell::RefCell;
+    use std::fmt::{self, Write as _};
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::subscriber::Interest;
+    use tracing::{Event, Level, Metadata, Subscriber};
+
+    use crate::error::Payload;
+    use crate::protocol::{self, FrameBuf, LogRecord, Tag};
+
+    /// At most this many events are kept per call; the rest are counted and dropped.
+    const MAX_EVENTS: usize = 1_000;
+
+    /// The running call's level, as [`protocol::level_to_u8`].
+    static LEVEL: AtomicU8 = AtomicU8::new(0);
+
+    thread_local! {
+        static EVENTS: RefCell<(Vec<LogRecord>, usize)> = const { RefCell::new((Vec::new(), 0)) };
+    }
+
+    pub(super) fn install() {
+        // Fails only if code that ran before `main` installed one; then that one wins.
+        let _ = tracing::subscriber::set_global_default(Forward);
+    }
+
+    pub(super) fn start_call(level: u8) {
+        LEVEL.store(level, Ordering::Relaxed);
+    }
+
+    /// The call's events as a log frame, if there were any.
+    pub(super) fn finish_call() -> Option<Vec<u8>> {
+        LEVEL.store(0, Ordering::Relaxed);
+        let (mut events, dropped) = EVENTS.with(|e| std::mem::take(&mut *e.borrow_mut()));
+        if dropped > 0 {
+            events.push(LogRecord {
+                level: 2,
+                target: "offload::worker".into(),
+                message: format!("{dropped} more events of this call were dropped"),
+                fields: String::new(),
+            });
+        }
+        if events.is_empty() {
+            return None;
+        }
+        let mut frame = FrameBuf::new(Tag::Log);
+        protocol::append(frame.body(), &events, Payload::Message).ok()?;
+        frame.finish().ok()
+    }
+
+    fn level_u8(level: &Level) -> u8 {
+        match *level {
+            Level::ERROR => 1,
+            Level::WARN => 2,
+            Level::INFO => 3,
+            Level::DEBUG => 4,
+            _ => 5,
+        }
+    }
+
+    struct Forward;
+
+    impl Subscriber for Forward {
+        fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+            // The level changes from call to call: ask `enabled` each time.
+            Interest::sometimes()
+        }
+
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            metadata.is_event() && level_u8(metadata.level()) <= LEVEL.load(Ordering::Relaxed)
+        }
+
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+        fn event(&self, event: &Event<'_>) {
+            let metadata = event.metadata();
+            let mut visitor = Fields::default();
+            event.record(&mut visitor);
+            EVENTS.with(|events| {
+                let (events, dropped) = &mut *events.borrow_mut();
+                if events.len() >= MAX_EVENTS {
+                    *dropped += 1;
+                    return;
+                }
+                events.push(LogRecord {
+                    level: level_u8(metadata.level()),
+                    target: metadata.target().to_owned(),
+                    message: visitor.message,
+                    fields: visitor.fields,
+                });
+            });
+        }
+
+        fn enter(&self, _: &Id) {}
+
+        fn exit(&self, _: &Id) {}
+    }
+
+    #[derive(Default)]
+    struct Fields {
+        message: String,
+        fields: String,
+    }
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+            if field.name() == "message" {
+                let _ = write!(self.message, "{value:?}");
+            } else {
+                if !self.fields.is_empty() {
+                    self.fields.push(' ');
+                }
+                let _ = write!(self.fields, "{}={value:?}", field.name());
+            }
+        }
+
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "message" {
+                self.message.push_str(value);
+            } else {
+                self.record_debug(field, &value);
+            }
         }
     }
 }

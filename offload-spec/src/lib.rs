@@ -172,9 +172,13 @@ pub fn parse_overload(text: &str) -> Result<Overload, String> {
 /// Parses a whole number that must be at least `min`, such as `queue` (0 allowed: no call
 /// waits) or `max_tasks` (at least 1).
 pub fn parse_count(text: &str, what: &str, min: u64) -> Result<u64, String> {
-    match text.trim().parse::<u64>() {
+    let digits = text.trim();
+    match digits.parse::<u64>() {
         Ok(n) if n < min => Err(format!("{what} must be at least {min}")),
         Ok(n) => Ok(n),
+        Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(format!("{what} `{text}` is too large: it must be at most {}", u64::MAX))
+        }
         Err(_) => Err(format!("invalid {what} `{text}`: expected a whole number such as \"64\"")),
     }
 }
@@ -254,5 +258,6 @@ mod tests {
         assert_eq!(parse_count("0", "queue", 0), Ok(0));
         assert_eq!(parse_count("0", "max_tasks", 1), Err("max_tasks must be at least 1".to_owned()));
         assert!(parse_count("-1", "queue", 0).unwrap_err().starts_with("invalid queue `-1`"));
+        assert!(parse_count("99999999999999999999", "queue", 0).unwrap_err().contains("too large"));
     }
 }

@@ -15,7 +15,7 @@ pub(crate) mod supervisor;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,11 +25,15 @@ use self::supervisor::{Ending, ExitInfo, Worker};
 use crate::error::Error;
 use crate::limits::{Overload, PoolSettings};
 use crate::registry::{Entry, Registry};
+use crate::stats::{PoolMetrics, PoolShape, PoolStats, RestartCause};
 
 /// First pause after a worker failed to start; doubles with each failure in a row.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to start a worker.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits, after killing, for every worker to be reaped.
+const REAP_PATIENCE: Duration = Duration::from_secs(10);
 
 static POOLS: LazyLock<Mutex<HashMap<&'static str, Arc<Pool>>>> = LazyLock::new(Default::default);
 static SHUT_DOWN: AtomicBool = AtomicBool::new(false);
@@ -75,7 +79,11 @@ pub(crate) async fn shutdown(grace: Duration) {
     for pool in &pools {
         pool.stop_workers();
     }
-    supervisor::all_reaped().await;
+    // Killed workers are reaped when the calls that hold them notice; bound the wait in case
+    // such a call is never polled again.
+    if tokio::time::timeout(REAP_PATIENCE, supervisor::all_reaped()).await.is_err() {
+        tracing::warn!("offload shutdown: some killed workers were not reaped within {REAP_PATIENCE:?}");
+    }
     tracing::info!("offload shut down");
 }
 
@@ -101,6 +109,9 @@ pub(crate) struct Pool {
     returned: Notify,
     backoff: Mutex<Backoff>,
     closed: AtomicBool,
+    /// Calls waiting for admission or a worker.
+    waiting: AtomicUsize,
+    pub(crate) metrics: PoolMetrics,
 }
 
 enum Slot {
@@ -127,6 +138,25 @@ impl AcquireError {
             AcquireError::Shutdown => Error::Shutdown { entry },
         }
     }
+}
+
+/// A snapshot of every pool started so far, sorted by name.
+pub(crate) fn stats() -> Vec<PoolStats> {
+    let pools: Vec<(&'static str, Arc<Pool>)> =
+        lock(&POOLS).iter().map(|(k, p)| (*k, Arc::clone(p))).collect();
+    let mut all: Vec<PoolStats> = pools
+        .iter()
+        .map(|(key, pool)| {
+            let breakers = Registry::get()
+                .entries()
+                .filter(|e| e.pool_key() == *key && e.breaker.is_some())
+                .map(|e| (e.display(), e.breaker_state.state()))
+                .collect();
+            pool.stats(breakers)
+        })
+        .collect();
+    all.sort_by_key(|s| s.name);
+    all
 }
 
 /// Starts the workers of every pool in this binary and waits for their handshakes.
@@ -196,6 +226,8 @@ impl Pool {
             returned: Notify::new(),
             backoff: Mutex::new(Backoff::default()),
             closed: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            metrics: PoolMetrics::new(name),
             settings,
         });
         let slots = (0..workers).map(|_| pool.start_worker()).collect();
@@ -218,6 +250,8 @@ impl Pool {
     /// Cancel-safe: a dropped future gives back its permits and its slot, and a call that
     /// was only queued never reaches a worker.
     pub(crate) async fn acquire(self: &Arc<Self>) -> Result<Lease, AcquireError> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Decrement(&self.waiting);
         let admitted = match &self.admission {
             None => None,
             Some(admission) => Some(match self.settings.overload {
@@ -253,7 +287,8 @@ impl Pool {
                         pid = dead.pid,
                         "offload worker died while idle; replacing it"
                     );
-                    drop(dead.end(Ending::Exited));
+                    self.metrics.restarted(RestartCause::DiedIdle);
+                    drop(dead.end(Ending::Exited, "died idle"));
                 }
                 Slot::Starting(starting) => {
                     let started = starting
@@ -335,16 +370,39 @@ impl Pool {
         for slot in std::mem::take(&mut *lock(&self.slots)) {
             match slot {
                 // Closing its channel tells an idle worker to exit.
-                Slot::Ready(worker) => drop(worker.end(Ending::Retire)),
+                Slot::Ready(worker) => drop(worker.end(Ending::Retire, "shutdown")),
                 // The spawner kills a worker nobody waits for.
                 Slot::Starting(_) | Slot::Empty => {}
             }
         }
     }
 
+    /// A snapshot of this pool's figures.
+    fn stats(&self, breakers: Vec<(&'static str, crate::breaker::BreakerState)>) -> PoolStats {
+        let alive = lock(&self.slots).iter().filter(|s| matches!(s, Slot::Ready(_))).count();
+        let busy = lock(&self.leased).len();
+        let shape = PoolShape {
+            name: self.name,
+            workers: self.settings.workers.get(),
+            alive: alive + busy,
+            busy,
+            queued: self.waiting.load(Ordering::Relaxed),
+        };
+        self.metrics.snapshot(shape, breakers)
+    }
+
     fn unlease(&self, pid: u32) {
         lock(&self.leased).remove(&pid);
         self.returned.notify_waiters();
+    }
+}
+
+/// Decrements its counter when dropped.
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -396,8 +454,9 @@ impl Lease {
                 cause = if worn_out { "max_tasks" } else { "max_rss" },
                 "offload worker recycled"
             );
+            self.pool.metrics.restarted(RestartCause::Recycled);
             lock(&self.pool.slots).push(self.pool.start_worker());
-            drop(worker.end(Ending::Retire));
+            drop(worker.end(Ending::Retire, "recycled"));
         } else {
             lock(&self.pool.slots).push(Slot::Ready(worker));
         }
@@ -411,12 +470,27 @@ impl Lease {
         lock(&self.pool.slots).push(Slot::Ready(worker));
     }
 
-    /// The worker must go: end it as `how` says and start its replacement.
-    pub(crate) fn end(mut self, how: Ending) -> oneshot::Receiver<ExitInfo> {
+    /// The worker must go: end it as `how` says, count the restart, and start its
+    /// replacement.
+    pub(crate) fn end(self, how: Ending, cause: RestartCause) -> oneshot::Receiver<ExitInfo> {
+        if !self.pool.is_closed() {
+            self.pool.metrics.restarted(cause);
+        }
+        self.replace(how, cause.as_str())
+    }
+
+    /// The worker's channel closed mid-call: wait for it to exit and start its replacement.
+    /// The caller counts the restart once it knows from the exit whether it was a crash or
+    /// the memory limit.
+    pub(crate) fn end_crashed(self) -> oneshot::Receiver<ExitInfo> {
+        self.replace(Ending::Exited, "crashed")
+    }
+
+    fn replace(mut self, how: Ending, cause: &'static str) -> oneshot::Receiver<ExitInfo> {
         let worker = self.worker.take().expect("present until the lease ends");
         self.pool.unlease(worker.pid);
         lock(&self.pool.slots).push(self.pool.start_worker());
-        worker.end(how)
+        worker.end(how, cause)
     }
 }
 
@@ -429,8 +503,9 @@ impl Drop for Lease {
                 "offload call abandoned; killing its worker"
             );
             self.pool.unlease(worker.pid);
+            self.pool.metrics.restarted(RestartCause::Abandoned);
             lock(&self.pool.slots).push(self.pool.start_worker());
-            drop(worker.end(Ending::Kill));
+            drop(worker.end(Ending::Kill, RestartCause::Abandoned.as_str()));
         }
     }
 }

@@ -64,6 +64,8 @@ pub(crate) enum Ending {
 pub(crate) struct ExitInfo {
     pub(crate) reason: ExitReason,
     pub(crate) stderr: Vec<String>,
+    /// The worker reported a failed allocation before it ended.
+    pub(crate) alloc_failed: bool,
 }
 
 impl Worker {
@@ -83,12 +85,13 @@ impl Worker {
         Some(pages * rustix::param::page_size() as u64)
     }
 
-    /// Hands the worker to the reaper; the receiver says how it ended.
-    pub(crate) fn end(mut self, how: Ending) -> oneshot::Receiver<ExitInfo> {
+    /// Hands the worker to the reaper, which logs its exit with `cause`; the receiver says
+    /// how it ended.
+    pub(crate) fn end(mut self, how: Ending, cause: &'static str) -> oneshot::Receiver<ExitInfo> {
         let (tx, rx) = oneshot::channel();
         self.channel = None;
         if let Some(child) = self.child.take() {
-            supervisor().reap(Reap { child, how, stderr: Arc::clone(&self.stderr), reply: Some(tx) });
+            supervisor().reap(Reap { child, how, cause, stderr: Arc::clone(&self.stderr), reply: Some(tx) });
         }
         rx
     }
@@ -100,12 +103,8 @@ impl Drop for Worker {
         // its state is unknown, so kill it.
         self.channel = None;
         if let Some(child) = self.child.take() {
-            supervisor().reap(Reap {
-                child,
-                how: Ending::Kill,
-                stderr: Arc::clone(&self.stderr),
-                reply: None,
-            });
+            let stderr = Arc::clone(&self.stderr);
+            supervisor().reap(Reap { child, how: Ending::Kill, cause: "dropped", stderr, reply: None });
         }
     }
 }
@@ -154,6 +153,8 @@ struct SpawnJob {
 struct Reap {
     child: Child,
     how: Ending,
+    /// Why it ends, for the log.
+    cause: &'static str,
     stderr: Arc<StderrTail>,
     reply: Option<oneshot::Sender<ExitInfo>>,
 }
@@ -191,7 +192,9 @@ impl Supervisor {
         });
         let _ = std::thread::Builder::new().name("offload-reaper".into()).spawn(move || {
             for job in reap_rx {
+                let pid = job.child.id();
                 let info = reap(job.child, job.how, &job.stderr);
+                tracing::info!(pid, exit = %info.reason, cause = job.cause, "offload worker exited");
                 LIVE.send_modify(|n| *n -= 1);
                 if let Some(reply) = job.reply {
                     let _ = reply.send(info);
@@ -268,7 +271,7 @@ fn start_worker(secret: [u8; 16], memory: Option<u64>) -> io::Result<Worker> {
     let mut worker = Worker { pid, channel: Some(Channel::new(ours)), calls: 0, child: Some(child), stderr };
     match handshake(worker.channel(), secret, pid) {
         Ok(()) => {
-            tracing::debug!(pid, "offload worker started");
+            tracing::info!(pid, "offload worker started");
             Ok(worker)
         }
         Err(message) => {
@@ -335,9 +338,8 @@ fn reap(mut child: Child, how: Ending, stderr: &StderrTail) -> ExitInfo {
         Ok(status) => exit_reason(status),
         Err(_) => ExitReason::Unknown,
     };
-    let stderr = stderr.lines_at_end(STDERR_GRACE);
-    tracing::debug!(pid = child.id(), %reason, "offload worker reaped");
-    ExitInfo { reason, stderr }
+    let (stderr, alloc_failed) = stderr.at_end(STDERR_GRACE);
+    ExitInfo { reason, stderr, alloc_failed }
 }
 
 fn exit_reason(status: std::process::ExitStatus) -> ExitReason {

@@ -1,4 +1,4 @@
-// Argument values are string literals; a bare number is an error on the value.
+// `timeout` takes a string literal; a bare number is an error on the value.
 
 use offload::offload;
 

@@ -37,7 +37,31 @@ fn everything(value: String) -> String {
     value
 }
 
-#[offload(crate = "offload", pool = "trailing comma")]
+#[offload(crate = "offload", pool = "trailing comma",)]
 fn trailing_comma() {}
+
+#[offload(memory = "512MiB", queue = 64, overload = "reject", max_tasks = 1000, max_rss = "1GiB")]
+fn limits() {}
+
+#[offload(memory = "100 MB", queue = 0, overload = "wait", max_tasks = 1, max_rss = "64KiB")]
+fn limit_edges() {}
+
+#[offload(memory = "1TiB", max_rss = "4096B", max_tasks = 1_000_000, queue = 0x40)]
+fn limit_spellings() {}
+
+#[offload(
+    timeout = "10s",
+    workers = "2",
+    memory = "2GB",
+    queue = 8,
+    overload = "reject",
+    max_tasks = 50,
+    max_rss = "1KB",
+    pool = "every argument",
+    crate = "::offload",
+)]
+fn every_argument(value: u64) -> u64 {
+    value
+}
 
 fn main() {}
