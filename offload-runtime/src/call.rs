@@ -99,7 +99,7 @@ async fn run(
         }
         record.admission = Some(admission);
     }
-    let result = exchange(entry, pool, frame, decode, &mut record).instrument(span).await;
+    let result = exchange(entry, pool, frame, decode, &mut record, &span).instrument(span.clone()).await;
     record.finish(result.as_ref().map(|_| ()));
     result
 }
@@ -178,6 +178,7 @@ async fn exchange(
     frame: &[u8],
     decode: &mut (dyn FnMut(&[u8]) -> Result<(), ProtocolError> + Send),
     record: &mut Record,
+    span: &tracing::Span,
 ) -> Result<(), Error> {
     let timeout = pool.settings.timeout.unwrap_or(entry.timeout);
     let timed_out = |pid| Error::Timeout { entry: entry.display(), timeout, pid };
@@ -204,7 +205,6 @@ async fn exchange(
         return Err(timed_out(None));
     }
     let pid = lease.worker().pid;
-    let span = tracing::Span::current();
     span.record("pid", pid);
     span.record("queue_wait_us", queue_wait.as_micros() as u64);
     tracing::debug!("dispatch");
