@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::breaker::{Admission, Transition};
 use crate::error::{Error, ExitReason, Payload, ProtocolError};
+use crate::limits::DEFAULT_MAX_PAYLOAD;
 use crate::pool::supervisor::Ending;
 use crate::pool::{self, Pool};
 use crate::protocol::{self, LogRecord, PanicReport, Tag};
@@ -36,8 +37,9 @@ pub async fn call<A: Serialize, R: DeserializeOwned + Send>(
 ) -> Result<R, Error> {
     // Workers forward `tracing` events up to the level some subscriber here wants.
     let log_level = protocol::level_to_u8(tracing::level_filters::LevelFilter::current());
-    let frame =
-        protocol::encode_call(entry.name, log_level, &args).map_err(|kind| protocol_error(entry, kind))?;
+    let max_payload = pool::for_entry(entry).map_or(DEFAULT_MAX_PAYLOAD, |pool| pool.settings.max_payload);
+    let frame = protocol::encode_call(entry.name, log_level, &args, max_payload)
+        .map_err(|kind| protocol_error(entry, kind))?;
     drop(args);
     let mut value = None;
     let mut decode = |body: &[u8]| -> Result<(), ProtocolError> {
@@ -333,5 +335,10 @@ fn deadline(timeout: Duration) -> Instant {
 }
 
 fn protocol_error(entry: &Entry, kind: ProtocolError) -> Error {
-    Error::Protocol { entry: entry.display(), kind }
+    match kind {
+        ProtocolError::PayloadTooLarge { what, len, max } => {
+            Error::PayloadTooLarge { entry: entry.display(), what, len, max }
+        }
+        kind => Error::Protocol { entry: entry.display(), kind },
+    }
 }

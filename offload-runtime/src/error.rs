@@ -104,6 +104,21 @@ pub enum Error {
         kind: ProtocolError,
     },
 
+    /// The arguments or the return value encode to more than the pool's `max_payload`
+    /// (1 GiB unless set). Checked before the payload is copied anywhere; a worker that
+    /// refused to send its return value serves the next call.
+    #[error("`{entry}`: the {what} encode to {len} bytes, over the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// The offloaded function.
+        entry: &'static str,
+        /// Which payload.
+        what: Payload,
+        /// Its encoded size.
+        len: u64,
+        /// The pool's `max_payload`.
+        max: u64,
+    },
+
     /// The pool's configuration is unusable: conflicting settings for a shared pool, a
     /// function registered twice, or no Tokio runtime to run the call on.
     #[error("`{entry}`: {message}")]
@@ -132,6 +147,7 @@ impl Error {
             | Error::MemoryLimit { entry, .. }
             | Error::Overloaded { entry, .. }
             | Error::CircuitOpen { entry, .. }
+            | Error::PayloadTooLarge { entry, .. }
             | Error::Spawn { entry, .. }
             | Error::Protocol { entry, .. }
             | Error::Config { entry, .. }
@@ -152,6 +168,7 @@ impl Error {
             Error::CircuitOpen { .. } => ErrorKind::CircuitOpen,
             Error::Spawn { .. } => ErrorKind::Spawn,
             Error::Protocol { .. } => ErrorKind::Protocol,
+            Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             Error::Config { .. } => ErrorKind::Config,
             Error::Shutdown { .. } => ErrorKind::Shutdown,
         }
@@ -196,6 +213,8 @@ pub enum ErrorKind {
     Spawn,
     /// [`Error::Protocol`].
     Protocol,
+    /// [`Error::PayloadTooLarge`].
+    PayloadTooLarge,
     /// [`Error::Config`].
     Config,
     /// [`Error::Shutdown`].
@@ -203,7 +222,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub(crate) const COUNT: usize = 10;
+    pub(crate) const COUNT: usize = 11;
 
     /// Every kind, in declaration order.
     pub const ALL: [ErrorKind; ErrorKind::COUNT] = [
@@ -215,6 +234,7 @@ impl ErrorKind {
         ErrorKind::CircuitOpen,
         ErrorKind::Spawn,
         ErrorKind::Protocol,
+        ErrorKind::PayloadTooLarge,
         ErrorKind::Config,
         ErrorKind::Shutdown,
     ];
@@ -230,6 +250,7 @@ impl ErrorKind {
             ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::Spawn => "spawn",
             ErrorKind::Protocol => "protocol",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::Config => "config",
             ErrorKind::Shutdown => "shutdown",
         }
@@ -256,6 +277,16 @@ pub enum ProtocolError {
         what: Payload,
         /// The deserializer's message.
         message: String,
+    },
+    /// The arguments or the return value encode to more than the pool's `max_payload`.
+    #[error("the {what} encode to {len} bytes, over the limit of {max} bytes (`max_payload`)")]
+    PayloadTooLarge {
+        /// Which payload.
+        what: Payload,
+        /// Its encoded size.
+        len: u64,
+        /// The pool's limit.
+        max: u64,
     },
     /// A frame was larger than the maximum frame size.
     #[error("a {len}-byte frame exceeds the maximum frame size of {max} bytes")]

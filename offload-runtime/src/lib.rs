@@ -74,7 +74,7 @@ pub mod __private {
     pub use crate::error::{Error, ProtocolError};
     pub use crate::fallback::{Async, Fallback, Sync, fallback};
     pub use crate::registry::{ENTRIES, Entry, Invoke};
-    pub use crate::worker::{decode_args, encode_return};
+    pub use crate::worker::{decode_args, encode_return, write_garbage_to_channel};
     pub use offload_spec::{Overload, WorkersSpec};
 
     /// What an argument or return type of an `#[offload]` function needs.

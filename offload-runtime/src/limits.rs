@@ -18,6 +18,7 @@ pub(crate) struct PoolOptions {
     pub(crate) overload: Option<Overload>,
     pub(crate) max_tasks: Option<u64>,
     pub(crate) max_rss: Option<u64>,
+    pub(crate) max_payload: Option<u64>,
 }
 
 /// Two functions in one pool gave one setting different values.
@@ -52,7 +53,8 @@ impl PoolOptions {
         one("queue", &mut self.queue, other.queue, |n| n.to_string())?;
         one("overload", &mut self.overload, other.overload, |o| o.to_string())?;
         one("max_tasks", &mut self.max_tasks, other.max_tasks, |n| n.to_string())?;
-        one("max_rss", &mut self.max_rss, other.max_rss, bytes)
+        one("max_rss", &mut self.max_rss, other.max_rss, bytes)?;
+        one("max_payload", &mut self.max_payload, other.max_payload, bytes)
     }
 }
 
@@ -81,7 +83,16 @@ pub(crate) struct PoolSettings {
     pub(crate) max_tasks: Option<u64>,
     /// Replace a worker after a call that left its resident memory above this.
     pub(crate) max_rss: Option<u64>,
+    /// Largest encoded arguments or return value, in bytes.
+    pub(crate) max_payload: u64,
 }
+
+/// The default `max_payload`: 1 GiB.
+pub(crate) const DEFAULT_MAX_PAYLOAD: u64 = 1 << 30;
+
+/// The largest `max_payload`: what a frame's 32-bit length can carry, less room for the
+/// frame's own bytes.
+pub(crate) const MAX_MAX_PAYLOAD: u64 = (crate::protocol::MAX_FRAME - crate::protocol::FRAME_SLACK) as u64;
 
 impl PoolSettings {
     /// Applies defaults and the environment of this process to `options`.
@@ -143,6 +154,10 @@ fn resolve_with(
         max_tasks: over(&env, "MAX_TASKS", |v| offload_spec::parse_count(v, "max_tasks", 1))?
             .or(options.max_tasks),
         max_rss: over(&env, "MAX_RSS", |v| offload_spec::parse_size(v, "max_rss"))?.or(options.max_rss),
+        max_payload: over(&env, "MAX_PAYLOAD", |v| offload_spec::parse_size(v, "max_payload"))?
+            .or(options.max_payload)
+            .unwrap_or(DEFAULT_MAX_PAYLOAD)
+            .min(MAX_MAX_PAYLOAD),
     })
 }
 

@@ -14,8 +14,12 @@ use crate::error::{Payload, ProtocolError};
 /// Bumped whenever the frame layout or a message changes.
 pub(crate) const PROTOCOL_VERSION: u32 = 1;
 
-/// The largest frame either side accepts, tag included: 1 GiB.
-pub(crate) const MAX_FRAME: usize = 1 << 30;
+/// The largest frame the length prefix can describe, tag included. Pools enforce their own,
+/// smaller `max_payload` on top of it.
+pub(crate) const MAX_FRAME: usize = u32::MAX as usize;
+
+/// Room for a frame's own bytes beyond its payload: header, entry name, log frames.
+pub(crate) const FRAME_SLACK: usize = 1 << 20;
 
 /// Bytes before a frame's body: the length and the tag.
 pub(crate) const HEADER: usize = 5;
@@ -131,11 +135,12 @@ impl FrameBuf {
     }
 }
 
-/// Reads a frame header: the body length (without the tag) and the tag.
-pub(crate) fn parse_header(header: [u8; HEADER]) -> Result<(usize, Tag), ProtocolError> {
+/// Reads a frame header: the body length (without the tag) and the tag. A frame longer than
+/// `max` is refused before anything is allocated for it.
+pub(crate) fn parse_header(header: [u8; HEADER], max: usize) -> Result<(usize, Tag), ProtocolError> {
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge { len: len as u64, max: MAX_FRAME as u64 });
+    if len > max {
+        return Err(ProtocolError::FrameTooLarge { len: len as u64, max: max as u64 });
     }
     if len == 0 {
         return Err(ProtocolError::Invalid("empty frame".into()));
@@ -146,13 +151,16 @@ pub(crate) fn parse_header(header: [u8; HEADER]) -> Result<(usize, Tag), Protoco
 }
 
 /// A call frame for `name` with `args`; the worker forwards `tracing` events up to `log_level`
-/// (see [`level_to_u8`]).
+/// (see [`level_to_u8`]). Arguments that encode to more than `max_payload` bytes are refused
+/// before the frame is allocated.
 pub(crate) fn encode_call<A: Serialize>(
     name: &str,
     log_level: u8,
     args: &A,
+    max_payload: u64,
 ) -> Result<Vec<u8>, ProtocolError> {
-    let mut frame = FrameBuf::new(Tag::Call);
+    let size = checked_size(args, Payload::Arguments, max_payload)?;
+    let mut frame = FrameBuf::reuse(Vec::with_capacity(HEADER + 3 + name.len() + size), Tag::Call);
     let name_len = u16::try_from(name.len())
         .map_err(|_| ProtocolError::Invalid(format!("entry name of {} bytes", name.len())))?;
     frame.body().extend_from_slice(&name_len.to_le_bytes());
@@ -182,6 +190,20 @@ pub(crate) fn split_call(body: &[u8]) -> Result<CallFrame<'_>, ProtocolError> {
     let name =
         std::str::from_utf8(name).map_err(|_| ProtocolError::Invalid("entry name is not UTF-8".into()))?;
     Ok(CallFrame { name, log_level: rest[0], args: &rest[1..] })
+}
+
+/// The encoded size of `value`, or an error if it is over `max` bytes.
+pub(crate) fn checked_size<T: Serialize + ?Sized>(
+    value: &T,
+    what: Payload,
+    max: u64,
+) -> Result<usize, ProtocolError> {
+    let size = postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default())
+        .map_err(|e| ProtocolError::Encode { what, message: e.to_string() })?;
+    if size as u64 > max {
+        return Err(ProtocolError::PayloadTooLarge { what, len: size as u64, max });
+    }
+    Ok(size)
 }
 
 /// Appends `value` to `out` in postcard.
@@ -223,8 +245,8 @@ mod tests {
 
     #[test]
     fn call_frame_round_trips() {
-        let frame = encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32)).unwrap();
-        let (len, tag) = parse_header(frame[..HEADER].try_into().unwrap()).unwrap();
+        let frame = encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32), 1 << 20).unwrap();
+        let (len, tag) = parse_header(frame[..HEADER].try_into().unwrap(), MAX_FRAME).unwrap();
         assert_eq!(tag, Tag::Call);
         assert_eq!(len, frame.len() - HEADER);
         let call = split_call(&frame[HEADER..]).unwrap();
@@ -236,7 +258,7 @@ mod tests {
     #[test]
     fn bytes_are_not_encoded_element_by_element() {
         let data = vec![200u8; 1000];
-        let frame = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),)).unwrap();
+        let frame = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 1 << 20).unwrap();
         // 5 header + 2 name length + 1 name + 1 log level + 2 varint length + 1000 raw bytes.
         assert_eq!(frame.len(), 5 + 2 + 1 + 1 + 2 + 1000);
     }
@@ -244,13 +266,20 @@ mod tests {
     #[test]
     fn bad_headers_are_errors() {
         assert!(matches!(
-            parse_header([0xff, 0xff, 0xff, 0xff, 2]),
+            parse_header([0xff, 0xff, 0xff, 0xff, 2], 1 << 30),
             Err(ProtocolError::FrameTooLarge { .. })
         ));
-        assert!(matches!(parse_header([0, 0, 0, 0, 2]), Err(ProtocolError::Invalid(_))));
-        assert!(matches!(parse_header([1, 0, 0, 0, 99]), Err(ProtocolError::Invalid(_))));
+        assert!(matches!(parse_header([0, 0, 0, 0, 2], MAX_FRAME), Err(ProtocolError::Invalid(_))));
+        assert!(matches!(parse_header([1, 0, 0, 0, 99], MAX_FRAME), Err(ProtocolError::Invalid(_))));
         assert!(split_call(&[5, 0, b'a']).is_err());
         assert!(split_call(&[1, 0, b'a']).is_err(), "no log level");
+    }
+
+    #[test]
+    fn oversized_arguments_are_refused_before_allocating() {
+        let data = vec![0u8; 2000];
+        let err = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 1000).unwrap_err();
+        assert_eq!(err, ProtocolError::PayloadTooLarge { what: Payload::Arguments, len: 2002, max: 1000 });
     }
 
     #[test]

@@ -65,6 +65,7 @@ impl Entry {
                 overload: None,
                 max_tasks: None,
                 max_rss: None,
+                max_payload: None,
             },
             breaker: None,
             breaker_state: Breaker::new(),
@@ -112,6 +113,12 @@ impl Entry {
     /// `max_tasks = N`.
     pub const fn with_max_tasks(mut self, tasks: u64) -> Entry {
         self.options.max_tasks = Some(tasks);
+        self
+    }
+
+    /// `max_payload = "..."`, in bytes.
+    pub const fn with_max_payload(mut self, bytes: u64) -> Entry {
+        self.options.max_payload = Some(bytes);
         self
     }
 

@@ -59,18 +59,20 @@ pub(crate) struct Channel {
     registered: Option<Registered>,
     stream: UnixStream,
     inbox: Inbox,
+    /// Longest frame accepted from the worker.
+    max_frame: usize,
 }
 
 impl Channel {
-    pub(crate) fn new(stream: UnixStream) -> Channel {
-        Channel { registered: None, stream, inbox: Inbox::default() }
+    pub(crate) fn new(stream: UnixStream, max_frame: usize) -> Channel {
+        Channel { registered: None, stream, inbox: Inbox::default(), max_frame }
     }
 
     /// Waits for one frame without a runtime, for the handshake on the supervisor thread.
     pub(crate) fn recv_blocking(&mut self, patience: Duration) -> Result<(Tag, &[u8]), TransportError> {
         let deadline = Instant::now() + patience;
         loop {
-            if let Some((tag, range)) = self.inbox.next()? {
+            if let Some((tag, range)) = self.inbox.next(self.max_frame)? {
                 self.stream.set_read_timeout(None)?;
                 return Ok((tag, &self.inbox.buf[range]));
             }
@@ -113,7 +115,7 @@ impl Channel {
         frame: &[u8],
         on_log: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<(Tag, &[u8]), TransportError> {
-        let Channel { registered, stream, inbox } = self;
+        let Channel { registered, stream, inbox, max_frame } = self;
         inbox.shrink();
         // Most requests fit in the socket buffer: write without waiting for readiness, which
         // a fresh registration would only learn after a turn of the reactor.
@@ -131,7 +133,7 @@ impl Channel {
         }
 
         loop {
-            while let Some((tag, range)) = inbox.next()? {
+            while let Some((tag, range)) = inbox.next(*max_frame)? {
                 if tag == Tag::Log {
                     on_log(&inbox.buf[range]);
                     continue;
@@ -165,7 +167,7 @@ struct Inbox {
 
 impl Inbox {
     /// The next complete frame in the buffer: its tag and where its body is.
-    fn next(&mut self) -> Result<Option<(Tag, std::ops::Range<usize>)>, ProtocolError> {
+    fn next(&mut self, max_frame: usize) -> Result<Option<(Tag, std::ops::Range<usize>)>, ProtocolError> {
         if self.consumed > 0 {
             self.buf.copy_within(self.consumed..self.filled, 0);
             self.filled -= self.consumed;
@@ -175,7 +177,7 @@ impl Inbox {
             return Ok(None);
         }
         let header: [u8; HEADER] = self.buf[..HEADER].try_into().expect("header length");
-        let (len, tag) = protocol::parse_header(header)?;
+        let (len, tag) = protocol::parse_header(header, max_frame)?;
         let total = HEADER + len;
         if self.filled < total {
             if self.buf.len() < total {

@@ -10,13 +10,13 @@ use std::io::{BufReader, Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Payload, ProtocolError};
-use crate::protocol::{self, FrameBuf, HEADER, Hello, PROTOCOL_VERSION, PanicReport, Tag};
+use crate::protocol::{self, FrameBuf, HEADER, Hello, MAX_FRAME, PROTOCOL_VERSION, PanicReport, Tag};
 use crate::registry::Registry;
 
 /// Set in a worker's environment by its parent: `version:fd:parent-pid:secret-hex`.
@@ -71,12 +71,14 @@ pub(crate) struct WorkerEnv {
     pub(crate) fd: RawFd,
     pub(crate) parent: u32,
     pub(crate) secret: [u8; 16],
+    /// The pool's `max_payload`: the largest encoded return value.
+    pub(crate) max_payload: u64,
 }
 
 impl WorkerEnv {
     pub(crate) fn encode(&self) -> String {
         let secret: String = self.secret.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{PROTOCOL_VERSION}:{}:{}:{secret}", self.fd, self.parent)
+        format!("{PROTOCOL_VERSION}:{}:{}:{secret}:{}", self.fd, self.parent, self.max_payload)
     }
 
     pub(crate) fn parse(value: &str) -> Option<WorkerEnv> {
@@ -85,6 +87,7 @@ impl WorkerEnv {
         let fd: RawFd = parts.next()?.parse().ok()?;
         let parent: u32 = parts.next()?.parse().ok()?;
         let hex = parts.next()?;
+        let max_payload: u64 = parts.next()?.parse().ok()?;
         if version != PROTOCOL_VERSION || parts.next().is_some() || hex.len() != 32 || fd < 0 {
             return None;
         }
@@ -92,7 +95,7 @@ impl WorkerEnv {
         for (i, byte) in secret.iter_mut().enumerate() {
             *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
         }
-        Some(WorkerEnv { fd, parent, secret })
+        Some(WorkerEnv { fd, parent, secret, max_payload })
     }
 }
 
@@ -109,6 +112,8 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(env.parent) {
         return Err(std::io::Error::other("the parent process is gone"));
     }
+    MAX_PAYLOAD.store(env.max_payload, Ordering::Relaxed);
+    CHANNEL_FD.store(env.fd, Ordering::Relaxed);
     // SAFETY: the parent created this descriptor for us and passed its number; nothing
     // else in this fresh process owns it.
     let stream = unsafe { UnixStream::from_raw_fd(env.fd) };
@@ -146,7 +151,7 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
-        let (len, tag) = protocol::parse_header(header).map_err(std::io::Error::other)?;
+        let (len, tag) = protocol::parse_header(header, MAX_FRAME).map_err(std::io::Error::other)?;
         if tag != Tag::Call {
             return Err(std::io::Error::other(format!("expected a call frame, got {tag:?}")));
         }
@@ -231,10 +236,32 @@ pub fn decode_args<T: DeserializeOwned>(input: &[u8]) -> Result<T, ProtocolError
     protocol::decode(input, Payload::Arguments)
 }
 
-/// Encodes an entry's return value onto the reply. Not public API.
+/// Encodes an entry's return value onto the reply, refusing one over the pool's
+/// `max_payload` before allocating for it. Not public API.
 pub fn encode_return<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let size = protocol::checked_size(value, Payload::ReturnValue, MAX_PAYLOAD.load(Ordering::Relaxed))?;
+    out.reserve(size);
     protocol::append(out, value, Payload::ReturnValue)
 }
+
+/// The worker's end of its channel, for [`write_garbage_to_channel`]; -1 outside a worker.
+static CHANNEL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Fault injection for tests: writes `bytes`, which need not be a frame, onto this worker's
+/// channel, as a buggy worker might. The parent then sees a protocol violation, kills the
+/// worker and fails the call with `Error::Protocol`. Does nothing outside a worker.
+/// Not public API.
+pub fn write_garbage_to_channel(bytes: &[u8]) {
+    let fd = CHANNEL_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: the worker's channel stays open for the whole life of the process.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = rustix::io::write(fd, bytes);
+    }
+}
+
+/// The pool's `max_payload`, from the worker's environment.
+static MAX_PAYLOAD: AtomicU64 = AtomicU64::new(crate::limits::DEFAULT_MAX_PAYLOAD);
 
 #[cfg(test)]
 mod tests {
@@ -242,7 +269,7 @@ mod tests {
 
     #[test]
     fn env_round_trips() {
-        let env = WorkerEnv { fd: 7, parent: 1234, secret: *b"0123456789abcdef" };
+        let env = WorkerEnv { fd: 7, parent: 1234, secret: *b"0123456789abcdef", max_payload: 1 << 30 };
         assert_eq!(WorkerEnv::parse(&env.encode()), Some(env));
     }
 

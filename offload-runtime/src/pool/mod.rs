@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 
-use self::supervisor::{Ending, ExitInfo, Worker};
+use self::supervisor::{Ending, ExitInfo, Worker, WorkerConfig};
 use crate::error::Error;
 use crate::limits::{Overload, PoolSettings};
 use crate::registry::{Entry, Registry};
@@ -243,7 +243,11 @@ impl Pool {
         if self.is_closed() {
             return Slot::Empty;
         }
-        Slot::Starting(supervisor::spawn(self.secret, self.settings.memory))
+        Slot::Starting(supervisor::spawn(WorkerConfig {
+            secret: self.secret,
+            memory: self.settings.memory,
+            max_payload: self.settings.max_payload,
+        }))
     }
 
     /// Waits for admission and a free worker, starting one if its slot is empty.

@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::diagnostics::StderrTail;
 use crate::error::{ExitReason, Payload};
-use crate::protocol::{self, Hello, PROTOCOL_VERSION, Tag};
+use crate::protocol::{self, FRAME_SLACK, Hello, PROTOCOL_VERSION, Tag};
 use crate::registry::Registry;
 use crate::transport::{Channel, TransportError};
 use crate::worker::{ENV, WorkerEnv};
@@ -109,9 +109,19 @@ impl Drop for Worker {
     }
 }
 
-/// Starts a worker on the spawner thread, with its address space limited to `memory` bytes.
-/// The receiver yields it after a good handshake.
-pub(crate) fn spawn(secret: [u8; 16], memory: Option<u64>) -> oneshot::Receiver<io::Result<Worker>> {
+/// What a worker is started with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkerConfig {
+    /// The pool's secret, which the worker presents in its handshake.
+    pub(crate) secret: [u8; 16],
+    /// Address-space limit, in bytes.
+    pub(crate) memory: Option<u64>,
+    /// Largest encoded arguments or return value.
+    pub(crate) max_payload: u64,
+}
+
+/// Starts a worker on the spawner thread. The receiver yields it after a good handshake.
+pub(crate) fn spawn(config: WorkerConfig) -> oneshot::Receiver<io::Result<Worker>> {
     let (tx, rx) = oneshot::channel();
     if crate::worker::is_worker() {
         // The last line of the fork-bomb guard: a worker never starts workers.
@@ -119,7 +129,7 @@ pub(crate) fn spawn(secret: [u8; 16], memory: Option<u64>) -> oneshot::Receiver<
         return rx;
     }
     LIVE.send_modify(|n| *n += 1);
-    supervisor().spawn(SpawnJob { secret, memory, reply: tx });
+    supervisor().spawn(SpawnJob { config, reply: tx });
     rx
 }
 
@@ -145,8 +155,7 @@ pub(crate) fn kill(pid: u32) {
 }
 
 struct SpawnJob {
-    secret: [u8; 16],
-    memory: Option<u64>,
+    config: WorkerConfig,
     reply: oneshot::Sender<io::Result<Worker>>,
 }
 
@@ -180,7 +189,7 @@ impl Supervisor {
                 let result = if STOPPED.load(Ordering::Acquire) {
                     Err(io::Error::other("offload is shutting down"))
                 } else {
-                    start_worker(job.secret, job.memory)
+                    start_worker(job.config)
                 };
                 if result.is_err() {
                     LIVE.send_modify(|n| *n -= 1);
@@ -214,7 +223,8 @@ impl Supervisor {
 }
 
 #[cfg(target_os = "linux")]
-fn start_worker(secret: [u8; 16], memory: Option<u64>) -> io::Result<Worker> {
+fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
+    let WorkerConfig { secret, memory, max_payload } = config;
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
 
@@ -224,7 +234,7 @@ fn start_worker(secret: [u8; 16], memory: Option<u64>) -> io::Result<Worker> {
     let (ours, theirs) = UnixStream::pair()?;
     let parent = std::process::id();
     let fd = theirs.as_raw_fd();
-    let env = WorkerEnv { fd, parent, secret };
+    let env = WorkerEnv { fd, parent, secret, max_payload };
 
     // The running image, even if the file on disk has been replaced since.
     let mut command = Command::new("/proc/self/exe");
@@ -268,7 +278,8 @@ fn start_worker(secret: [u8; 16], memory: Option<u64>) -> io::Result<Worker> {
         }
         None => Arc::new(StderrTail::default()),
     };
-    let mut worker = Worker { pid, channel: Some(Channel::new(ours)), calls: 0, child: Some(child), stderr };
+    let channel = Channel::new(ours, max_payload as usize + FRAME_SLACK);
+    let mut worker = Worker { pid, channel: Some(channel), calls: 0, child: Some(child), stderr };
     match handshake(worker.channel(), secret, pid) {
         Ok(()) => {
             tracing::info!(pid, "offload worker started");
@@ -288,7 +299,7 @@ fn start_worker(secret: [u8; 16], memory: Option<u64>) -> io::Result<Worker> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_worker(_secret: [u8; 16], _memory: Option<u64>) -> io::Result<Worker> {
+fn start_worker(_config: WorkerConfig) -> io::Result<Worker> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "offload workers are supported on Linux only"))
 }
 
@@ -385,7 +396,7 @@ mod tests {
         let mut frame = FrameBuf::new(Tag::Hello);
         protocol::append(frame.body(), hello, Payload::Message).unwrap();
         theirs.write_all(&frame.finish().unwrap()).unwrap();
-        Channel::new(ours)
+        Channel::new(ours, 1 << 20)
     }
 
     fn good() -> Hello {
@@ -415,10 +426,12 @@ mod tests {
     fn handshake_rejects_garbage_and_silence() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         theirs.write_all(b"\x04\x00\x00\x00\x01xyz").unwrap();
-        assert!(handshake(&mut Channel::new(ours), [7; 16], 42).unwrap_err().contains("bad handshake"));
+        assert!(
+            handshake(&mut Channel::new(ours, 1 << 20), [7; 16], 42).unwrap_err().contains("bad handshake")
+        );
 
         let (ours, theirs) = UnixStream::pair().unwrap();
         drop(theirs);
-        assert!(handshake(&mut Channel::new(ours), [7; 16], 42).unwrap_err().contains("exited"));
+        assert!(handshake(&mut Channel::new(ours, 1 << 20), [7; 16], 42).unwrap_err().contains("exited"));
     }
 }
