@@ -20,7 +20,7 @@ fn collatz_steps(start: u64) -> u64 {
 
 #[offload(workers = "1", timeout = "2s")]
 fn unreliable(x: u32) -> u32 {
-    assert!(x % 5 != 0, "multiples of five are not welcome");
+    assert!(!x.is_multiple_of(5), "multiples of five are not welcome");
     x
 }
 
@@ -35,7 +35,7 @@ async fn main() {
     for start in 1..=200 {
         steps += collatz_steps(start).await.expect("collatz");
     }
-    let failures = (1..=20).filter(|&x| x % 5 == 0).count();
+    let failures = (1..=20u32).filter(|x| x.is_multiple_of(5)).count();
     for x in 1..=20 {
         let _ = unreliable(x).await;
     }

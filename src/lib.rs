@@ -6,7 +6,7 @@
 pub use offload_macros::offload;
 pub use offload_runtime::{
     BreakerState, Error, ErrorKind, ExitReason, Latency, Payload, PoolStats, ProtocolError, RestartCause,
-    is_worker, shutdown, stats, warm_up,
+    SharedBytes, SharedSlice, bytemuck, is_worker, shutdown, stats, warm_up,
 };
 
 #[doc(inline)]

@@ -1,17 +1,20 @@
 //! The attribute's arguments: `#[offload(timeout = "30s", workers = "cpus-2", ...)]`.
 //!
-//! Values are string literals, except the counts `queue` and `max_tasks`, which are integer
-//! literals. Each is checked here at compile time with the grammar of `offload-spec`, which
-//! the runtime uses for its environment variables too; errors point at the literal (bad
-//! value) or the key (unknown, duplicate, missing value). Parsing goes on past a bad
-//! argument so that all of them are reported at once.
+//! Values are string literals, except the counts `queue`, `max_tasks` and `breaker`'s
+//! `failures`, which are integer literals, `breaker`, which is a list of its own
+//! (`breaker(failures = 3, reset = "1m")`), and `fallback`, which is a path to a function.
+//! Each is checked here at compile time with the grammar of `offload-spec`, which the runtime
+//! uses for its environment variables too; errors point at the literal (bad value) or the
+//! key (unknown, duplicate, missing value). Parsing goes on past a bad argument so that all
+//! of them are reported at once.
 
 use offload_spec::{Overload, WorkersSpec};
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Delimiter, Span, TokenStream};
 use quote::ToTokens;
 use syn::meta::ParseNestedMeta;
-use syn::parse::Parser;
-use syn::{Expr, ExprLit, ExprUnary, Lit, LitInt, LitStr, Path, Token, UnOp};
+use syn::parse::{ParseStream, Parser};
+use syn::spanned::Spanned as _;
+use syn::{Expr, ExprLit, ExprPath, ExprUnary, Lit, LitInt, LitStr, Path, Token, UnOp};
 
 use crate::Errors;
 
@@ -40,10 +43,49 @@ pub(crate) struct OffloadArgs {
     pub(crate) max_tasks: Option<Spanned<u64>>,
     /// `max_rss = "..."` in bytes, never zero.
     pub(crate) max_rss: Option<Spanned<u64>>,
+    /// `max_payload = "..."` in bytes, never zero.
+    pub(crate) max_payload: Option<Spanned<u64>>,
     /// `pool = "..."`, never empty.
     pub(crate) pool: Option<LitStr>,
+    /// `breaker(...)`, spanned at the key.
+    pub(crate) breaker: Option<Spanned<Breaker>>,
+    /// `fallback = path::to::fn`: what stands in for a call that failed worker-side.
+    pub(crate) fallback: Option<ExprPath>,
     /// `crate = "..."`: where the `offload` crate is, `::offload` when not given.
     pub(crate) krate: Option<Path>,
+}
+
+/// `breaker(failures = N, reset = "...")`, with the defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Breaker {
+    /// Worker-side failures in a row that open the breaker, never zero.
+    pub(crate) failures: u32,
+    /// How long it stays open before a trial call, in milliseconds, never zero.
+    pub(crate) reset_ms: u64,
+}
+
+impl Breaker {
+    /// `breaker` without `failures` or `reset`: 5 failures, `"30s"`.
+    const DEFAULT: Breaker = Breaker { failures: 5, reset_ms: 30_000 };
+}
+
+/// A set of accepted keys: the attribute's ([`Key`]) or those of `breaker(...)`
+/// ([`BreakerKey`]). Unknown and duplicate keys, missing values and the messages about
+/// values are handled for both by the same helpers.
+trait Keys: Copy + PartialEq + 'static {
+    /// Every key, in the order messages list them.
+    const ALL: &'static [Self];
+
+    /// What a key of this set is called in messages: "argument", "`breaker` argument".
+    const WHAT: &'static str;
+
+    /// Likely guesses and misspellings that edit distance does not catch.
+    const ALIASES: &'static [(&'static str, Self)];
+
+    fn name(self) -> &'static str;
+
+    /// How the key is written, for messages.
+    fn example(self) -> &'static str;
 }
 
 /// The accepted keys.
@@ -56,12 +98,15 @@ enum Key {
     Overload,
     MaxTasks,
     MaxRss,
+    MaxPayload,
     Pool,
+    Breaker,
+    Fallback,
     Crate,
 }
 
-impl Key {
-    const ALL: [Key; 9] = [
+impl Keys for Key {
+    const ALL: &'static [Key] = &[
         Key::Timeout,
         Key::Workers,
         Key::Memory,
@@ -69,8 +114,75 @@ impl Key {
         Key::Overload,
         Key::MaxTasks,
         Key::MaxRss,
+        Key::MaxPayload,
         Key::Pool,
+        Key::Breaker,
+        Key::Fallback,
         Key::Crate,
+    ];
+
+    const WHAT: &'static str = "argument";
+
+    const ALIASES: &'static [(&'static str, Key)] = &[
+        ("timeout_ms", Key::Timeout),
+        ("timeout_s", Key::Timeout),
+        ("timeout_secs", Key::Timeout),
+        ("time_out", Key::Timeout),
+        ("time_limit", Key::Timeout),
+        ("deadline", Key::Timeout),
+        ("duration", Key::Timeout),
+        ("worker", Key::Workers),
+        ("num_workers", Key::Workers),
+        ("threads", Key::Workers),
+        ("processes", Key::Workers),
+        ("procs", Key::Workers),
+        ("jobs", Key::Workers),
+        ("concurrency", Key::Workers),
+        ("parallelism", Key::Workers),
+        ("pool_size", Key::Workers),
+        ("mem", Key::Memory),
+        ("mem_limit", Key::Memory),
+        ("memory_limit", Key::Memory),
+        ("max_mem", Key::Memory),
+        ("rlimit", Key::Memory),
+        ("rlimit_as", Key::Memory),
+        ("address_space", Key::Memory),
+        ("queue_size", Key::Queue),
+        ("queue_len", Key::Queue),
+        ("queue_length", Key::Queue),
+        ("queue_depth", Key::Queue),
+        ("max_queue", Key::Queue),
+        ("backlog", Key::Queue),
+        ("on_overload", Key::Overload),
+        ("overload_policy", Key::Overload),
+        ("policy", Key::Overload),
+        ("on_full", Key::Overload),
+        ("backpressure", Key::Overload),
+        ("max_tasks_per_child", Key::MaxTasks),
+        ("maxtasksperchild", Key::MaxTasks),
+        ("max_tasks_per_worker", Key::MaxTasks),
+        ("max_calls", Key::MaxTasks),
+        ("max_requests", Key::MaxTasks),
+        ("recycle", Key::MaxTasks),
+        ("recycle_after", Key::MaxTasks),
+        ("rss", Key::MaxRss),
+        ("max_size", Key::MaxPayload),
+        ("max_frame", Key::MaxPayload),
+        ("payload_limit", Key::MaxPayload),
+        ("rss_limit", Key::MaxRss),
+        ("max_memory", Key::MaxRss),
+        ("pool_name", Key::Pool),
+        ("circuit_breaker", Key::Breaker),
+        ("circuit", Key::Breaker),
+        ("circuitbreaker", Key::Breaker),
+        ("on_error", Key::Fallback),
+        ("on_failure", Key::Fallback),
+        ("fallback_fn", Key::Fallback),
+        ("default", Key::Fallback),
+        ("or_else", Key::Fallback),
+        ("krate", Key::Crate),
+        ("crate_name", Key::Crate),
+        ("crate_path", Key::Crate),
     ];
 
     fn name(self) -> &'static str {
@@ -82,12 +194,14 @@ impl Key {
             Key::Overload => "overload",
             Key::MaxTasks => "max_tasks",
             Key::MaxRss => "max_rss",
+            Key::MaxPayload => "max_payload",
             Key::Pool => "pool",
+            Key::Breaker => "breaker",
+            Key::Fallback => "fallback",
             Key::Crate => "crate",
         }
     }
 
-    /// How the argument is written, for messages.
     fn example(self) -> &'static str {
         match self {
             Key::Timeout => "`timeout = \"30s\"`",
@@ -97,72 +211,52 @@ impl Key {
             Key::Overload => "`overload = \"reject\"`",
             Key::MaxTasks => "`max_tasks = 1000`",
             Key::MaxRss => "`max_rss = \"1GiB\"`",
+            Key::MaxPayload => "`max_payload = \"256MiB\"`",
             Key::Pool => "`pool = \"name\"`",
+            Key::Breaker => "`breaker(failures = 5, reset = \"30s\")`",
+            Key::Fallback => "`fallback = path::to::function`",
             Key::Crate => "`crate = \"::offload\"`",
         }
     }
+}
 
-    fn from_path(path: &Path) -> Option<Key> {
-        Key::ALL.into_iter().find(|key| path.is_ident(key.name()))
+/// The keys of `breaker(...)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BreakerKey {
+    Failures,
+    Reset,
+}
+
+impl Keys for BreakerKey {
+    const ALL: &'static [BreakerKey] = &[BreakerKey::Failures, BreakerKey::Reset];
+
+    const WHAT: &'static str = "`breaker` argument";
+
+    const ALIASES: &'static [(&'static str, BreakerKey)] = &[
+        ("threshold", BreakerKey::Failures),
+        ("failure_threshold", BreakerKey::Failures),
+        ("max_failures", BreakerKey::Failures),
+        ("errors", BreakerKey::Failures),
+        ("reset_after", BreakerKey::Reset),
+        ("reset_timeout", BreakerKey::Reset),
+        ("cooldown", BreakerKey::Reset),
+        ("timeout", BreakerKey::Reset),
+        ("duration", BreakerKey::Reset),
+        ("open_for", BreakerKey::Reset),
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            BreakerKey::Failures => "failures",
+            BreakerKey::Reset => "reset",
+        }
     }
 
-    /// The key a misspelt or guessed argument name most likely meant.
-    fn suggest(unknown: &str) -> Option<Key> {
-        const ALIASES: &[(&str, Key)] = &[
-            ("timeout_ms", Key::Timeout),
-            ("timeout_s", Key::Timeout),
-            ("timeout_secs", Key::Timeout),
-            ("time_out", Key::Timeout),
-            ("time_limit", Key::Timeout),
-            ("deadline", Key::Timeout),
-            ("duration", Key::Timeout),
-            ("worker", Key::Workers),
-            ("num_workers", Key::Workers),
-            ("threads", Key::Workers),
-            ("processes", Key::Workers),
-            ("procs", Key::Workers),
-            ("jobs", Key::Workers),
-            ("concurrency", Key::Workers),
-            ("parallelism", Key::Workers),
-            ("pool_size", Key::Workers),
-            ("mem", Key::Memory),
-            ("mem_limit", Key::Memory),
-            ("memory_limit", Key::Memory),
-            ("max_mem", Key::Memory),
-            ("rlimit", Key::Memory),
-            ("rlimit_as", Key::Memory),
-            ("address_space", Key::Memory),
-            ("queue_size", Key::Queue),
-            ("queue_len", Key::Queue),
-            ("queue_length", Key::Queue),
-            ("queue_depth", Key::Queue),
-            ("max_queue", Key::Queue),
-            ("backlog", Key::Queue),
-            ("on_overload", Key::Overload),
-            ("overload_policy", Key::Overload),
-            ("policy", Key::Overload),
-            ("on_full", Key::Overload),
-            ("backpressure", Key::Overload),
-            ("max_tasks_per_child", Key::MaxTasks),
-            ("maxtasksperchild", Key::MaxTasks),
-            ("max_tasks_per_worker", Key::MaxTasks),
-            ("max_calls", Key::MaxTasks),
-            ("max_requests", Key::MaxTasks),
-            ("recycle", Key::MaxTasks),
-            ("recycle_after", Key::MaxTasks),
-            ("rss", Key::MaxRss),
-            ("rss_limit", Key::MaxRss),
-            ("max_memory", Key::MaxRss),
-            ("pool_name", Key::Pool),
-            ("krate", Key::Crate),
-            ("crate_name", Key::Crate),
-            ("crate_path", Key::Crate),
-        ];
-        let unknown = unknown.to_ascii_lowercase();
-        if let Some(&(_, key)) = ALIASES.iter().find(|(alias, _)| *alias == unknown) {
-            return Some(key);
+    fn example(self) -> &'static str {
+        match self {
+            BreakerKey::Failures => "`failures = 5`",
+            BreakerKey::Reset => "`reset = \"30s\"`",
         }
-        Key::ALL.into_iter().find(|key| edit_distance(&unknown, key.name()) <= 2)
     }
 }
 
@@ -180,29 +274,21 @@ impl OffloadArgs {
         (args, errors.finish())
     }
 
-    /// One `key = value`. Errors about this argument alone go to `errors`, so parsing goes
-    /// on; `Err` is for input that the parser cannot get past.
+    /// One `key = value`, or `breaker(...)`. Errors about this argument alone go to `errors`,
+    /// so parsing goes on; `Err` is for input that the parser cannot get past.
     fn parse_one(
         &mut self,
         meta: &ParseNestedMeta<'_>,
         seen: &mut Vec<Key>,
         errors: &mut Errors,
     ) -> syn::Result<()> {
-        let key = Key::from_path(&meta.path);
-        let value = value(meta)?;
-        let Some(key) = key else {
-            errors.push(unknown_key(&meta.path));
-            return Ok(());
-        };
-        if seen.contains(&key) {
-            errors.push(syn::Error::new_spanned(&meta.path, format!("duplicate argument `{}`", key.name())));
+        let Some(key) = accepted_key(meta, seen, errors)? else { return Ok(()) };
+        if key == Key::Breaker && !meta.input.peek(Token![=]) {
+            self.breaker = parse_breaker(meta, errors)?;
             return Ok(());
         }
-        seen.push(key);
-
-        let Some(value) = value else {
-            let message = format!("`{}` needs a value, e.g. {}", key.name(), key.example());
-            errors.push(syn::Error::new_spanned(&meta.path, message));
+        let Some(value) = value(meta)? else {
+            errors.push(needs_a_value(meta, key));
             return Ok(());
         };
         if let Err(err) = self.set(key, &value) {
@@ -228,6 +314,9 @@ impl OffloadArgs {
             Key::MaxRss => {
                 self.max_rss = Some(parse_str(key, value, |text| offload_spec::parse_size(text, what))?);
             }
+            Key::MaxPayload => {
+                self.max_payload = Some(parse_str(key, value, |text| offload_spec::parse_size(text, what))?);
+            }
             Key::Pool => {
                 let lit = string(key, value)?;
                 if lit.value().trim().is_empty() {
@@ -238,6 +327,12 @@ impl OffloadArgs {
                 }
                 self.pool = Some(lit);
             }
+            // `breaker(...)` and `breaker` are parsed by `parse_breaker`: this is `breaker = ..`.
+            Key::Breaker => {
+                let message = format!("expected a parenthesised list, e.g. {}", key.example());
+                return Err(syn::Error::new_spanned(value, message));
+            }
+            Key::Fallback => self.fallback = Some(function_path(key, value)?),
             Key::Crate => {
                 let lit = string(key, value)?;
                 let path = lit.parse_with(Path::parse_mod_style).map_err(|_| {
@@ -255,6 +350,79 @@ impl OffloadArgs {
     }
 }
 
+/// `breaker`, `breaker()` or `breaker(failures = N, reset = "...")`; what is left out takes
+/// its default. `None` if anything in the list was wrong: the errors went to `errors`.
+fn parse_breaker(meta: &ParseNestedMeta<'_>, errors: &mut Errors) -> syn::Result<Option<Spanned<Breaker>>> {
+    let mut breaker = Breaker::DEFAULT;
+    let mut valid = true;
+    if is_empty_list(meta.input) {
+        let _empty: proc_macro2::TokenTree = meta.input.parse()?;
+    } else if meta.input.peek(syn::token::Paren) {
+        let mut seen = Vec::new();
+        meta.parse_nested_meta(|nested| {
+            let Some(key) = accepted_key(&nested, &mut seen, errors)? else {
+                valid = false;
+                return Ok(());
+            };
+            let result = match value(&nested)? {
+                Some(value) => set_breaker(&mut breaker, key, &value),
+                None => Err(needs_a_value(&nested, key)),
+            };
+            if let Err(err) = result {
+                errors.push(err);
+                valid = false;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(valid.then(|| Spanned { value: breaker, span: meta.path.span() }))
+}
+
+/// Checks one value of `breaker(...)` and stores it.
+fn set_breaker(breaker: &mut Breaker, key: BreakerKey, value: &Expr) -> syn::Result<()> {
+    let what = key.name();
+    match key {
+        BreakerKey::Failures => {
+            let count = parse_count(key, value, 1)?;
+            breaker.failures = u32::try_from(count.value).map_err(|_| {
+                let message =
+                    format!("{what} `{}` is too large: it must be at most {}", count.value, u32::MAX);
+                syn::Error::new(count.span, message)
+            })?;
+        }
+        BreakerKey::Reset => {
+            breaker.reset_ms = parse_str(key, value, |text| offload_spec::parse_millis(text, what))?.value;
+        }
+    }
+    Ok(())
+}
+
+/// `()`, with nothing inside.
+fn is_empty_list(input: ParseStream<'_>) -> bool {
+    input.cursor().group(Delimiter::Parenthesis).is_some_and(|(inside, _, _)| inside.eof())
+}
+
+/// Which key `meta` is, if it is one of `K` and was not given before. An unknown or repeated
+/// key is reported (on the key) and its value skipped, and gives `None`.
+fn accepted_key<K: Keys>(
+    meta: &ParseNestedMeta<'_>,
+    seen: &mut Vec<K>,
+    errors: &mut Errors,
+) -> syn::Result<Option<K>> {
+    let Some(key) = K::ALL.iter().copied().find(|key| meta.path.is_ident(key.name())) else {
+        value(meta)?;
+        errors.push(unknown_key::<K>(&meta.path));
+        return Ok(None);
+    };
+    if seen.contains(&key) {
+        value(meta)?;
+        errors.push(syn::Error::new_spanned(&meta.path, format!("duplicate {} `{}`", K::WHAT, key.name())));
+        return Ok(None);
+    }
+    seen.push(key);
+    Ok(Some(key))
+}
+
 /// The value after the key, if any: `= <expr>` gives the expression; a parenthesised list
 /// (`timeout("30s")`) is consumed and gives `None`, as does a bare key.
 fn value(meta: &ParseNestedMeta<'_>) -> syn::Result<Option<Expr>> {
@@ -267,8 +435,13 @@ fn value(meta: &ParseNestedMeta<'_>) -> syn::Result<Option<Expr>> {
     Ok(None)
 }
 
+fn needs_a_value<K: Keys>(meta: &ParseNestedMeta<'_>, key: K) -> syn::Error {
+    let message = format!("`{}` needs a value, e.g. {}", key.name(), key.example());
+    syn::Error::new_spanned(&meta.path, message)
+}
+
 /// The value of `key`, which must be a string literal.
-fn string(key: Key, value: &Expr) -> syn::Result<LitStr> {
+fn string<K: Keys>(key: K, value: &Expr) -> syn::Result<LitStr> {
     match value {
         Expr::Lit(ExprLit { lit: Lit::Str(lit), attrs }) if attrs.is_empty() => Ok(lit.clone()),
         other => {
@@ -278,9 +451,34 @@ fn string(key: Key, value: &Expr) -> syn::Result<LitStr> {
     }
 }
 
+/// The value of `key`, which must be a path to a function, written as a path: a string
+/// literal gets a hint to drop the quotes.
+fn function_path<K: Keys>(key: K, value: &Expr) -> syn::Result<ExprPath> {
+    match value {
+        Expr::Path(path) if path.attrs.is_empty() => Ok(path.clone()),
+        Expr::Lit(ExprLit { lit: Lit::Str(lit), attrs }) if attrs.is_empty() => {
+            let message = match lit.parse::<ExprPath>() {
+                Ok(path) => format!(
+                    "expected a path to a function, not a string literal: write `{} = {}`",
+                    key.name(),
+                    path.to_token_stream().to_string().replace(' ', "")
+                ),
+                Err(_) => {
+                    format!("expected a path to a function, not a string literal, e.g. {}", key.example())
+                }
+            };
+            Err(syn::Error::new(lit.span(), message))
+        }
+        other => {
+            let message = format!("expected a path to a function, e.g. {}", key.example());
+            Err(syn::Error::new_spanned(other, message))
+        }
+    }
+}
+
 /// The value of `key`, a string literal, parsed by `parse`; errors point at the literal.
-fn parse_str<T>(
-    key: Key,
+fn parse_str<K: Keys, T>(
+    key: K,
     value: &Expr,
     parse: impl FnOnce(&str) -> Result<T, String>,
 ) -> syn::Result<Spanned<T>> {
@@ -291,7 +489,7 @@ fn parse_str<T>(
 }
 
 /// The value of `key`, an integer literal of at least `min` that fits `u64`.
-fn parse_count(key: Key, value: &Expr, min: u64) -> syn::Result<Spanned<u64>> {
+fn parse_count<K: Keys>(key: K, value: &Expr, min: u64) -> syn::Result<Spanned<u64>> {
     let what = key.name();
     let lit = match value {
         Expr::Lit(ExprLit { lit: Lit::Int(lit), attrs }) if attrs.is_empty() => lit,
@@ -324,14 +522,23 @@ fn count(lit: &LitInt, what: &str, min: u64) -> Result<u64, String> {
     offload_spec::parse_count(digits, what, min)
 }
 
-fn unknown_key(path: &Path) -> syn::Error {
+fn unknown_key<K: Keys>(path: &Path) -> syn::Error {
     let name = path.to_token_stream().to_string().replace(' ', "");
-    let expected = Key::ALL.iter().map(|key| format!("`{}`", key.name())).collect::<Vec<_>>().join(", ");
-    let mut message = format!("unknown argument `{name}`; expected one of {expected}");
-    if let Some(key) = Key::suggest(&name) {
+    let expected = K::ALL.iter().map(|key| format!("`{}`", key.name())).collect::<Vec<_>>().join(", ");
+    let mut message = format!("unknown {} `{name}`; expected one of {expected}", K::WHAT);
+    if let Some(key) = suggest::<K>(&name) {
         message.push_str(&format!("; did you mean `{}`?", key.name()));
     }
     syn::Error::new_spanned(path, message)
+}
+
+/// The key a misspelt or guessed name most likely meant.
+fn suggest<K: Keys>(unknown: &str) -> Option<K> {
+    let unknown = unknown.to_ascii_lowercase();
+    if let Some(&(_, key)) = K::ALIASES.iter().find(|(alias, _)| *alias == unknown) {
+        return Some(key);
+    }
+    K::ALL.iter().copied().find(|key| edit_distance(&unknown, key.name()) <= 2)
 }
 
 /// Levenshtein distance, for the "did you mean" hint.
@@ -355,10 +562,10 @@ mod tests {
 
     use std::num::NonZeroUsize;
 
-    use super::{OffloadArgs, Overload, WorkersSpec, edit_distance};
+    use super::{Breaker, OffloadArgs, Overload, WorkersSpec, edit_distance};
 
     const EXPECTED: &str = "expected one of `timeout`, `workers`, `memory`, `queue`, `overload`, \
-                            `max_tasks`, `max_rss`, `pool`, `crate`";
+                            `max_tasks`, `max_rss`, `max_payload`, `pool`, `breaker`, `fallback`, `crate`";
 
     fn parse_ok(tokens: proc_macro2::TokenStream) -> OffloadArgs {
         let (args, err) = OffloadArgs::parse(tokens);
@@ -384,6 +591,8 @@ mod tests {
         assert!(args.max_tasks.is_none());
         assert!(args.max_rss.is_none());
         assert!(args.pool.is_none());
+        assert!(args.breaker.is_none());
+        assert!(args.fallback.is_none());
         assert!(args.krate.is_none());
     }
 
@@ -398,6 +607,8 @@ mod tests {
             max_tasks = 1_000,
             max_rss = "1 GB",
             pool = "images",
+            breaker(failures = 3, reset = "1m"),
+            fallback = super::cached,
             crate = "my_crate::offload",
         ));
         assert_eq!(args.timeout_ms.map(|t| t.value), Some(90_000));
@@ -408,6 +619,9 @@ mod tests {
         assert_eq!(args.max_tasks.map(|t| t.value), Some(1000));
         assert_eq!(args.max_rss.map(|r| r.value), Some(1_000_000_000));
         assert_eq!(args.pool.map(|p| p.value()).as_deref(), Some("images"));
+        assert_eq!(args.breaker.map(|b| b.value), Some(Breaker { failures: 3, reset_ms: 60_000 }));
+        let fallback = args.fallback.unwrap();
+        assert_eq!(quote!(#fallback).to_string(), "super :: cached");
         let krate = args.krate.unwrap();
         assert_eq!(quote!(#krate).to_string(), "my_crate :: offload");
     }
@@ -458,6 +672,13 @@ mod tests {
             (quote!(max_rs = "1GiB"), "max_rss"),
             (quote!(pools = "a"), "pool"),
             (quote!(krate = "a"), "crate"),
+            (quote!(circuit_breaker(failures = 3)), "breaker"),
+            (quote!(circuit), "breaker"),
+            (quote!(braeker), "breaker"),
+            (quote!(on_error = f), "fallback"),
+            (quote!(fallback_fn = f), "fallback"),
+            (quote!(default = f), "fallback"),
+            (quote!(fallbak = f), "fallback"),
         ];
         for (tokens, key) in cases {
             let errors = errors(tokens);
@@ -559,6 +780,113 @@ mod tests {
         assert!(errors[1].starts_with("invalid workers spec `many`"));
         assert!(errors[2].starts_with("unknown argument `colour`"));
         assert!(errors[3].starts_with("pool name must not be empty"));
+    }
+
+    #[test]
+    fn breaker_defaults() {
+        let default = Some(Breaker { failures: 5, reset_ms: 30_000 });
+        assert_eq!(parse_ok(quote!(breaker)).breaker.map(|b| b.value), default);
+        assert_eq!(parse_ok(quote!(breaker())).breaker.map(|b| b.value), default);
+        assert_eq!(
+            parse_ok(quote!(breaker(failures = 1))).breaker.map(|b| b.value),
+            Some(Breaker { failures: 1, reset_ms: 30_000 })
+        );
+        assert_eq!(
+            parse_ok(quote!(breaker(reset = "1s",), timeout = "1s")).breaker.map(|b| b.value),
+            Some(Breaker { failures: 5, reset_ms: 1000 })
+        );
+        assert_eq!(
+            parse_ok(quote!(breaker(reset = "250ms", failures = 0x10))).breaker.map(|b| b.value),
+            Some(Breaker { failures: 16, reset_ms: 250 })
+        );
+    }
+
+    #[test]
+    fn breaker_bad_values() {
+        assert_eq!(errors(quote!(breaker(failures = 0))), ["failures must be at least 1"]);
+        assert_eq!(errors(quote!(breaker(failures = -1))), ["failures must be at least 1"]);
+        assert_eq!(
+            errors(quote!(breaker(failures = 4294967296))),
+            ["failures `4294967296` is too large: it must be at most 4294967295"]
+        );
+        assert_eq!(
+            errors(quote!(breaker(failures = "3"))),
+            ["expected an integer literal, e.g. `failures = 5`"]
+        );
+        assert_eq!(errors(quote!(breaker(reset = "0s"))), ["reset must be greater than zero"]);
+        assert!(errors(quote!(breaker(reset = "soon")))[0].starts_with("invalid duration `soon`"));
+        assert_eq!(
+            errors(quote!(breaker(reset = 30))),
+            ["expected a string literal, e.g. `reset = \"30s\"`"]
+        );
+        assert_eq!(errors(quote!(breaker(reset))), ["`reset` needs a value, e.g. `reset = \"30s\"`"]);
+        assert_eq!(
+            errors(quote!(breaker = 3)),
+            ["expected a parenthesised list, e.g. `breaker(failures = 5, reset = \"30s\")`"]
+        );
+        let (args, _) = OffloadArgs::parse(quote!(breaker(failures = 0, reset = "1s")));
+        assert!(args.breaker.is_none());
+    }
+
+    #[test]
+    fn breaker_keys() {
+        assert_eq!(
+            errors(quote!(breaker(failures = 3, retries = 2))),
+            ["unknown `breaker` argument `retries`; expected one of `failures`, `reset`"]
+        );
+        assert_eq!(
+            errors(quote!(breaker(cooldown = "1s"))),
+            [
+                "unknown `breaker` argument `cooldown`; expected one of `failures`, `reset`; did you mean `reset`?"
+            ]
+        );
+        assert_eq!(
+            errors(quote!(breaker(failure = 1))),
+            [
+                "unknown `breaker` argument `failure`; expected one of `failures`, `reset`; did you mean `failures`?"
+            ]
+        );
+        assert_eq!(
+            errors(quote!(breaker(failures = 1, reset = "1s", failures = 2))),
+            ["duplicate `breaker` argument `failures`"]
+        );
+        assert_eq!(errors(quote!(breaker, breaker(failures = 1))), ["duplicate argument `breaker`"]);
+        // The other arguments are still parsed, and their errors reported.
+        let all = errors(quote!(breaker(failures = 0, colour = 1), timeout = "0s"));
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert_eq!(all[2], "timeout must be greater than zero");
+        assert_eq!(
+            errors(quote!(breaker(failures 3))),
+            ["`failures` needs a value, e.g. `failures = 5`", "expected `,`"]
+        );
+    }
+
+    #[test]
+    fn fallback_is_a_path() {
+        for path in
+            [quote!(cached), quote!(crate::cache::get), quote!(Cache::get::<u32>), quote!(<Cache>::get)]
+        {
+            let args = parse_ok(quote!(fallback = #path));
+            let fallback = args.fallback.unwrap();
+            assert_eq!(quote!(#fallback).to_string(), path.to_string());
+        }
+        assert_eq!(
+            errors(quote!(fallback = "cache::get")),
+            ["expected a path to a function, not a string literal: write `fallback = cache::get`"]
+        );
+        assert_eq!(
+            errors(quote!(fallback = "not a path")),
+            ["expected a path to a function, not a string literal, e.g. `fallback = path::to::function`"]
+        );
+        assert_eq!(
+            errors(quote!(fallback = |x| x)),
+            ["expected a path to a function, e.g. `fallback = path::to::function`"]
+        );
+        assert_eq!(
+            errors(quote!(fallback)),
+            ["`fallback` needs a value, e.g. `fallback = path::to::function`"]
+        );
+        assert_eq!(errors(quote!(fallback = a, fallback = b)), ["duplicate argument `fallback`"]);
     }
 
     #[test]

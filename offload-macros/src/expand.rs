@@ -8,7 +8,7 @@ use proc_macro2::{Literal, Span, TokenStream};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::spanned::Spanned;
-use syn::{FnArg, Ident, ItemFn, Pat, ReturnType, Type};
+use syn::{ExprPath, FnArg, Ident, ItemFn, Pat, ReturnType, Type};
 
 use offload_spec::{Overload, WorkersSpec};
 
@@ -53,6 +53,8 @@ struct Context<'a> {
     /// The declared return type; `None` for `()`.
     return_ty: Option<&'a Type>,
     return_bytes: bool,
+    /// `fallback = path::to::fn`.
+    fallback: Option<&'a ExprPath>,
 }
 
 /// The expansion of a function that [`signature::check`] accepted.
@@ -78,6 +80,7 @@ fn expand(args: &OffloadArgs, function: &ItemFn) -> TokenStream {
         arguments,
         return_ty,
         return_bytes: return_ty.is_some_and(is_bytes),
+        fallback: args.fallback.as_ref(),
     };
 
     let impl_fn = cx.impl_fn();
@@ -354,12 +357,21 @@ impl Context<'_> {
             let tasks = Literal::u64_unsuffixed(max_tasks.value);
             settings.extend(quote_spanned!(max_tasks.span=> .with_max_tasks(#tasks)));
         }
+        if let Some(max_payload) = &args.max_payload {
+            let bytes = Literal::u64_unsuffixed(max_payload.value);
+            settings.extend(quote_spanned!(max_payload.span=> .with_max_payload(#bytes)));
+        }
         if let Some(max_rss) = &args.max_rss {
             let bytes = Literal::u64_unsuffixed(max_rss.value);
             settings.extend(quote_spanned!(max_rss.span=> .with_max_rss(#bytes)));
         }
         if let Some(pool) = &args.pool {
             settings.extend(quote_spanned!(pool.span()=> .with_pool(#pool)));
+        }
+        if let Some(breaker) = &args.breaker {
+            let failures = Literal::u32_unsuffixed(breaker.value.failures);
+            let reset_ms = Literal::u64_unsuffixed(breaker.value.reset_ms);
+            settings.extend(quote_spanned!(breaker.span=> .with_breaker(#failures, #reset_ms)));
         }
         quote! {
             #[#linkme::distributed_slice(#entries)]
@@ -373,7 +385,8 @@ impl Context<'_> {
         }
     }
 
-    /// The caller side: send the arguments, await the result.
+    /// The caller side: send the arguments, await the result; with a `fallback`, call it in
+    /// place of an error that it replaces.
     fn call(&self) -> TokenStream {
         let rt = &self.runtime;
         let call = rt.call();
@@ -383,34 +396,79 @@ impl Context<'_> {
             let names = self.arguments.iter().map(|arg| &arg.name);
             (quote!(__OffloadArgs<'_>), quote!(__OffloadArgs(#(&#names),*)), self.borrowed_args())
         };
-        let call = match self.return_ty {
+        let (returned, result) = match self.return_ty {
             Some(_) if self.return_bytes => {
                 let byte_buf = rt.byte_buf();
-                quote! {
+                let result = quote! {
                     #call::<#args_type, #byte_buf>(&__OFFLOAD_ENTRY, #args_value)
                         .await
                         .map(#byte_buf::into_vec)
-                }
+                };
+                (TokenStream::new(), result)
             }
             Some(ty) => {
-                let returned = self.returned(ty);
                 let value = Ident::new("value", Span::mixed_site());
                 let error = Ident::new("error", Span::mixed_site());
-                quote! {
-                    #returned
+                let result = quote! {
                     match #call::<#args_type, __OffloadReturn>(&__OFFLOAD_ENTRY, #args_value).await {
                         ::core::result::Result::Ok(__OffloadReturn(#value)) => {
                             ::core::result::Result::Ok(#value)
                         }
                         ::core::result::Result::Err(#error) => ::core::result::Result::Err(#error),
                     }
-                }
+                };
+                (self.returned(ty), result)
             }
-            None => quote!(#call::<#args_type, ()>(&__OFFLOAD_ENTRY, #args_value).await),
+            None => {
+                (TokenStream::new(), quote!(#call::<#args_type, ()>(&__OFFLOAD_ENTRY, #args_value).await))
+            }
+        };
+        let result = match self.fallback {
+            Some(fallback) => self.fall_back(fallback, result),
+            None => result,
         };
         quote! {
             #borrowed_args
-            #call
+            #returned
+            #result
+        }
+    }
+
+    /// `result`, unless it is an error that `fallback` replaces: then what `fallback` returns.
+    /// The call only borrowed the stub's arguments, so they are moved into `fallback` here.
+    ///
+    /// This is where the fallback's signature is checked: its `Fallback` bound is spanned at
+    /// the user's path, so a fallback with other argument or return types is one error,
+    /// there, with the message of `Fallback`'s `on_unimplemented`.
+    fn fall_back(&self, fallback: &ExprPath, result: TokenStream) -> TokenStream {
+        let rt = &self.runtime;
+        let error_ty = rt.error();
+        // The function's name, the path's last segment: rustc points at the `_` that stands for
+        // `F`, one token, and a span cannot be joined across tokens on stable.
+        let span =
+            fallback.path.segments.last().map_or_else(|| fallback.span(), |segment| segment.ident.span());
+        let call_fallback = rt.fallback(span);
+        let return_ty = self.return_ty_tokens();
+        let types = self.arguments.iter().map(|arg| arg.ty);
+        let names = self.arguments.iter().map(|arg| &arg.name);
+        // `F` and `Kind` are inferred, `Args` and `R` are the offloaded function's. The call
+        // and its `.await` are spanned at the function's name: rustc blames an unmet bound
+        // on the inferred `F` there, and shows the identical report about the `.await` once.
+        let call = quote_spanned! {span=>
+            #call_fallback::<_, (#(#types,)*), #return_ty, _>(#fallback, (#(#names,)*)).await
+        };
+        let result_var = Ident::new("result", Span::mixed_site());
+        let value = Ident::new("value", Span::mixed_site());
+        let error = Ident::new("error", Span::mixed_site());
+        quote! {
+            let #result_var: ::core::result::Result<#return_ty, #error_ty> = #result;
+            match #result_var {
+                ::core::result::Result::Ok(#value) => ::core::result::Result::Ok(#value),
+                ::core::result::Result::Err(#error) if #error_ty::should_fall_back(&#error) => {
+                    ::core::result::Result::Ok(#call)
+                }
+                ::core::result::Result::Err(#error) => ::core::result::Result::Err(#error),
+            }
         }
     }
 
@@ -607,6 +665,68 @@ mod tests {
             ),
             "{out}"
         );
+    }
+
+    #[test]
+    fn breaker_after_the_other_settings() {
+        let out = expand(
+            quote!(breaker(reset = "1m"), pool = "p"),
+            quote!(
+                fn f() {}
+            ),
+        );
+        assert!(out.contains(".with_pool(\"p\").with_breaker(5,60000);"), "{out}");
+
+        let out = expand(
+            quote!(breaker),
+            quote!(
+                fn f() {}
+            ),
+        );
+        assert!(out.contains("__offload_invoke,).with_breaker(5,30000);"), "{out}");
+    }
+
+    #[test]
+    fn fallback_replaces_the_errors_it_should() {
+        let out = expand(
+            quote!(fallback = cache::get),
+            quote!(
+                fn f(data: Vec<u8>, (a, b): (u32, u32)) -> Vec<u8> {
+                    data
+                }
+            ),
+        );
+        assert!(
+            out.contains(
+                "letresult:::core::result::Result<Vec<u8>,::offload::__private::Error>=\
+                 ::offload::__private::call::<__OffloadArgs<'_>,::offload::__private::serde_bytes::ByteBuf>\
+                 (&__OFFLOAD_ENTRY,__OffloadArgs(&data,&__arg1)).await\
+                 .map(::offload::__private::serde_bytes::ByteBuf::into_vec);\
+                 matchresult{\
+                 ::core::result::Result::Ok(value)=>::core::result::Result::Ok(value),\
+                 ::core::result::Result::Err(error)if::offload::__private::Error::should_fall_back(&error)=>{\
+                 ::core::result::Result::Ok(::offload::__private::fallback::<_,(Vec<u8>,(u32,u32),),Vec<u8>,_>\
+                 (cache::get,(data,__arg1,)).await)}\
+                 ::core::result::Result::Err(error)=>::core::result::Result::Err(error),}}"
+            ),
+            "{out}"
+        );
+
+        let out = expand(
+            quote!(fallback = g),
+            quote!(
+                fn f() {}
+            ),
+        );
+        assert!(out.contains("::offload::__private::fallback::<_,(),(),_>(g,()).await"), "{out}");
+
+        let out = expand(
+            quote!(),
+            quote!(
+                fn f() {}
+            ),
+        );
+        assert!(!out.contains("should_fall_back"), "{out}");
     }
 
     #[test]

@@ -43,9 +43,10 @@ use proc_macro::TokenStream;
 /// # Arguments
 ///
 /// All arguments are optional and checked at compile time: a mistake is a compile error
-/// pointing at the value. Values are string literals, except `queue` and `max_tasks`, which
-/// are integer literals. The same grammar applies to the `OFFLOAD_*` environment variables
-/// that override these settings when a pool starts.
+/// pointing at the value. Values are string literals, except `queue`, `max_tasks` and
+/// `breaker`'s `failures`, which are integer literals, `breaker`, which is a list, and
+/// `fallback`, which is a path. The same grammar applies to the `OFFLOAD_*` environment
+/// variables that override these settings when a pool starts.
 ///
 /// | argument | grammar | default | meaning |
 /// |---|---|---|---|
@@ -56,20 +57,35 @@ use proc_macro::TokenStream;
 /// | `overload` | `"wait"` or `"reject"` | `"wait"` | what a call does when the queue is full: wait for room (backpressure), or fail at once with `Error::Overloaded` (load shedding) |
 /// | `max_tasks` | an integer: `1000`; at least 1 | none | replace a worker after it has run this many calls |
 /// | `max_rss` | a size, as `memory`: `"1GiB"` | none | replace a worker after a call that left its resident memory above this |
+/// | `max_payload` | a size, as `memory`: `"256MiB"` | `"1GiB"` | the largest encoded arguments or return value; over it a call fails with `Error::PayloadTooLarge` before anything is copied |
 /// | `pool` | a name: `"images"` | a pool per function | share a pool of workers with every function that names the same pool |
+/// | `breaker` | `breaker(failures = N, reset = "...")`: `failures` an integer, at least 1, `reset` a duration, as `timeout`; either may be left out (`failures = 5`, `reset = "30s"`), as may the parentheses: `breaker` alone takes both defaults | no breaker | a circuit breaker for this function: after `failures` worker-side failures in a row (the timeout of a running call, a panic, a crash, the memory limit), it opens, and calls fail at once with `Error::CircuitOpen`, without a worker; after `reset`, one trial call goes through (half-open), and the breaker closes if it succeeds |
+/// | `fallback` | a path to a function, not a string: `fallback = cached_digest`, `fallback = Cache::get` | none | a sync or async fn with the same argument types, in the same order, and the same return type as this one, called in the caller's process with the same arguments when the breaker is open or the call failed worker-side; what it returns is returned (as `Ok`) instead of the error. It runs on the caller's async runtime, so keep it cheap: a sync fallback blocks that thread while it runs; an async fallback's future is part of the function's, which is `Send` only if it is |
 /// | `crate` | a path: `"my_crate::offload"` | `"::offload"` | where the `offload` crate is, for code that re-exports it |
 ///
-/// `workers`, `memory`, `queue`, `overload`, `max_tasks` and `max_rss` belong to the pool: in
+/// `workers`, `memory`, `queue`, `overload`, `max_tasks`, `max_rss` and `max_payload` belong to the pool: in
 /// a shared pool, give each on one function only, or the same value on several; functions
-/// that disagree make calls to that pool fail with `Error::Config`.
+/// that disagree make calls to that pool fail with `Error::Config`. `breaker` and `fallback`
+/// belong to the function.
 ///
 /// ```ignore
 /// #[offload(timeout = "2m", workers = "cpus/2", pool = "images", memory = "1GiB", queue = 64,
-///           overload = "reject", max_tasks = 1000, max_rss = "512MiB")]
+///           overload = "reject", max_tasks = 1000, max_rss = "512MiB",
+///           breaker(failures = 3, reset = "1m"), fallback = placeholder)]
 /// fn thumbnail(image: Vec<u8>, width: u32) -> Vec<u8> {
 ///     # unimplemented!()
 /// }
+///
+/// /// Stands in for `thumbnail` when its workers keep failing: cheap, in-process.
+/// fn placeholder(image: Vec<u8>, width: u32) -> Vec<u8> {
+///     # unimplemented!()
+/// }
 /// ```
+///
+/// Errors that say nothing about the function (a timeout while the call still waited for a
+/// worker, a full queue with `overload = "reject"`, a pool that is shut down or
+/// misconfigured, a worker that could not be started) neither count for the breaker nor call
+/// the fallback: they are returned as they are.
 ///
 /// # Requirements
 ///
@@ -129,6 +145,17 @@ use proc_macro::TokenStream;
 /// }
 /// ```
 ///
+/// With `fallback = placeholder`, the stub's last expression becomes:
+///
+/// ```ignore
+///     match ::offload::__private::call::<_, Vec<u8>>(&__OFFLOAD_ENTRY, (Bytes::new(&image), &width)).await {
+///         Ok(value) => Ok(value),
+///         // The call only borrowed the arguments: they are moved into the fallback.
+///         Err(error) if error.should_fall_back() => Ok(placeholder(image, width)),
+///         Err(error) => Err(error),
+///     }
+/// ```
+///
 /// The real expansion serialises the arguments and the result through small hand-written
 /// serde impls that assert, type by type, that each can cross the process boundary, so that
 /// a type that cannot is reported once, at the type.
@@ -138,8 +165,9 @@ use proc_macro::TokenStream;
 /// Each mistake is one error, spanned on what is wrong: an unknown, misspelt or duplicate
 /// argument, a value that is not the kind of literal the argument takes or does not parse, a
 /// function that is `async`, `const`, `unsafe`, `extern` or generic, takes `self`, a
-/// reference or `impl Trait`, or uses `Self`, and an argument or return type that cannot be
-/// sent. All of them are reported at once. When only the attribute's arguments are wrong, the function is still expanded with
+/// reference or `impl Trait`, or uses `Self`, an argument or return type that cannot be
+/// sent, and a `fallback` whose arguments or return type are not the function's. All of them
+/// are reported at once. When only the attribute's arguments are wrong, the function is still expanded with
 /// the defaults, so its callers compile; when the function itself cannot be offloaded, it is
 /// left as written.
 #[proc_macro_attribute]

@@ -77,6 +77,13 @@ impl Runtime {
         self.item("call")
     }
 
+    /// `async fn fallback<F: Fallback<Args, R, Kind>, Args, R, Kind>(F, Args) -> R`, with every
+    /// token at `span` (the name of the user's fallback), so that a fallback of the wrong
+    /// signature is reported there.
+    pub(crate) fn fallback(&self, span: Span) -> TokenStream {
+        respan(self.item("fallback"), span)
+    }
+
     /// `const fn assert_transferable<T: Transferable>()`, with every token at `span` so
     /// that an unmet bound points at the user's type.
     pub(crate) fn assert_transferable(&self, span: Span) -> TokenStream {

@@ -144,6 +144,16 @@ impl Breaker {
         }
     }
 
+    /// For a call admitted while the breaker was closed that has waited for a worker since:
+    /// whether the breaker opened meanwhile, and for how long yet. Such a call is refused
+    /// rather than sent to a worker, so calls queued behind a poison input do not all run.
+    pub(crate) fn opened_since(&self) -> Option<Duration> {
+        match *self.lock() {
+            State::Open { until } => until.checked_duration_since(Instant::now()),
+            State::HalfOpen { .. } | State::Closed { .. } => None,
+        }
+    }
+
     pub(crate) fn state(&self) -> BreakerState {
         match *self.lock() {
             State::Closed { failures } => BreakerState::Closed { failures },

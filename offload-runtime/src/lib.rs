@@ -24,8 +24,12 @@ mod transport;
 mod worker;
 
 pub use breaker::BreakerState;
+/// For [`SharedSlice`]'s element types: `#[derive(bytemuck::Pod, bytemuck::Zeroable)]`
+/// needs bytemuck's `derive` feature in your own dependency on it.
+pub use bytemuck;
 pub use error::{Error, ErrorKind, ExitReason, Payload, ProtocolError};
 pub use stats::{Latency, PoolStats, RestartCause};
+pub use transport::shm::{SharedBytes, SharedSlice};
 
 /// A snapshot of every pool started so far in this process, sorted by name: workers alive
 /// and busy, queue depth, calls by outcome, worker restarts by cause, circuit breaker states

@@ -158,7 +158,7 @@ pub(crate) fn encode_call<A: Serialize>(
     log_level: u8,
     args: &A,
     max_payload: u64,
-) -> Result<Vec<u8>, ProtocolError> {
+) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedFd>), ProtocolError> {
     let size = checked_size(args, Payload::Arguments, max_payload)?;
     let mut frame = FrameBuf::reuse(Vec::with_capacity(HEADER + 3 + name.len() + size), Tag::Call);
     let name_len = u16::try_from(name.len())
@@ -166,8 +166,9 @@ pub(crate) fn encode_call<A: Serialize>(
     frame.body().extend_from_slice(&name_len.to_le_bytes());
     frame.body().extend_from_slice(name.as_bytes());
     frame.body().push(log_level);
-    append(frame.body(), args, Payload::Arguments)?;
-    frame.finish()
+    let (appended, fds) = fds::collecting(|| append(frame.body(), args, Payload::Arguments));
+    appended?;
+    Ok((frame.finish()?, fds))
 }
 
 /// A call frame's parts.
@@ -198,8 +199,10 @@ pub(crate) fn checked_size<T: Serialize + ?Sized>(
     what: Payload,
     max: u64,
 ) -> Result<usize, ProtocolError> {
-    let size = postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default())
-        .map_err(|e| ProtocolError::Encode { what, message: e.to_string() })?;
+    let size = fds::counting(|| {
+        postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default())
+    })
+    .map_err(|e| ProtocolError::Encode { what, message: e.to_string() })?;
     if size as u64 > max {
         return Err(ProtocolError::PayloadTooLarge { what, len: size as u64, max });
     }
@@ -212,13 +215,29 @@ pub(crate) fn append<T: Serialize + ?Sized>(
     value: &T,
     what: Payload,
 ) -> Result<(), ProtocolError> {
-    let taken = std::mem::take(out);
-    match postcard::to_extend(value, taken) {
-        Ok(v) => {
-            *out = v;
-            Ok(())
-        }
-        Err(e) => Err(ProtocolError::Encode { what, message: e.to_string() }),
+    postcard::serialize_with_flavor(value, Append(out))
+        .map_err(|e| ProtocolError::Encode { what, message: e.to_string() })
+}
+
+/// A postcard output that appends to a `Vec` with `extend_from_slice`: byte strings are
+/// copied with one `memcpy`, not byte by byte.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
     }
 }
 
@@ -239,13 +258,91 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: Payload) -> Result
     }
 }
 
+/// Descriptors that travel with a frame (`SCM_RIGHTS`): the shared buffers among the
+/// arguments or the return value. Encoding collects them, decoding hands them out by index,
+/// through a per-thread mode set around the (de)serialization.
+pub(crate) mod fds {
+    use std::cell::RefCell;
+    use std::os::fd::OwnedFd;
+
+    /// The most descriptors one frame may carry: what one `SCM_RIGHTS` message carries.
+    pub(crate) const MAX: usize = 253;
+
+    enum Mode {
+        /// Not inside an offload call: shared buffers cannot be serialized.
+        Off,
+        /// Measuring the encoded size: placeholder indexes.
+        Count,
+        /// Encoding for real: each buffer's descriptor is duplicated onto the list.
+        Collect(Vec<OwnedFd>),
+        /// Decoding: the descriptors that came with the frame.
+        Supply(Vec<Option<OwnedFd>>),
+    }
+
+    thread_local! {
+        static MODE: RefCell<Mode> = const { RefCell::new(Mode::Off) };
+    }
+
+    fn with_mode<R>(mode: Mode, f: impl FnOnce() -> R) -> (R, Mode) {
+        let previous = MODE.with(|m| std::mem::replace(&mut *m.borrow_mut(), mode));
+        let result = f();
+        let mode = MODE.with(|m| std::mem::replace(&mut *m.borrow_mut(), previous));
+        (result, mode)
+    }
+
+    /// Runs an encoding pass that only measures.
+    pub(crate) fn counting<R>(f: impl FnOnce() -> R) -> R {
+        with_mode(Mode::Count, f).0
+    }
+
+    /// Runs an encoding pass; returns the descriptors it attached.
+    pub(crate) fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
+        match with_mode(Mode::Collect(Vec::new()), f) {
+            (result, Mode::Collect(fds)) => (result, fds),
+            (result, _) => (result, Vec::new()),
+        }
+    }
+
+    /// Runs a decoding pass with the descriptors that came with the frame; those it does not
+    /// take are closed.
+    pub(crate) fn supplying<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
+        with_mode(Mode::Supply(fds.into_iter().map(Some).collect()), f).0
+    }
+
+    /// Attaches `fd` to the frame being encoded; its index in the frame's list.
+    pub(crate) fn attach(fd: &OwnedFd) -> Result<u32, String> {
+        MODE.with(|m| match &mut *m.borrow_mut() {
+            Mode::Count => Ok(0),
+            Mode::Collect(list) => {
+                if list.len() >= MAX {
+                    return Err(format!("more than {MAX} shared buffers in one payload"));
+                }
+                list.push(fd.try_clone().map_err(|e| format!("could not duplicate a shared buffer: {e}"))?);
+                Ok(list.len() as u32 - 1)
+            }
+            Mode::Off | Mode::Supply(_) => Err("shared buffers can only be serialized as an argument or \
+                                                return value of an `#[offload]` function"
+                .to_owned()),
+        })
+    }
+
+    /// Takes the descriptor at `index` of the frame being decoded.
+    pub(crate) fn take(index: u32) -> Option<OwnedFd> {
+        MODE.with(|m| match &mut *m.borrow_mut() {
+            Mode::Supply(list) => list.get_mut(index as usize).and_then(Option::take),
+            _ => None,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn call_frame_round_trips() {
-        let frame = encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32), 1 << 20).unwrap();
+        let (frame, _) =
+            encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32), 1 << 20).unwrap();
         let (len, tag) = parse_header(frame[..HEADER].try_into().unwrap(), MAX_FRAME).unwrap();
         assert_eq!(tag, Tag::Call);
         assert_eq!(len, frame.len() - HEADER);
@@ -258,7 +355,7 @@ mod tests {
     #[test]
     fn bytes_are_not_encoded_element_by_element() {
         let data = vec![200u8; 1000];
-        let frame = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 1 << 20).unwrap();
+        let (frame, _) = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 1 << 20).unwrap();
         // 5 header + 2 name length + 1 name + 1 log level + 2 varint length + 1000 raw bytes.
         assert_eq!(frame.len(), 5 + 2 + 1 + 1 + 2 + 1000);
     }

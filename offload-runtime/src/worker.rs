@@ -6,8 +6,8 @@
 //! The worker is single-threaded, builds no async runtime, and never starts workers itself.
 
 use std::cell::RefCell;
-use std::io::{BufReader, Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Payload, ProtocolError};
 use crate::protocol::{self, FrameBuf, HEADER, Hello, MAX_FRAME, PROTOCOL_VERSION, PanicReport, Tag};
 use crate::registry::Registry;
+use crate::transport::{recv_with_fds, send_with_fds};
 
 /// Set in a worker's environment by its parent: `version:fd:parent-pid:secret-hex`.
 pub(crate) const ENV: &str = "OFFLOAD_WORKER";
@@ -140,32 +141,74 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
     protocol::append(frame.body(), &hello, Payload::Message).map_err(std::io::Error::other)?;
     (&stream).write_all(&frame.finish().map_err(std::io::Error::other)?)?;
 
-    let mut reader = BufReader::with_capacity(64 * 1024, &stream);
-    let mut request = Vec::new();
+    let mut inbox = Inbox::default();
     let mut reply = Vec::new();
     loop {
-        let mut header = [0u8; HEADER];
-        match reader.read_exact(&mut header) {
-            Ok(()) => {}
+        let Some(fds) = inbox.next_call(&stream)? else {
             // The parent closed the channel: it is done with us, or gone.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let (len, tag) = protocol::parse_header(header, MAX_FRAME).map_err(std::io::Error::other)?;
-        if tag != Tag::Call {
-            return Err(std::io::Error::other(format!("expected a call frame, got {tag:?}")));
-        }
-        request.clear();
-        request.reserve(len);
-        (&mut reader).take(len as u64).read_to_end(&mut request)?;
-        if request.len() != len {
             return Ok(());
-        }
-        reply = answer(&request, reply);
-        (&stream).write_all(&reply)?;
+        };
+        reply = answer(&inbox.buf[HEADER..inbox.frame_len], fds, reply);
+        let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
+        send_with_fds(&stream, &reply, &reply_fds, rustix::net::SendFlags::empty())?;
+        drop(reply_fds);
         // What the function printed reaches the terminal now, not at some later call.
         let _ = std::io::stdout().flush();
     }
+}
+
+/// The worker's read side: one call frame at a time, with the descriptors that came with it.
+#[derive(Default)]
+struct Inbox {
+    buf: Vec<u8>,
+    filled: usize,
+    /// Header and body of the frame last returned.
+    frame_len: usize,
+}
+
+impl Inbox {
+    /// Reads the next call frame into `buf[..frame_len]`; `None` at end of stream.
+    fn next_call(&mut self, stream: &UnixStream) -> std::io::Result<Option<Vec<OwnedFd>>> {
+        // The parent sends one call and waits for its reply: nothing follows a frame.
+        self.buf.copy_within(self.frame_len..self.filled, 0);
+        self.filled -= self.frame_len;
+        self.frame_len = 0;
+        let mut fds = Vec::new();
+        let mut need = HEADER;
+        loop {
+            if self.filled >= HEADER && need == HEADER {
+                let header: [u8; HEADER] = self.buf[..HEADER].try_into().expect("header length");
+                let (len, tag) = protocol::parse_header(header, MAX_FRAME).map_err(std::io::Error::other)?;
+                if tag != Tag::Call {
+                    return Err(std::io::Error::other(format!("expected a call frame, got {tag:?}")));
+                }
+                need = HEADER + len;
+            }
+            if self.filled >= need && need > HEADER {
+                self.frame_len = need;
+                return Ok(Some(fds));
+            }
+            let want = need.max(64 * 1024);
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            let n = recv_with_fds(
+                stream,
+                &mut self.buf[self.filled..],
+                &mut fds,
+                rustix::net::RecvFlags::empty(),
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.filled += n;
+        }
+    }
+}
+
+thread_local! {
+    /// Descriptors of the shared buffers in the return value being sent.
+    static REPLY_FDS: RefCell<Vec<OwnedFd>> = const { RefCell::new(Vec::new()) };
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -174,8 +217,8 @@ fn serve(_env: WorkerEnv) -> std::io::Result<()> {
 }
 
 /// Runs one call and builds its reply in `buf`: a frame of forwarded log events if the
-/// function emitted any, then the reply frame.
-fn answer(body: &[u8], buf: Vec<u8>) -> Vec<u8> {
+/// function emitted any, then the reply frame. `fds` came with the call frame.
+fn answer(body: &[u8], fds: Vec<OwnedFd>, buf: Vec<u8>) -> Vec<u8> {
     let result = protocol::split_call(body).and_then(|call| {
         Registry::get().lookup(call.name).map(|entry| (entry.invoke, call)).ok_or_else(|| {
             ProtocolError::Invalid(format!("no offloaded function is registered as `{}`", call.name))
@@ -186,7 +229,7 @@ fn answer(body: &[u8], buf: Vec<u8>) -> Vec<u8> {
         Err(fault) => return fault_frame(buf, &fault),
     };
     logs::start_call(call.log_level);
-    let reply = run(invoke, call.args, buf);
+    let reply = protocol::fds::supplying(fds, || run(invoke, call.args, buf));
     match logs::finish_call() {
         None => reply,
         Some(mut log_frame) => {
@@ -241,7 +284,10 @@ pub fn decode_args<T: DeserializeOwned>(input: &[u8]) -> Result<T, ProtocolError
 pub fn encode_return<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
     let size = protocol::checked_size(value, Payload::ReturnValue, MAX_PAYLOAD.load(Ordering::Relaxed))?;
     out.reserve(size);
-    protocol::append(out, value, Payload::ReturnValue)
+    let (appended, fds) = protocol::fds::collecting(|| protocol::append(out, value, Payload::ReturnValue));
+    appended?;
+    REPLY_FDS.with(|f| *f.borrow_mut() = fds);
+    Ok(())
 }
 
 /// The worker's end of its channel, for [`write_garbage_to_channel`]; -1 outside a worker.

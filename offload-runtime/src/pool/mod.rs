@@ -193,8 +193,12 @@ impl Backoff {
         *self = Backoff::default();
     }
 
-    /// The error for a call that arrives while the pool waits before trying again.
+    /// The error for a call that arrives while the pool waits before trying again. A single
+    /// failure is retried at once: only failures in a row make calls wait.
     fn refusal(&self) -> Option<io::Error> {
+        if self.failures < 2 {
+            return None;
+        }
         let left = self.retry_at?.checked_duration_since(Instant::now())?;
         Some(io::Error::other(format!(
             "workers of this pool failed to start {} times in a row (last: {}); the next attempt \
@@ -542,6 +546,7 @@ mod tests {
         assert!(backoff.refusal().is_none());
         let error = io::Error::other("boom");
         backoff.failed(&error);
+        assert!(backoff.refusal().is_none(), "one failure is retried at once");
         let first = backoff.retry_at.unwrap().duration_since(Instant::now());
         assert!(first <= BACKOFF_START, "{first:?}");
         for _ in 0..40 {

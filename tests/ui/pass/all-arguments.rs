@@ -49,6 +49,39 @@ fn limit_edges() {}
 #[offload(memory = "1TiB", max_rss = "4096B", max_tasks = 1_000_000, queue = 0x40)]
 fn limit_spellings() {}
 
+#[offload(breaker)]
+fn breaker_defaults() {}
+
+#[offload(breaker())]
+fn breaker_empty() {}
+
+#[offload(breaker(failures = 1))]
+fn breaker_failures() {}
+
+#[offload(breaker(reset = "1m 30s",), timeout = "1s")]
+fn breaker_reset() {}
+
+#[offload(breaker(reset = "250ms", failures = 4_294_967_295))]
+fn breaker_edges() {}
+
+fn fallback(value: u64) -> u64 {
+    value
+}
+
+async fn fallback_later(value: u64) -> u64 {
+    value
+}
+
+#[offload(fallback = fallback)]
+fn sync_fallback(value: u64) -> u64 {
+    value
+}
+
+#[offload(fallback = fallback_later, breaker(failures = 2, reset = "5s"))]
+fn async_fallback(value: u64) -> u64 {
+    value
+}
+
 #[offload(
     timeout = "10s",
     workers = "2",
@@ -58,6 +91,8 @@ fn limit_spellings() {}
     max_tasks = 50,
     max_rss = "1KB",
     pool = "every argument",
+    breaker(failures = 3, reset = "1m"),
+    fallback = crate::fallback,
     crate = "::offload",
 )]
 fn every_argument(value: u64) -> u64 {

@@ -53,4 +53,20 @@ fn settings(value: u64) -> ::core::option::Option<u64> {
 #[::offload::offload(workers = "cpus/2")]
 fn nothing() {}
 
+fn fallback(value: u64) -> ::core::option::Option<u64> {
+    ::core::option::Option::Some(value)
+}
+
+async fn nothing_instead(_: (u64, u64)) {}
+
+#[::offload::offload(breaker(failures = 2, reset = "1m"), fallback = fallback)]
+fn with_fallback(value: u64) -> ::core::option::Option<u64> {
+    ::core::option::Option::Some(value)
+}
+
+#[::offload::offload(breaker, fallback = nothing_instead)]
+fn with_async_fallback((a, b): (u64, u64)) {
+    let _ = a + b;
+}
+
 fn main() {}

@@ -15,9 +15,18 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use rustix::net::{RecvFlags, SendFlags};
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags,
+};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+
+pub(crate) mod shm;
 
 use crate::error::ProtocolError;
 use crate::protocol::{self, HEADER, Tag};
@@ -84,8 +93,10 @@ impl Channel {
                 )));
             }
             self.stream.set_read_timeout(Some(left))?;
-            let n = match rustix::net::recv(&self.stream, self.inbox.spare(), RecvFlags::empty()) {
-                Ok((n, _)) => n,
+            self.inbox.spare();
+            let Inbox { buf, filled, fds, .. } = &mut self.inbox;
+            let n = match recv_with_fds(&self.stream, &mut buf[*filled..], fds, RecvFlags::empty()) {
+                Ok(n) => n,
                 Err(e) if e == rustix::io::Errno::INTR || e == rustix::io::Errno::AGAIN => continue,
                 Err(e) => return Err(io::Error::from(e).into()),
             };
@@ -113,20 +124,23 @@ impl Channel {
     pub(crate) async fn round_trip(
         &mut self,
         frame: &[u8],
+        fds: &[OwnedFd],
         on_log: &mut (dyn FnMut(&[u8]) + Send),
-    ) -> Result<(Tag, &[u8]), TransportError> {
+    ) -> Result<Reply<'_>, TransportError> {
         let Channel { registered, stream, inbox, max_frame } = self;
         inbox.shrink();
+        inbox.fds.clear();
         // Most requests fit in the socket buffer: write without waiting for readiness, which
-        // a fresh registration would only learn after a turn of the reactor.
-        let mut written = match send(stream, frame) {
+        // a fresh registration would only learn after a turn of the reactor. Descriptors go
+        // with the first byte.
+        let mut written = match send_with_fds(stream, frame, fds, SendFlags::DONTWAIT) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             other => other?,
         };
         let fd = registration(registered, stream)?;
         while written < frame.len() {
             let mut ready = fd.writable().await?;
-            match ready.try_io(|_| send(stream, &frame[written..])) {
+            match ready.try_io(|_| send(stream, &frame[written..], if written == 0 { fds } else { &[] })) {
                 Ok(n) => written += n?,
                 Err(_would_block) => continue,
             }
@@ -138,14 +152,14 @@ impl Channel {
                     on_log(&inbox.buf[range]);
                     continue;
                 }
-                return Ok((tag, &inbox.buf[range]));
+                let fds = std::mem::take(&mut inbox.fds);
+                return Ok(Reply { tag, body: &inbox.buf[range], fds });
             }
             let mut ready = fd.readable().await?;
-            let spare = inbox.spare();
+            inbox.spare();
+            let Inbox { buf, filled, fds, .. } = &mut *inbox;
             let n = match ready.try_io(|_| {
-                rustix::net::recv(&*stream, &mut *spare, RecvFlags::DONTWAIT)
-                    .map(|(n, _)| n)
-                    .map_err(io::Error::from)
+                recv_with_fds(stream, &mut buf[*filled..], fds, RecvFlags::DONTWAIT).map_err(io::Error::from)
             }) {
                 Ok(n) => n?,
                 Err(_would_block) => continue,
@@ -155,10 +169,19 @@ impl Channel {
     }
 }
 
+/// A reply frame and the descriptors (shared buffers) that came with it.
+pub(crate) struct Reply<'c> {
+    pub(crate) tag: Tag,
+    pub(crate) body: &'c [u8],
+    pub(crate) fds: Vec<OwnedFd>,
+}
+
 /// Bytes read from the worker: whole frames, one at a time, and whatever follows them.
 #[derive(Default)]
 struct Inbox {
     buf: Vec<u8>,
+    /// Descriptors received since the last reply.
+    fds: Vec<OwnedFd>,
     /// Valid bytes in `buf`.
     filled: usize,
     /// Length of the frame last handed out, dropped from the front on the next read.
@@ -189,12 +212,11 @@ impl Inbox {
         Ok(Some((tag, HEADER..total)))
     }
 
-    /// Room for the next read.
-    fn spare(&mut self) -> &mut [u8] {
+    /// Makes room for the next read, at `buf[filled..]`.
+    fn spare(&mut self) {
         if self.buf.len() < 4096 {
             self.buf.resize(4096, 0);
         }
-        &mut self.buf[self.filled..]
     }
 
     fn advance(&mut self, n: usize) -> Result<(), TransportError> {
@@ -246,11 +268,43 @@ struct Registered {
     fd: AsyncFd<RawFd>,
 }
 
-/// Sends as much of `bytes` as the socket takes now; 0 when it takes nothing.
-fn send(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
+/// Sends as much of `bytes` as the socket takes now without blocking, `fds` with the first
+/// byte; `WouldBlock` when it takes nothing.
+fn send(stream: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
+    send_with_fds(stream, bytes, fds, SendFlags::DONTWAIT)
+}
+
+/// Sends `bytes` (all of them unless `flags` has `DONTWAIT` and the socket fills up), with
+/// `fds` attached to the first byte. Never raises SIGPIPE.
+pub(crate) fn send_with_fds(
+    stream: &UnixStream,
+    bytes: &[u8],
+    fds: &[OwnedFd],
+    flags: SendFlags,
+) -> io::Result<usize> {
+    let flags = flags | SendFlags::NOSIGNAL;
     let mut sent = 0;
+    if !fds.is_empty() && !bytes.is_empty() {
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+        let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+            return Err(io::Error::other("too many descriptors for one message"));
+        }
+        loop {
+            match rustix::net::sendmsg(stream, &[IoSlice::new(bytes)], &mut control, flags) {
+                Ok(n) => {
+                    sent = n;
+                    break;
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     while sent < bytes.len() {
-        match rustix::net::send(stream, &bytes[sent..], SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+        match rustix::net::send(stream, &bytes[sent..], flags) {
             Ok(n) => sent += n,
             Err(rustix::io::Errno::AGAIN) if sent > 0 => break,
             Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
@@ -259,4 +313,32 @@ fn send(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
         }
     }
     Ok(sent)
+}
+
+/// Receives into `buf`, appending any descriptors that came along to `fds`.
+pub(crate) fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: RecvFlags,
+) -> rustix::io::Result<usize> {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(protocol::fds::MAX))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = loop {
+        match rustix::net::recvmsg(
+            stream,
+            &mut [IoSliceMut::new(buf)],
+            &mut control,
+            flags | RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break other?,
+        }
+    };
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    Ok(received.bytes)
 }

@@ -1,0 +1,296 @@
+//! Shared memory for large arrays: [`SharedBytes`] and [`SharedSlice`].
+//!
+//! Each buffer is an anonymous memory file (`memfd_create`) mapped into this process. When
+//! one is an argument or return value of an offloaded function, only its descriptor crosses
+//! the socket (`SCM_RIGHTS`) with a small handle in the frame; the other process maps the
+//! same pages. Passing 64 MiB costs what passing 64 bytes does.
+//!
+//! Nothing can leak: the memory has no name in any file system, and the kernel frees it when
+//! the last descriptor and mapping are gone, whichever process holds them and however it
+//! ends (a worker that crashes mid-call, a parent killed with SIGKILL).
+//!
+//! No two processes ever use one buffer at once: a buffer is moved into the call (arguments
+//! are taken by value), so the caller cannot touch it while the worker runs, and the worker's
+//! mapping is dropped when the function returns. A buffer the function returns is handed
+//! over the same way.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::OwnedFd;
+
+use serde::de::Error as _;
+use serde::ser::Error as _;
+
+use crate::protocol::fds;
+
+/// A byte buffer in shared memory, to pass to or return from an `#[offload]` function
+/// without copying its contents through the socket.
+///
+/// It dereferences to `[u8]`, so it is written in place like a slice. Create it empty with
+/// [`SharedBytes::new`] and fill it, or copy existing bytes in with
+/// [`SharedBytes::from_slice`]. It can only be serialized as an argument or return value of
+/// an offloaded function; anywhere else serializing it is an error.
+pub struct SharedBytes {
+    /// `None` for an empty buffer, which needs no memory.
+    map: Option<memmap2::MmapMut>,
+    fd: Option<OwnedFd>,
+}
+
+impl SharedBytes {
+    /// A zero-filled buffer of `len` bytes.
+    ///
+    /// # Errors
+    ///
+    /// The memory file could not be created, sized or mapped (for example under a memory
+    /// limit, or on a system other than Linux).
+    pub fn new(len: usize) -> std::io::Result<SharedBytes> {
+        if len == 0 {
+            return Ok(SharedBytes { map: None, fd: None });
+        }
+        let fd = memfd()?;
+        rustix::fs::ftruncate(&fd, len as u64)?;
+        SharedBytes::map(fd, len)
+    }
+
+    /// A buffer holding a copy of `bytes`.
+    ///
+    /// # Errors
+    ///
+    /// As [`SharedBytes::new`].
+    pub fn from_slice(bytes: &[u8]) -> std::io::Result<SharedBytes> {
+        let mut shared = SharedBytes::new(bytes.len())?;
+        shared.copy_from_slice(bytes);
+        Ok(shared)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> std::io::Result<SharedBytes> {
+        // SAFETY: the file is an anonymous memory file that only offload's own handles
+        // reach, and no two processes use it at once (see the module docs), so the mapping
+        // is not changed behind this reference.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&fd)? };
+        Ok(SharedBytes { map: Some(map), fd: Some(fd) })
+    }
+
+    /// The buffer's length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Deref for SharedBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+impl DerefMut for SharedBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.map.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+impl fmt::Debug for SharedBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedBytes").field("len", &self.len()).finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for SharedBytes {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl TryFrom<&[u8]> for SharedBytes {
+    type Error = std::io::Error;
+
+    fn try_from(bytes: &[u8]) -> std::io::Result<SharedBytes> {
+        SharedBytes::from_slice(bytes)
+    }
+}
+
+/// A slice of plain-old-data elements in shared memory; see [`SharedBytes`].
+///
+/// `T` is any [`bytemuck::Pod`] type: integers, floats, arrays of them, `#[repr(C)]`
+/// structs of them. The memory is page-aligned, so every such `T` is aligned.
+pub struct SharedSlice<T> {
+    bytes: SharedBytes,
+    _elements: PhantomData<T>,
+}
+
+impl<T: bytemuck::Pod> SharedSlice<T> {
+    /// A zero-filled slice of `len` elements.
+    ///
+    /// # Errors
+    ///
+    /// As [`SharedBytes::new`]; also when `len` elements do not fit in memory at all.
+    pub fn new(len: usize) -> std::io::Result<SharedSlice<T>> {
+        let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::OutOfMemory, "shared slice length overflows")
+        })?;
+        Ok(SharedSlice { bytes: SharedBytes::new(bytes)?, _elements: PhantomData })
+    }
+
+    /// A slice holding a copy of `elements`.
+    ///
+    /// # Errors
+    ///
+    /// As [`SharedBytes::new`].
+    pub fn from_slice(elements: &[T]) -> std::io::Result<SharedSlice<T>> {
+        let bytes = SharedBytes::from_slice(bytemuck::cast_slice(elements))?;
+        Ok(SharedSlice { bytes, _elements: PhantomData })
+    }
+
+    /// The shared bytes behind the slice.
+    pub fn into_bytes(self) -> SharedBytes {
+        self.bytes
+    }
+}
+
+impl<T: bytemuck::Pod> Deref for SharedSlice<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        bytemuck::cast_slice(&self.bytes)
+    }
+}
+
+impl<T: bytemuck::Pod> DerefMut for SharedSlice<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        bytemuck::cast_slice_mut(&mut self.bytes)
+    }
+}
+
+impl<T: bytemuck::Pod + fmt::Debug> fmt::Debug for SharedSlice<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedSlice").field("len", &self.len()).finish_non_exhaustive()
+    }
+}
+
+impl<T: bytemuck::Pod> TryFrom<&[T]> for SharedSlice<T> {
+    type Error = std::io::Error;
+
+    fn try_from(elements: &[T]) -> std::io::Result<SharedSlice<T>> {
+        SharedSlice::from_slice(elements)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn memfd() -> std::io::Result<OwnedFd> {
+    use rustix::fs::{MemfdFlags, memfd_create};
+    Ok(memfd_create("offload-shared", MemfdFlags::CLOEXEC)?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn memfd() -> std::io::Result<OwnedFd> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "shared buffers need Linux"))
+}
+
+const NAME: &str = "offload::SharedBytes";
+
+impl serde::Serialize for SharedBytes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let index = match &self.fd {
+            Some(fd) => fds::attach(fd).map_err(S::Error::custom)?,
+            None => u32::MAX,
+        };
+        serializer.serialize_newtype_struct(NAME, &(index, self.len() as u64))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SharedBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<SharedBytes, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename = "offload::SharedBytes")]
+        struct Handle((u32, u64));
+
+        let Handle((index, len)) = Handle::deserialize(deserializer)?;
+        if len == 0 {
+            return Ok(SharedBytes { map: None, fd: None });
+        }
+        let fd = fds::take(index)
+            .ok_or_else(|| D::Error::custom("a shared buffer's descriptor did not arrive with the frame"))?;
+        let size =
+            rustix::fs::fstat(&fd).map_err(|e| D::Error::custom(format!("shared buffer: {e}")))?.st_size;
+        let len = usize::try_from(len).map_err(D::Error::custom)?;
+        if (size as u64) < len as u64 {
+            return Err(D::Error::custom("a shared buffer is smaller than its handle says"));
+        }
+        SharedBytes::map(fd, len).map_err(|e| D::Error::custom(format!("could not map a shared buffer: {e}")))
+    }
+}
+
+impl<T: bytemuck::Pod> serde::Serialize for SharedSlice<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.bytes.serialize(serializer)
+    }
+}
+
+impl<'de, T: bytemuck::Pod> serde::Deserialize<'de> for SharedSlice<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<SharedSlice<T>, D::Error> {
+        let bytes = SharedBytes::deserialize(deserializer)?;
+        if size_of::<T>() != 0 && !bytes.len().is_multiple_of(size_of::<T>()) {
+            return Err(D::Error::custom("a shared slice's length is not a whole number of elements"));
+        }
+        Ok(SharedSlice { bytes, _elements: PhantomData })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: serde::Serialize + serde::de::DeserializeOwned>(value: &T) -> T {
+        let (encoded, fds) = fds::collecting(|| postcard::to_stdvec(value).unwrap());
+        fds::supplying(fds, || postcard::from_bytes(&encoded).unwrap())
+    }
+
+    #[test]
+    fn bytes_cross_by_descriptor_and_share_pages() {
+        let page = rustix::param::page_size();
+        for len in [0, 1, page - 1, page, page + 1] {
+            let mut a = SharedBytes::new(len).unwrap();
+            for (i, b) in a.iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
+            let mut b = round_trip(&a);
+            assert_eq!(a, b, "len {len}");
+            if len > 0 {
+                // The same pages: a write through one mapping shows through the other.
+                b[0] = 0xAB;
+                assert_eq!(a[0], 0xAB);
+            }
+        }
+    }
+
+    #[test]
+    fn slices_of_pod_types() {
+        let values: Vec<f64> = (0..1000).map(|i| i as f64 * 0.5).collect();
+        let shared = SharedSlice::from_slice(&values).unwrap();
+        let back: SharedSlice<f64> = round_trip(&shared);
+        assert_eq!(&*back, &values[..]);
+    }
+
+    #[test]
+    fn refused_outside_a_call() {
+        let shared = SharedBytes::from_slice(b"abc").unwrap();
+        let err = postcard::to_stdvec(&shared).unwrap_err();
+        assert!(matches!(err, postcard::Error::SerdeSerCustom), "{err:?}");
+    }
+
+    #[test]
+    fn a_handle_without_its_descriptor_is_an_error() {
+        let shared = SharedBytes::from_slice(b"abc").unwrap();
+        let (encoded, _fds) = fds::collecting(|| postcard::to_stdvec(&shared).unwrap());
+        let decoded: Result<SharedBytes, _> = fds::supplying(Vec::new(), || postcard::from_bytes(&encoded));
+        assert!(decoded.is_err());
+    }
+}

@@ -1,0 +1,153 @@
+//! Shared buffers cross the process boundary by descriptor, in both directions, with their
+//! contents intact; nothing is left behind when a worker crashes mid-call; large ordinary
+//! payloads work up to `max_payload` and fail cleanly past it.
+
+mod support;
+
+use offload::{Error, Payload, SharedBytes, SharedSlice, offload};
+
+/// Runs of 251 bytes (a prime, so runs straddle page boundaries), each its own value.
+const RUN: usize = 251;
+
+fn fill(buffer: &mut [u8], seed: u8) {
+    for (k, run) in buffer.chunks_mut(RUN).enumerate() {
+        run.fill(k as u8 ^ seed);
+    }
+}
+
+fn holds(buffer: &[u8], seed: u8) -> bool {
+    buffer.chunks(RUN).enumerate().all(|(k, run)| run == &[k as u8 ^ seed; RUN][..run.len()])
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut v = vec![0; len];
+    fill(&mut v, seed);
+    v
+}
+
+/// Checks the buffer, then writes a new pattern into it in place and returns it.
+#[offload(workers = "1", timeout = "60s")]
+fn flip(mut buffer: SharedBytes, seed: u8) -> (bool, SharedBytes) {
+    let ok = holds(&buffer, seed);
+    fill(&mut buffer, !seed);
+    (ok, buffer)
+}
+
+/// Creates a buffer in the worker and fills it.
+#[offload(workers = "1", timeout = "60s")]
+fn make(len: usize, seed: u8) -> SharedBytes {
+    let mut buffer = SharedBytes::new(len).unwrap();
+    fill(&mut buffer, seed);
+    buffer
+}
+
+#[offload(workers = "1", timeout = "60s")]
+fn sum(values: SharedSlice<u64>) -> (u64, SharedSlice<f32>) {
+    let total = values.iter().sum();
+    let mut halves = SharedSlice::<f32>::new(values.len()).unwrap();
+    for (h, v) in halves.iter_mut().zip(values.iter()) {
+        *h = *v as f32 / 2.0;
+    }
+    (total, halves)
+}
+
+#[offload(workers = "1", timeout = "60s")]
+fn crash_with(buffer: SharedBytes) -> usize {
+    if !buffer.is_empty() {
+        std::process::abort();
+    }
+    buffer.len()
+}
+
+/// The length and a sample of every mebibyte.
+#[offload(workers = "1", timeout = "120s")]
+fn length(data: Vec<u8>) -> (usize, Vec<u8>) {
+    (data.len(), data.iter().step_by(1 << 20).copied().collect())
+}
+
+#[offload(workers = "1", timeout = "60s", max_payload = "1MiB")]
+fn capped(data: Vec<u8>) -> usize {
+    data.len()
+}
+
+#[offload(workers = "1", timeout = "60s", max_payload = "1MiB")]
+fn capped_result(len: usize) -> Vec<u8> {
+    vec![1; len]
+}
+
+/// Descriptors of this process that are shared buffers.
+fn shared_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("offload-shared"))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn bytes_both_ways_at_many_sizes() {
+    let page = rustix::param::page_size();
+    for len in [0, 1, page - 1, page, page + 1, 64 << 20] {
+        let buffer = SharedBytes::from_slice(&pattern(len, 3)).unwrap();
+        let (ok, back) = flip(buffer, 3).await.unwrap();
+        assert!(ok, "the worker saw the caller's bytes (len {len})");
+        assert_eq!(back.len(), len);
+        assert!(holds(&back, !3), "the caller sees what the worker wrote (len {len})");
+
+        let made = make(len, 9).await.unwrap();
+        assert_eq!(made.len(), len);
+        assert!(holds(&made, 9), "len {len}");
+    }
+}
+
+#[tokio::test]
+async fn typed_slices_both_ways() {
+    let values: Vec<u64> = (0..100_000).collect();
+    let (total, halves) = sum(SharedSlice::from_slice(&values).unwrap()).await.unwrap();
+    assert_eq!(total, values.iter().sum::<u64>());
+    assert_eq!(halves.len(), values.len());
+    assert_eq!(halves[10], 5.0);
+    assert_eq!(halves[99_999], 49_999.5);
+}
+
+#[tokio::test]
+async fn a_crash_mid_call_leaves_no_shared_memory() {
+    crash_with(SharedBytes::new(0).unwrap()).await.unwrap();
+    let before = shared_fds();
+    let buffer = SharedBytes::from_slice(&[1; 1 << 20]).unwrap();
+    let err = crash_with(buffer).await.unwrap_err();
+    assert!(matches!(err, Error::Crashed { .. }), "{err:?}");
+    // The caller's buffer was moved into the call and dropped with it; the worker's mapping
+    // died with the worker.
+    assert_eq!(shared_fds(), before, "a shared buffer outlived the call");
+    assert_eq!(crash_with(SharedBytes::new(0).unwrap()).await.unwrap(), 0, "the pool recovered");
+}
+
+#[tokio::test]
+async fn payloads_over_the_limit_fail_before_anything_is_sent() {
+    let err = capped(vec![0; 2 << 20]).await.unwrap_err();
+    assert!(
+        matches!(err, Error::PayloadTooLarge { what: Payload::Arguments, max, .. } if max == 1 << 20),
+        "{err:?}"
+    );
+    let err = capped_result(2 << 20).await.unwrap_err();
+    assert!(
+        matches!(err, Error::PayloadTooLarge { what: Payload::ReturnValue, max, .. } if max == 1 << 20),
+        "{err:?}"
+    );
+    // The worker refused to send, and serves on.
+    assert_eq!(capped(vec![0; 1000]).await.unwrap(), 1000);
+    assert_eq!(capped_result(10).await.unwrap(), vec![1; 10]);
+}
+
+#[tokio::test]
+async fn a_300_mib_argument_works() {
+    let mut data = vec![0u8; 300 << 20];
+    for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
+        chunk.fill(i as u8);
+    }
+    let expected: Vec<u8> = (0..300).map(|i| i as u8).collect();
+    assert_eq!(length(data).await.unwrap(), (300 << 20, expected));
+}
