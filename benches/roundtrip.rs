@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
@@ -95,65 +96,98 @@ fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
     (at(0.50), at(0.99))
 }
 
+/// Times `n` calls of `f`, appending each to `out`.
+async fn sample(out: &mut Vec<Duration>, n: usize, mut f: impl AsyncFnMut(u64)) {
+    for i in 0..n as u64 {
+        let t = Instant::now();
+        f(i).await;
+        out.push(t.elapsed());
+    }
+}
+
+/// A subscriber that wants everything down to `debug`, as a service logging at debug would:
+/// every call's span is created and its fields recorded. It keeps nothing but counts.
+struct DebugSubscriber(AtomicU64);
+
+impl tracing::Subscriber for DebugSubscriber {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= tracing::Level::DEBUG
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(self.0.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 /// p50 and p99 of `n` sequential calls of each kind, interleaved in rounds so that noise on
-/// the machine hits all three alike.
+/// the machine hits all of them alike.
 fn latency_table(n: usize) {
     let rt = runtime();
     rt.block_on(async {
         let mut raw = RawPeer::start();
-        // Warm up: start the worker, fault in the code paths.
+        // Warm up: start the workers, fault in the code paths.
         for i in 0..2_000 {
             trivial(i).await.unwrap();
             trivial_bounded(i).await.unwrap();
             raw.ping(i).await;
             tokio::task::spawn_blocking(move || i + 1).await.unwrap();
         }
-        let (mut off, mut bounded, mut sock, mut blocking) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for round in 0..10 {
-            for i in 0..(n / 10) as u64 {
-                let x = round * 1_000_000 + i;
-                let t = Instant::now();
-                assert_eq!(trivial(x).await.unwrap(), x + 1);
-                off.push(t.elapsed());
+        let subscriber = std::sync::Arc::new(DebugSubscriber(AtomicU64::new(0)));
+        let [mut off, mut bounded, mut traced, mut monitored, mut sock, mut blocking] =
+            std::array::from_fn(|_| Vec::with_capacity(n));
+        let per_round = n / 10;
+        for _ in 0..10 {
+            sample(&mut off, per_round, async |i| assert_eq!(trivial(i).await.unwrap(), i + 1)).await;
+            sample(&mut bounded, per_round, async |i| assert_eq!(trivial_bounded(i).await.unwrap(), i + 1))
+                .await;
+            {
+                let _traced = tracing::subscriber::set_default(std::sync::Arc::clone(&subscriber));
+                sample(&mut traced, per_round, async |i| assert_eq!(trivial(i).await.unwrap(), i + 1)).await;
             }
-            for i in 0..(n / 10) as u64 {
-                let t = Instant::now();
-                assert_eq!(trivial_bounded(i).await.unwrap(), i + 1);
-                bounded.push(t.elapsed());
+            {
+                let _monitor = offload::diagnostics::LagMonitor::start();
+                sample(&mut monitored, per_round, async |i| assert_eq!(trivial(i).await.unwrap(), i + 1))
+                    .await;
             }
-            for i in 0..(n / 10) as u64 {
-                let t = Instant::now();
-                assert_eq!(raw.ping(i).await, i + 1);
-                sock.push(t.elapsed());
-            }
-            for i in 0..(n / 10) as u64 {
-                let t = Instant::now();
-                assert_eq!(tokio::task::spawn_blocking(move || i.wrapping_add(1)).await.unwrap(), i + 1);
-                blocking.push(t.elapsed());
-            }
+            sample(&mut sock, per_round, async |i| assert_eq!(raw.ping(i).await, i + 1)).await;
+            sample(&mut blocking, per_round, async |i| {
+                assert_eq!(tokio::task::spawn_blocking(move || i.wrapping_add(1)).await.unwrap(), i + 1)
+            })
+            .await;
         }
-        let (o50, o99) = percentiles(off);
-        let (q50, q99) = percentiles(bounded);
-        let (s50, s99) = percentiles(sock);
-        let (b50, b99) = percentiles(blocking);
+        assert!(subscriber.0.load(Ordering::Relaxed) > 0, "the subscriber saw the calls");
+        let rows = [
+            ("offload", percentiles(off)),
+            ("offload queue=64", percentiles(bounded)),
+            ("offload + debug subscriber", percentiles(traced)),
+            ("offload + lag monitor", percentiles(monitored)),
+            ("raw socket", percentiles(sock)),
+            ("spawn_blocking", percentiles(blocking)),
+        ];
         println!("\nround trip of a trivial call, {n} samples each (current_thread runtime):");
-        println!("  {:<16} {:>10} {:>10}", "", "p50", "p99");
-        println!("  {:<16} {:>10.1?} {:>10.1?}", "offload", o50, o99);
-        println!("  {:<16} {:>10.1?} {:>10.1?}", "offload queue=64", q50, q99);
-        println!("  {:<16} {:>10.1?} {:>10.1?}", "raw socket", s50, s99);
-        println!("  {:<16} {:>10.1?} {:>10.1?}", "spawn_blocking", b50, b99);
-        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
-        println!(
-            "  offload / raw socket: p50 {:.2}x, p99 {:.2}x (target: p50 at most 1.5x)",
-            ratio(o50, s50),
-            ratio(o99, s99)
-        );
-        println!("  offload / spawn_blocking: p50 {:.2}x, p99 {:.2}x", ratio(o50, b50), ratio(o99, b99));
-        println!(
-            "  bounded queue / unbounded: p50 {:.3}x, p99 {:.3}x (target: under 1.05x)\n",
-            ratio(q50, o50),
-            ratio(q99, o99)
-        );
+        println!("  {:<28} {:>10} {:>10}", "", "p50", "p99");
+        for (name, (p50, p99)) in rows {
+            println!("  {name:<28} {p50:>10.1?} {p99:>10.1?}");
+        }
+        let ratio = |a: usize, b: usize| {
+            let ((a50, a99), (b50, b99)) = (rows[a].1, rows[b].1);
+            format!(
+                "p50 {:.2}x, p99 {:.2}x",
+                a50.as_secs_f64() / b50.as_secs_f64(),
+                a99.as_secs_f64() / b99.as_secs_f64()
+            )
+        };
+        println!("  offload / raw socket: {} (target: p50 at most 1.5x)", ratio(0, 4));
+        println!("  offload / spawn_blocking: {}", ratio(0, 5));
+        println!("  bounded queue / unbounded: {} (target: under 1.05x)", ratio(1, 0));
+        println!("  with debug subscriber / without: {} (target: under 1.10x)", ratio(2, 0));
+        println!("  with lag monitor / without: {} (target: under 1.10x)\n", ratio(3, 0));
     });
 }
 

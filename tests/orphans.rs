@@ -77,3 +77,12 @@ fn parent_killed_with_sigkill_leaves_no_worker() {
         workers.iter().filter(|&&pid| support::alive(pid)).collect::<Vec<_>>()
     );
 }
+
+/// Terminal signals (Ctrl-C sends SIGINT to the foreground process group) reach the parent
+/// only: the workers have a process group of their own.
+#[tokio::test]
+async fn workers_are_not_in_the_parents_process_group() {
+    let pid = linger(0).await.unwrap();
+    let group = |pid| rustix::process::getpgid(rustix::process::Pid::from_raw(pid as i32)).unwrap();
+    assert_ne!(group(pid), group(std::process::id()));
+}

@@ -12,7 +12,8 @@ fn ready() -> u32 {
 #[tokio::test]
 async fn warm_up_starts_workers_before_any_call() {
     assert!(support::worker_children().is_empty(), "pools start lazily");
-    offload::warm_up().await.unwrap();
+    // The future can be spawned like any other.
+    tokio::spawn(offload::warm_up()).await.unwrap().unwrap();
     let workers = support::worker_children();
     assert_eq!(workers.len(), 2, "both workers run before the first call: {workers:?}");
     let pid = ready().await.unwrap();

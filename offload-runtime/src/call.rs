@@ -195,39 +195,58 @@ async fn exchange(
 
     // One timer for the whole call: waiting for a worker and running.
     let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline(timeout)));
-    let mut lease = match before(deadline.as_mut(), pool.acquire()).await {
-        Some(Ok(lease)) => lease,
-        Some(Err(e)) => {
-            tracing::debug!(error = ?e, "offload call got no worker");
-            return Err(e.into_error(entry.display()));
+    // A worker that died while idle is found when the call cannot be sent to it: then the
+    // call goes to another worker, as if it had waited in the queue a little longer.
+    let mut dead_idle = 0;
+    let (mut lease, sent) = loop {
+        let mut lease = match before(deadline.as_mut(), pool.acquire()).await {
+            Some(Ok(lease)) => lease,
+            Some(Err(e)) => {
+                tracing::debug!(error = ?e, "offload call got no worker");
+                return Err(e.into_error(entry.display()));
+            }
+            None => {
+                tracing::warn!(?timeout, "offload call timed out waiting for a worker");
+                return Err(timed_out(None));
+            }
+        };
+        if record.admission == Some(Admission::Pass)
+            && let Some(retry_in) = entry.breaker_state.opened_since()
+        {
+            lease.release_unused();
+            return Err(Error::CircuitOpen { entry: entry.display(), retry_in });
         }
-        None => {
-            tracing::warn!(?timeout, "offload call timed out waiting for a worker");
+        if deadline.is_elapsed() {
+            // The worker came as the deadline passed: a call whose deadline passed in the queue
+            // is never started.
+            lease.release_unused();
             return Err(timed_out(None));
+        }
+        match lease.worker().channel().start_send(frame, fds) {
+            Err(TransportError::NotSent) if dead_idle < pool.settings.workers.get() => {
+                dead_idle += 1;
+                tracing::warn!(pid = lease.worker().pid, "offload worker died while idle; replacing it");
+                drop(lease.end(Ending::Exited, RestartCause::DiedIdle));
+            }
+            Ok(sent) => break (lease, Ok(sent)),
+            Err(e) => break (lease, Err(e)),
         }
     };
     let queue_wait = record.started.elapsed();
     record.queue_wait = Some(queue_wait);
-    if record.admission == Some(Admission::Pass)
-        && let Some(retry_in) = entry.breaker_state.opened_since()
-    {
-        lease.release_unused();
-        return Err(Error::CircuitOpen { entry: entry.display(), retry_in });
-    }
-    if deadline.is_elapsed() {
-        // The worker came as the deadline passed: a call whose deadline passed in the queue
-        // is never started.
-        lease.release_unused();
-        return Err(timed_out(None));
-    }
     let pid = lease.worker().pid;
     span.record("pid", pid);
     span.record("queue_wait_us", queue_wait.as_micros() as u64);
     tracing::debug!("dispatch");
 
-    let sent = Instant::now();
-    let outcome = before(deadline, lease.worker().channel().round_trip(frame, fds, &mut forward_logs)).await;
-    let run_time = sent.elapsed();
+    let started = Instant::now();
+    let outcome = match sent {
+        Ok(sent) => {
+            before(deadline, lease.worker().channel().round_trip(frame, fds, sent, &mut forward_logs)).await
+        }
+        Err(e) => Some(Err(e)),
+    };
+    let run_time = started.elapsed();
     record.run_time = Some(run_time);
     span.record("run_us", run_time.as_micros() as u64);
     let Reply { tag, body, fds } = match outcome {
@@ -241,7 +260,9 @@ async fn exchange(
             drop(lease.end(Ending::Kill, RestartCause::Crashed));
             return Err(Error::Shutdown { entry: entry.display() });
         }
-        Some(Err(TransportError::Closed)) => return Err(crashed(entry, pool, lease, pid).await),
+        Some(Err(TransportError::Closed | TransportError::NotSent)) => {
+            return Err(crashed(entry, pool, lease, pid).await);
+        }
         Some(Err(TransportError::Io(e))) => {
             drop(lease.end(Ending::Kill, RestartCause::Protocol));
             let kind = ProtocolError::Invalid(format!("the channel to worker {pid} failed: {e}"));

@@ -150,7 +150,20 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
         };
         reply = answer(&inbox.buf[HEADER..inbox.frame_len], fds, reply);
         let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
-        send_with_fds(&stream, &reply, &reply_fds, rustix::net::SendFlags::empty())?;
+        match send_with_fds(&stream, &reply, &reply_fds, rustix::net::SendFlags::empty()) {
+            Ok(_) => {}
+            // The parent closed the channel while we worked (it gave up on the call, or is
+            // gone): nothing to report to anyone.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
         drop(reply_fds);
         // What the function printed reaches the terminal now, not at some later call.
         let _ = std::io::stdout().flush();

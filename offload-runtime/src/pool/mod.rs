@@ -161,13 +161,13 @@ pub(crate) fn stats() -> Vec<PoolStats> {
 
 /// Starts the workers of every pool in this binary and waits for their handshakes.
 pub(crate) async fn warm_up_all() -> Result<(), Error> {
-    let mut seen: Vec<*const Pool> = Vec::new();
+    let mut seen: Vec<&'static Arc<Pool>> = Vec::new();
     for entry in Registry::get().entries() {
         let pool = for_entry(entry).map_err(|message| Error::Config { entry: entry.display(), message })?;
-        if seen.contains(&Arc::as_ptr(pool)) {
+        if seen.iter().any(|p| Arc::ptr_eq(p, pool)) {
             continue;
         }
-        seen.push(Arc::as_ptr(pool));
+        seen.push(pool);
         pool.warm_up().await.map_err(|e| e.into_error(entry.display()))?;
     }
     Ok(())
@@ -293,10 +293,10 @@ impl Pool {
                     tracing::warn!(
                         pool = self.name,
                         pid = dead.pid,
-                        "offload worker died while idle; replacing it"
+                        "offload worker sent data nobody asked for; replacing it"
                     );
-                    self.metrics.restarted(RestartCause::DiedIdle);
-                    drop(dead.end(Ending::Exited, "died idle"));
+                    self.metrics.restarted(RestartCause::Protocol);
+                    drop(dead.end(Ending::Kill, "protocol"));
                 }
                 Slot::Starting(starting) => {
                     let started = starting
@@ -401,7 +401,10 @@ impl Pool {
 
     fn unlease(&self, pid: u32) {
         lock(&self.leased).remove(&pid);
-        self.returned.notify_waiters();
+        // Only shutdown waits for leases to end, and only after closing the pool.
+        if self.is_closed() {
+            self.returned.notify_waiters();
+        }
     }
 }
 

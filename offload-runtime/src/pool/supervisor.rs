@@ -73,9 +73,9 @@ impl Worker {
         self.channel.as_mut().expect("open until the worker is ended")
     }
 
-    /// Whether the worker's end of the channel is closed (it died) or it sent unasked data.
+    /// Whether the worker is unusable: its channel is gone, or it sent unasked data.
     pub(crate) fn is_broken(&self) -> bool {
-        self.channel.as_ref().is_none_or(Channel::is_broken)
+        self.channel.as_ref().is_none_or(Channel::has_unasked_data)
     }
 
     /// Its resident memory now, from `/proc/<pid>/statm`.
@@ -229,7 +229,9 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
     use std::os::unix::process::CommandExt;
 
     use rustix::io::{FdFlags, fcntl_setfd};
-    use rustix::process::{Resource, Rlimit, Signal, getppid, set_parent_process_death_signal, setrlimit};
+    use rustix::process::{
+        Resource, Rlimit, Signal, getppid, set_parent_process_death_signal, setpgid, setrlimit,
+    };
 
     let (ours, theirs) = UnixStream::pair()?;
     let parent = std::process::id();
@@ -254,6 +256,9 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
     unsafe {
         command.pre_exec(move || {
             set_parent_process_death_signal(Some(Signal::KILL))?;
+            // A process group of its own: Ctrl-C in a terminal signals the parent's group,
+            // and the parent, not the terminal, decides what happens to its workers.
+            setpgid(None, None)?;
             // The parent may have died before the signal was armed: then nobody would kill us.
             if getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(parent) {
                 return Err(io::Error::other("the parent exited during spawn"));
@@ -306,7 +311,9 @@ fn start_worker(_config: WorkerConfig) -> io::Result<Worker> {
 fn handshake(channel: &mut Channel, secret: [u8; 16], pid: u32) -> Result<(), String> {
     let (tag, body) = match channel.recv_blocking(HANDSHAKE_TIMEOUT) {
         Ok(frame) => frame,
-        Err(TransportError::Closed) => return Err("exited before its handshake".into()),
+        Err(TransportError::Closed | TransportError::NotSent) => {
+            return Err("exited before its handshake".into());
+        }
         Err(TransportError::Io(e)) => return Err(format!("failed its handshake: {e}")),
         Err(TransportError::Protocol(e)) => return Err(format!("failed its handshake: {e}")),
     };

@@ -39,6 +39,8 @@ const KEEP_BUFFER: usize = 1 << 20;
 pub(crate) enum TransportError {
     /// The worker's end is closed: it exited or was killed.
     Closed,
+    /// The worker's end was already closed when the call was to be sent: nothing was sent.
+    NotSent,
     /// The socket failed otherwise.
     Io(io::Error),
     /// The worker sent something that is not a frame.
@@ -104,39 +106,43 @@ impl Channel {
         }
     }
 
-    /// Whether the worker's end is closed (or the worker sent something unasked), checked
-    /// without blocking before an idle worker is given a call.
-    pub(crate) fn is_broken(&self) -> bool {
-        if self.inbox.pending() {
-            return true;
-        }
-        let mut probe = [0u8; 1];
-        match rustix::net::recv(&self.stream, &mut probe[..], RecvFlags::PEEK | RecvFlags::DONTWAIT) {
-            Err(rustix::io::Errno::AGAIN) => false,
-            Ok(_) | Err(_) => true,
+    /// Whether the worker sent something it was not asked for: a protocol violation, found
+    /// before an idle worker is given a call. (A worker that died while idle is found by
+    /// the failed send instead: see [`TransportError::NotSent`].)
+    pub(crate) fn has_unasked_data(&self) -> bool {
+        self.inbox.pending()
+    }
+
+    /// Sends as much of `frame` as the socket takes now, with `fds` on its first byte.
+    ///
+    /// Most calls fit in the socket buffer: this writes them without waiting for readiness,
+    /// which a fresh registration would only learn after a turn of the reactor. A worker
+    /// that died while idle is found here: [`TransportError::NotSent`].
+    pub(crate) fn start_send(&mut self, frame: &[u8], fds: &[OwnedFd]) -> Result<usize, TransportError> {
+        match send_with_fds(&self.stream, frame, fds, SendFlags::DONTWAIT) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => match TransportError::from(e) {
+                TransportError::Closed => Err(TransportError::NotSent),
+                other => Err(other),
+            },
         }
     }
 
-    /// Sends `frame` and waits for the reply frame, on the current Tokio runtime. Log frames
-    /// that come before the reply go to `on_log`.
-    ///
-    /// The returned body borrows the channel's buffer until the next call.
+    /// Sends the rest of `frame` after [`Channel::start_send`] wrote `sent` bytes of it, and
+    /// waits for the reply frame, on the current Tokio runtime. Log frames that come before
+    /// the reply go to `on_log`.
     pub(crate) async fn round_trip(
         &mut self,
         frame: &[u8],
         fds: &[OwnedFd],
+        sent: usize,
         on_log: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<Reply<'_>, TransportError> {
         let Channel { registered, stream, inbox, max_frame } = self;
         inbox.shrink();
         inbox.fds.clear();
-        // Most requests fit in the socket buffer: write without waiting for readiness, which
-        // a fresh registration would only learn after a turn of the reactor. Descriptors go
-        // with the first byte.
-        let mut written = match send_with_fds(stream, frame, fds, SendFlags::DONTWAIT) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            other => other?,
-        };
+        let mut written = sent;
         let fd = registration(registered, stream)?;
         while written < frame.len() {
             let mut ready = fd.writable().await?;
