@@ -155,6 +155,33 @@ impl<T: bytemuck::Pod> SharedSlice<T> {
     }
 }
 
+#[cfg(feature = "ndarray")]
+impl<T: bytemuck::Pod> SharedSlice<T> {
+    /// An n-dimensional view of the elements in row-major order, such as `(rows, columns)`.
+    ///
+    /// # Errors
+    ///
+    /// The shape does not hold exactly [`len`](slice::len) elements.
+    pub fn view<D: ndarray::Dimension>(
+        &self,
+        shape: impl ndarray::ShapeBuilder<Dim = D>,
+    ) -> Result<ndarray::ArrayView<'_, T, D>, ndarray::ShapeError> {
+        ndarray::ArrayView::from_shape(shape, &self[..])
+    }
+
+    /// A mutable n-dimensional view of the elements in row-major order.
+    ///
+    /// # Errors
+    ///
+    /// The shape does not hold exactly [`len`](slice::len) elements.
+    pub fn view_mut<D: ndarray::Dimension>(
+        &mut self,
+        shape: impl ndarray::ShapeBuilder<Dim = D>,
+    ) -> Result<ndarray::ArrayViewMut<'_, T, D>, ndarray::ShapeError> {
+        ndarray::ArrayViewMut::from_shape(shape, &mut self[..])
+    }
+}
+
 impl<T: bytemuck::Pod> Deref for SharedSlice<T> {
     type Target = [T];
 
@@ -277,6 +304,16 @@ mod tests {
         let shared = SharedSlice::from_slice(&values).unwrap();
         let back: SharedSlice<f64> = round_trip(&shared);
         assert_eq!(&*back, &values[..]);
+    }
+
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn array_views() {
+        let mut matrix = SharedSlice::<f32>::new(6).unwrap();
+        matrix.view_mut((2, 3)).unwrap()[[1, 2]] = 5.0;
+        assert_eq!(matrix[5], 5.0);
+        assert_eq!(matrix.view((3, 2)).unwrap()[[2, 1]], 5.0);
+        assert!(matrix.view((4, 2)).is_err());
     }
 
     #[test]
