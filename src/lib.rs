@@ -17,3 +17,26 @@ pub use offload_runtime::lag as diagnostics;
 pub mod __private {
     pub use offload_runtime::__private::*;
 }
+
+// Lets `#[offload]` in this crate's own unit tests name the crate as users do.
+#[cfg(test)]
+extern crate self as offload;
+
+#[cfg(test)]
+mod tests {
+    use crate::offload;
+
+    #[offload(workers = "1", timeout = "20s")]
+    fn in_a_worker() -> (bool, u32) {
+        (crate::is_worker(), std::process::id())
+    }
+
+    /// Offloaded functions work in a library's own `#[tokio::test]` unit tests: the unit
+    /// test binary re-executes itself as the worker like any other.
+    #[tokio::test]
+    async fn works_in_unit_tests() {
+        let (is_worker, pid) = in_a_worker().await.unwrap();
+        assert!(is_worker);
+        assert_ne!(pid, std::process::id());
+    }
+}
