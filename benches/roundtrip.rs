@@ -7,17 +7,14 @@
 //! Besides criterion's estimates, prints p50 and p99 of each over many single calls and the
 //! ratios of offload to the baselines.
 
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::net::UnixStream as StdStream;
-use std::os::unix::process::CommandExt;
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const PEER_ROLE: &str = "OFFLOAD_BENCH_ECHO_FD";
+use common::RawPeer;
 
 #[offload::offload(timeout = "30s", workers = "1")]
 fn trivial(x: u64) -> u64 {
@@ -28,62 +25,6 @@ fn trivial(x: u64) -> u64 {
 #[offload::offload(timeout = "30s", workers = "1", queue = 64)]
 fn trivial_bounded(x: u64) -> u64 {
     x.wrapping_add(1)
-}
-
-/// The raw baseline's peer: echo 8-byte messages plus one until EOF.
-fn echo_peer(fd: i32) -> ! {
-    // SAFETY: the parent passed us this descriptor and nothing else owns it.
-    let mut stream = unsafe { StdStream::from_raw_fd(fd) };
-    let mut buf = [0u8; 8];
-    while stream.read_exact(&mut buf).is_ok() {
-        let reply = u64::from_le_bytes(buf).wrapping_add(1).to_le_bytes();
-        if stream.write_all(&reply).is_err() {
-            break;
-        }
-    }
-    std::process::exit(0)
-}
-
-struct RawPeer {
-    stream: tokio::net::UnixStream,
-    child: std::process::Child,
-}
-
-impl RawPeer {
-    fn start() -> RawPeer {
-        let (ours, theirs) = StdStream::pair().unwrap();
-        let fd = theirs.as_raw_fd();
-        let mut command = std::process::Command::new("/proc/self/exe");
-        command.env(PEER_ROLE, fd.to_string());
-        // SAFETY: fcntl is async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                rustix::io::fcntl_setfd(
-                    rustix::fd::BorrowedFd::borrow_raw(fd),
-                    rustix::io::FdFlags::empty(),
-                )?;
-                Ok(())
-            });
-        }
-        let child = command.spawn().unwrap();
-        drop(theirs);
-        ours.set_nonblocking(true).unwrap();
-        RawPeer { stream: tokio::net::UnixStream::from_std(ours).unwrap(), child }
-    }
-
-    async fn ping(&mut self, x: u64) -> u64 {
-        self.stream.write_all(&x.to_le_bytes()).await.unwrap();
-        let mut buf = [0u8; 8];
-        self.stream.read_exact(&mut buf).await.unwrap();
-        u64::from_le_bytes(buf)
-    }
-}
-
-impl Drop for RawPeer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -217,8 +158,8 @@ fn bench(c: &mut Criterion) {
 criterion_group!(benches, bench);
 
 fn main() {
-    if let Some(fd) = std::env::var_os(PEER_ROLE) {
-        echo_peer(fd.to_str().and_then(|s| s.parse().ok()).expect("fd"));
+    if let Some(fd) = common::peer_fd() {
+        common::echo_peer(fd);
     }
     // `cargo test --benches` runs this binary with `--bench` absent: keep that quick.
     let quick = !std::env::args().any(|a| a == "--bench");

@@ -273,7 +273,7 @@ impl Pool {
             }),
         };
         let permit = Arc::clone(&self.permits).acquire_owned().await.map_err(|_| AcquireError::Shutdown)?;
-        let slot = lock(&self.slots).pop().expect("a permit guarantees a slot");
+        let slot = take_slot(&mut lock(&self.slots));
         let mut held = HeldSlot { pool: self, slot: Some(slot) };
         let worker = self.ready_worker(&mut held).await?;
         lock(&self.leased).insert(worker.pid);
@@ -415,6 +415,17 @@ impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The slot a call should take: the idle worker used last (its caches are warm), else the
+/// worker whose start was asked for first (it is ready soonest: the spawner starts workers
+/// one after another), else an empty slot.
+fn take_slot(slots: &mut Vec<Slot>) -> Slot {
+    let ready = slots.iter().rposition(|s| matches!(s, Slot::Ready(_)));
+    let index = ready
+        .or_else(|| slots.iter().position(|s| matches!(s, Slot::Starting(_))))
+        .unwrap_or_else(|| slots.len().checked_sub(1).expect("a permit guarantees a slot"));
+    slots.remove(index)
 }
 
 /// A slot taken from the pool while a call looks for its worker; given back on drop.

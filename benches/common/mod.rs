@@ -1,0 +1,140 @@
+//! What several benches share: a raw peer process for socket baselines, and calibrated CPU
+//! work. Each bench uses a part of it.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream as StdStream;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Set in a raw peer's environment: the number of its end of the socket.
+pub const PEER_ROLE: &str = "OFFLOAD_BENCH_PEER_FD";
+
+/// If this process is a raw peer, its socket's descriptor.
+pub fn peer_fd() -> Option<i32> {
+    std::env::var(PEER_ROLE).ok().and_then(|s| s.parse().ok())
+}
+
+/// The echo peer: answers each 8-byte message with the number plus one, until EOF.
+pub fn echo_peer(fd: i32) -> ! {
+    // SAFETY: the parent passed us this descriptor and nothing else owns it.
+    let mut stream = unsafe { StdStream::from_raw_fd(fd) };
+    let mut buf = [0u8; 8];
+    while stream.read_exact(&mut buf).is_ok() {
+        let reply = u64::from_le_bytes(buf).wrapping_add(1).to_le_bytes();
+        if stream.write_all(&reply).is_err() {
+            break;
+        }
+    }
+    std::process::exit(0)
+}
+
+/// The sink peer: reads a length and that many bytes into a buffer it keeps, answers with
+/// the length, until EOF.
+pub fn sink_peer(fd: i32) -> ! {
+    // SAFETY: the parent passed us this descriptor and nothing else owns it.
+    let mut stream = unsafe { StdStream::from_raw_fd(fd) };
+    let mut buf = Vec::new();
+    let mut len = [0u8; 8];
+    while stream.read_exact(&mut len).is_ok() {
+        buf.resize(u64::from_le_bytes(len) as usize, 0);
+        if stream.read_exact(&mut buf).is_err() || stream.write_all(&len).is_err() {
+            break;
+        }
+    }
+    std::process::exit(0)
+}
+
+/// A child process of this binary talking over a socket pair with blocking reads and
+/// writes, as a worker does: the floor for any process pool.
+pub struct RawPeer {
+    pub stream: tokio::net::UnixStream,
+    child: std::process::Child,
+}
+
+impl RawPeer {
+    pub fn start() -> RawPeer {
+        let (ours, theirs) = StdStream::pair().unwrap();
+        let fd = theirs.as_raw_fd();
+        let mut command = std::process::Command::new("/proc/self/exe");
+        command.env(PEER_ROLE, fd.to_string());
+        // SAFETY: fcntl is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                rustix::io::fcntl_setfd(
+                    rustix::fd::BorrowedFd::borrow_raw(fd),
+                    rustix::io::FdFlags::empty(),
+                )?;
+                Ok(())
+            });
+        }
+        let child = command.spawn().unwrap();
+        drop(theirs);
+        ours.set_nonblocking(true).unwrap();
+        RawPeer { stream: tokio::net::UnixStream::from_std(ours).unwrap(), child }
+    }
+
+    /// One round trip with an echo peer.
+    pub async fn ping(&mut self, x: u64) -> u64 {
+        self.stream.write_all(&x.to_le_bytes()).await.unwrap();
+        let mut buf = [0u8; 8];
+        self.stream.read_exact(&mut buf).await.unwrap();
+        u64::from_le_bytes(buf)
+    }
+
+    /// Sends `data` to a sink peer and waits for its length to come back.
+    pub async fn send(&mut self, data: &[u8]) -> u64 {
+        self.stream.write_all(&(data.len() as u64).to_le_bytes()).await.unwrap();
+        self.stream.write_all(data).await.unwrap();
+        let mut len = [0u8; 8];
+        self.stream.read_exact(&mut len).await.unwrap();
+        u64::from_le_bytes(len)
+    }
+}
+
+impl Drop for RawPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic CPU work: `iters` dependent multiply-adds (no memory, no syscalls), so the
+/// same argument costs the same wherever it runs.
+pub fn crunch(seed: u64, iters: u64) -> u64 {
+    let mut x = seed;
+    for _ in 0..iters {
+        x = std::hint::black_box(
+            x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407),
+        );
+    }
+    x
+}
+
+/// Iterations of [`crunch`] that take `time` on this machine: the fastest of several tries,
+/// so that a busy moment does not inflate it.
+pub fn calibrate(time: Duration) -> u64 {
+    let probe = 1_000_000;
+    let best = (0..10)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(crunch(1, probe));
+            t.elapsed()
+        })
+        .min()
+        .unwrap();
+    (probe as f64 * time.as_secs_f64() / best.as_secs_f64()) as u64
+}
+
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
