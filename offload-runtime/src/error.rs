@@ -154,9 +154,7 @@ impl Error {
             | Error::Shutdown { entry } => entry,
         }
     }
-}
 
-impl Error {
     /// What kind of error this is, for counting and matching without the details.
     pub fn kind(&self) -> ErrorKind {
         match self {
