@@ -329,21 +329,25 @@ impl Context<'_> {
         let column = quote_spanned!(ident.span()=> ::core::column!());
 
         let mut settings = TokenStream::new();
-        if let Some(timeout) = &args.timeout_ms {
-            let ms = Literal::u64_unsuffixed(timeout.value);
-            settings.extend(quote_spanned!(timeout.span=> .with_timeout_ms(#ms)));
+        // The settings that are a plain number, each set by the builder method named here.
+        let numbers = [
+            ("with_timeout_ms", &args.timeout_ms),
+            ("with_memory", &args.memory),
+            ("with_queue", &args.queue),
+            ("with_max_tasks", &args.max_tasks),
+            ("with_max_payload", &args.max_payload),
+            ("with_max_rss", &args.max_rss),
+        ];
+        for (method, setting) in numbers {
+            if let Some(setting) = setting {
+                let method = Ident::new(method, setting.span);
+                let value = Literal::u64_unsuffixed(setting.value);
+                settings.extend(quote_spanned!(setting.span=> .#method(#value)));
+            }
         }
         if let Some(workers) = &args.workers {
             let spec = workers_spec(rt, workers.value);
             settings.extend(quote_spanned!(workers.span=> .with_workers(#spec)));
-        }
-        if let Some(memory) = &args.memory {
-            let bytes = Literal::u64_unsuffixed(memory.value);
-            settings.extend(quote_spanned!(memory.span=> .with_memory(#bytes)));
-        }
-        if let Some(queue) = &args.queue {
-            let queue_len = Literal::u64_unsuffixed(queue.value);
-            settings.extend(quote_spanned!(queue.span=> .with_queue(#queue_len)));
         }
         if let Some(overload) = &args.overload {
             let path = rt.overload();
@@ -352,18 +356,6 @@ impl Context<'_> {
                 Overload::Reject => quote!(#path::Reject),
             };
             settings.extend(quote_spanned!(overload.span=> .with_overload(#policy)));
-        }
-        if let Some(max_tasks) = &args.max_tasks {
-            let tasks = Literal::u64_unsuffixed(max_tasks.value);
-            settings.extend(quote_spanned!(max_tasks.span=> .with_max_tasks(#tasks)));
-        }
-        if let Some(max_payload) = &args.max_payload {
-            let bytes = Literal::u64_unsuffixed(max_payload.value);
-            settings.extend(quote_spanned!(max_payload.span=> .with_max_payload(#bytes)));
-        }
-        if let Some(max_rss) = &args.max_rss {
-            let bytes = Literal::u64_unsuffixed(max_rss.value);
-            settings.extend(quote_spanned!(max_rss.span=> .with_max_rss(#bytes)));
         }
         if let Some(pool) = &args.pool {
             settings.extend(quote_spanned!(pool.span()=> .with_pool(#pool)));
@@ -655,12 +647,12 @@ mod tests {
         assert!(
             out.contains(
                 ".with_timeout_ms(1000)\
-                 .with_workers(::offload::__private::WorkersSpec::Cpus)\
                  .with_memory(2048)\
                  .with_queue(0)\
-                 .with_overload(::offload::__private::Overload::Reject)\
                  .with_max_tasks(7)\
                  .with_max_rss(1000)\
+                 .with_workers(::offload::__private::WorkersSpec::Cpus)\
+                 .with_overload(::offload::__private::Overload::Reject)\
                  .with_pool(\"p\");"
             ),
             "{out}"
