@@ -30,6 +30,12 @@ fn once() -> u32 {
     std::process::id()
 }
 
+#[offload(workers = "1", timeout = "30s", memory = "256MiB")]
+fn bomb() -> usize {
+    let block = vec![1u8; 2 << 30];
+    std::hint::black_box(block).len()
+}
+
 /// The exit event for `pid`, waiting for the reaper to report it.
 async fn exit_event(pid: u32) -> capture::Captured {
     let found = || {
@@ -63,4 +69,10 @@ async fn starts_and_exits_are_logged_with_their_cause() {
     let exit = exit_event(recycled).await;
     assert_eq!(exit.fields["cause"], "recycled");
     assert_eq!(exit.fields["exit"], "exited with status 0");
+
+    let err = bomb().await.unwrap_err();
+    let offload::Error::MemoryLimit { pid, .. } = err else { panic!("{err:?}") };
+    let exit = exit_event(pid).await;
+    assert_eq!(exit.fields["cause"], "memory_limit");
+    assert_eq!(exit.fields["exit"], "killed by signal 6 (SIGABRT)");
 }

@@ -333,14 +333,15 @@ fn forward_logs(body: &[u8]) {
 async fn crashed(entry: &'static Entry, pool: &Pool, lease: pool::Lease, pid: u32) -> Error {
     let memory = pool.settings.memory;
     let ended = lease.end_crashed().await;
-    let (exit, stderr, alloc_failed) = match ended {
-        Ok(info) => (info.reason, info.stderr, info.alloc_failed),
+    let (exit, stderr, out_of_memory) = match ended {
+        Ok(info) => {
+            let out_of_memory = info.ran_out_of_memory();
+            (info.reason, info.stderr, out_of_memory)
+        }
         Err(_) => (ExitReason::Unknown, Vec::new(), false),
     };
-    // Rust's allocation error handler reports the failure, then aborts.
     if let Some(limit) = memory
-        && alloc_failed
-        && exit == ExitReason::Signal(6)
+        && out_of_memory
     {
         pool.metrics.restarted(RestartCause::MemoryLimit);
         tracing::error!(limit, "offload worker ran out of memory");

@@ -68,6 +68,14 @@ pub(crate) struct ExitInfo {
     pub(crate) alloc_failed: bool,
 }
 
+impl ExitInfo {
+    /// Whether the worker died because an allocation failed: Rust's allocation error
+    /// handler reports the failure, then aborts.
+    pub(crate) fn ran_out_of_memory(&self) -> bool {
+        self.alloc_failed && self.reason == ExitReason::Signal(6)
+    }
+}
+
 impl Worker {
     pub(crate) fn channel(&mut self) -> &mut Channel {
         self.channel.as_mut().expect("open until the worker is ended")
@@ -203,7 +211,12 @@ impl Supervisor {
             for job in reap_rx {
                 let pid = job.child.id();
                 let info = reap(job.child, job.how, &job.stderr);
-                tracing::info!(pid, exit = %info.reason, cause = job.cause, "offload worker exited");
+                let cause = if job.cause == "crashed" && info.ran_out_of_memory() {
+                    "memory_limit"
+                } else {
+                    job.cause
+                };
+                tracing::info!(pid, exit = %info.reason, cause, "offload worker exited");
                 LIVE.send_modify(|n| *n -= 1);
                 if let Some(reply) = job.reply {
                     let _ = reply.send(info);
