@@ -263,10 +263,10 @@ impl Context<'_> {
         }
     }
 
-    /// `__OffloadArgs`: the caller's arguments, borrowed, serialised as a tuple. A
-    /// hand-written `Serialize`, so that each argument type is serialised and blamed on its
+    /// `__OffloadArgs`: the caller's arguments, moved into the call, serialised as a tuple.
+    /// A hand-written `Serialize`, so that each argument type is serialised and blamed on its
     /// own.
-    fn borrowed_args(&self) -> TokenStream {
+    fn args_struct(&self) -> TokenStream {
         let rt = &self.runtime;
         let serialize = rt.serde("Serialize");
         let serializer = rt.serde("Serializer");
@@ -285,18 +285,18 @@ impl Context<'_> {
                 quote! {
                     #serialize_tuple::serialize_element::<#bytes>(
                         &mut #tuple,
-                        #bytes::new(self.#index),
+                        #bytes::new(&self.#index),
                     )?;
                 }
             } else {
                 let ty = arg.ty;
-                quote!(#serialize_tuple::serialize_element::<#ty>(&mut #tuple, self.#index)?;)
+                quote!(#serialize_tuple::serialize_element::<#ty>(&mut #tuple, &self.#index)?;)
             }
         });
         quote! {
-            struct __OffloadArgs<'a>(#(&'a #types),*);
+            struct __OffloadArgs(#(#types),*);
 
-            impl #serialize for __OffloadArgs<'_> {
+            impl #serialize for __OffloadArgs {
                 fn serialize<__S: #serializer>(
                     &self,
                     #output: __S,
@@ -381,13 +381,9 @@ impl Context<'_> {
     /// place of an error that it replaces.
     fn call(&self) -> TokenStream {
         let rt = &self.runtime;
-        let call = rt.call();
-        let (args_type, args_value, borrowed_args) = if self.arguments.is_empty() {
-            (quote!(()), quote!(()), TokenStream::new())
-        } else {
-            let names = self.arguments.iter().map(|arg| &arg.name);
-            (quote!(__OffloadArgs<'_>), quote!(__OffloadArgs(#(&#names),*)), self.borrowed_args())
-        };
+        let call = if self.fallback.is_some() { rt.call_keeping_args() } else { rt.call() };
+        let (args_type, args_value) = (self.args_type(), self.args_pattern());
+        let args_struct = if self.arguments.is_empty() { TokenStream::new() } else { self.args_struct() };
         let (returned, result) = match self.return_ty {
             Some(_) if self.return_bytes => {
                 let byte_buf = rt.byte_buf();
@@ -420,14 +416,29 @@ impl Context<'_> {
             None => result,
         };
         quote! {
-            #borrowed_args
+            #args_struct
             #returned
             #result
         }
     }
 
+    /// `__OffloadArgs`, or `()` for a function without arguments.
+    fn args_type(&self) -> TokenStream {
+        if self.arguments.is_empty() { quote!(()) } else { quote!(__OffloadArgs) }
+    }
+
+    /// `__OffloadArgs(a, b, ..)`: the arguments by their stub names, as a value to send or
+    /// a pattern that takes them back.
+    fn args_pattern(&self) -> TokenStream {
+        if self.arguments.is_empty() {
+            return quote!(());
+        }
+        let names = self.arguments.iter().map(|arg| &arg.name);
+        quote!(__OffloadArgs(#(#names),*))
+    }
+
     /// `result`, unless it is an error that `fallback` replaces: then what `fallback` returns.
-    /// The call only borrowed the stub's arguments, so they are moved into `fallback` here.
+    /// The call gives the arguments back with an error, and they are moved into `fallback`.
     ///
     /// This is where the fallback's signature is checked: its `Fallback` bound is spanned at
     /// the user's path, so a fallback with other argument or return types is one error,
@@ -452,14 +463,15 @@ impl Context<'_> {
         let result_var = Ident::new("result", Span::mixed_site());
         let value = Ident::new("value", Span::mixed_site());
         let error = Ident::new("error", Span::mixed_site());
+        let (args_type, args) = (self.args_type(), self.args_pattern());
         quote! {
-            let #result_var: ::core::result::Result<#return_ty, #error_ty> = #result;
+            let #result_var: ::core::result::Result<#return_ty, (#error_ty, #args_type)> = #result;
             match #result_var {
                 ::core::result::Result::Ok(#value) => ::core::result::Result::Ok(#value),
-                ::core::result::Result::Err(#error) if #error_ty::should_fall_back(&#error) => {
+                ::core::result::Result::Err((#error, #args)) if #error_ty::should_fall_back(&#error) => {
                     ::core::result::Result::Ok(#call)
                 }
-                ::core::result::Result::Err(#error) => ::core::result::Result::Err(#error),
+                ::core::result::Result::Err((#error, _)) => ::core::result::Result::Err(#error),
             }
         }
     }
@@ -690,16 +702,17 @@ mod tests {
         );
         assert!(
             out.contains(
-                "letresult:::core::result::Result<Vec<u8>,::offload::__private::Error>=\
-                 ::offload::__private::call::<__OffloadArgs<'_>,::offload::__private::serde_bytes::ByteBuf>\
-                 (&__OFFLOAD_ENTRY,__OffloadArgs(&data,&__arg1)).await\
+                "letresult:::core::result::Result<Vec<u8>,(::offload::__private::Error,__OffloadArgs)>=\
+                 ::offload::__private::call_keeping_args::<__OffloadArgs,::offload::__private::serde_bytes::ByteBuf>\
+                 (&__OFFLOAD_ENTRY,__OffloadArgs(data,__arg1)).await\
                  .map(::offload::__private::serde_bytes::ByteBuf::into_vec);\
                  matchresult{\
                  ::core::result::Result::Ok(value)=>::core::result::Result::Ok(value),\
-                 ::core::result::Result::Err(error)if::offload::__private::Error::should_fall_back(&error)=>{\
+                 ::core::result::Result::Err((error,__OffloadArgs(data,__arg1)))\
+                 if::offload::__private::Error::should_fall_back(&error)=>{\
                  ::core::result::Result::Ok(::offload::__private::fallback::<_,(Vec<u8>,(u32,u32),),Vec<u8>,_>\
                  (cache::get,(data,__arg1,)).await)}\
-                 ::core::result::Result::Err(error)=>::core::result::Result::Err(error),}}"
+                 ::core::result::Result::Err((error,_))=>::core::result::Result::Err(error),}}"
             ),
             "{out}"
         );
@@ -711,6 +724,7 @@ mod tests {
             ),
         );
         assert!(out.contains("::offload::__private::fallback::<_,(),(),_>(g,()).await"), "{out}");
+        assert!(out.contains("::core::result::Result::Err((error,()))if"), "{out}");
 
         let out = expand(
             quote!(),
@@ -795,7 +809,7 @@ mod tests {
                 }
             ),
         );
-        assert!(out.contains("serde_bytes::Bytes::new(self.0)"), "{out}");
+        assert!(out.contains("serde_bytes::Bytes::new(&self.0)"), "{out}");
         assert!(out.contains("next_element::<::offload::__private::serde_bytes::ByteBuf>"), "{out}");
         assert!(out.contains("__offload_impl_f(arg0.into_vec())"), "{out}");
         assert!(out.contains("encode_return::<::offload::__private::serde_bytes::Bytes>"), "{out}");

@@ -140,7 +140,8 @@ use proc_macro::TokenStream;
 ///     .with_timeout_ms(10_000);
 ///
 ///     // Runs in the caller: send the arguments to a worker of the pool, await the result.
-///     ::offload::__private::call::<_, [u8; 32]>(&__OFFLOAD_ENTRY, (Bytes::new(&data), &rounds))
+///     // The arguments are moved into the call (large ones are encoded on a blocking thread).
+///     ::offload::__private::call::<_, [u8; 32]>(&__OFFLOAD_ENTRY, __OffloadArgs(data, rounds))
 ///         .await
 /// }
 /// ```
@@ -148,11 +149,15 @@ use proc_macro::TokenStream;
 /// With `fallback = placeholder`, the stub's last expression becomes:
 ///
 /// ```ignore
-///     match ::offload::__private::call::<_, Vec<u8>>(&__OFFLOAD_ENTRY, (Bytes::new(&image), &width)).await {
+///     match ::offload::__private::call_keeping_args::<_, Vec<u8>>(&__OFFLOAD_ENTRY, __OffloadArgs(image, width))
+///         .await
+///     {
 ///         Ok(value) => Ok(value),
-///         // The call only borrowed the arguments: they are moved into the fallback.
-///         Err(error) if error.should_fall_back() => Ok(placeholder(image, width)),
-///         Err(error) => Err(error),
+///         // The call gives the arguments back with the error: they move into the fallback.
+///         Err((error, __OffloadArgs(image, width))) if error.should_fall_back() => {
+///             Ok(placeholder(image, width))
+///         }
+///         Err((error, _)) => Err(error),
 ///     }
 /// ```
 ///

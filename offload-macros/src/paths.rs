@@ -72,9 +72,14 @@ impl Runtime {
         self.item("encode_return")
     }
 
-    /// `async fn call<A: Serialize, R: DeserializeOwned>(&'static Entry, A) -> Result<R, Error>`.
+    /// `async fn call<A, R>(&'static Entry, A) -> Result<R, Error>`.
     pub(crate) fn call(&self) -> TokenStream {
         self.item("call")
+    }
+
+    /// `async fn call_keeping_args<A, R>(&'static Entry, A) -> Result<R, (Error, A)>`.
+    pub(crate) fn call_keeping_args(&self) -> TokenStream {
+        self.item("call_keeping_args")
     }
 
     /// `async fn fallback<F: Fallback<Args, R, Kind>, Args, R, Kind>(F, Args) -> R`, with every

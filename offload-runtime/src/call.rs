@@ -1,7 +1,14 @@
 //! What the stub awaits: encode, find the pool, ask the breaker, take a worker before the
 //! deadline, exchange frames, decode, and turn every way this can fail into an [`Error`];
 //! record the outcome in the pool's figures and the breaker.
+//!
+//! Payloads over [`INLINE_PAYLOAD`] are encoded and decoded on Tokio's blocking threads, not
+//! on the calling task: copying hundreds of MiB takes tens of milliseconds, which would
+//! stall every other task of the runtime's thread. Frames are written and read without
+//! blocking, a socket buffer at a time, whatever their size.
 
+use std::future::Future;
+use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,7 +23,6 @@ use tracing::Instrument;
 
 use crate::breaker::{Admission, Transition};
 use crate::error::{Error, ExitReason, Payload, ProtocolError};
-use crate::limits::DEFAULT_MAX_PAYLOAD;
 use crate::pool::supervisor::Ending;
 use crate::pool::{self, Pool};
 use crate::protocol::{self, LogRecord, PanicReport, Tag};
@@ -28,42 +34,139 @@ use crate::worker;
 /// Numbers calls in this process, for the `task` field of logs.
 static NEXT_TASK: AtomicU64 = AtomicU64::new(1);
 
+/// Arguments and return values that encode to more bytes than this are encoded and decoded
+/// on a blocking thread; smaller ones on the calling task, where that costs less than the
+/// hand-off (tens of microseconds at most).
+pub(crate) const INLINE_PAYLOAD: usize = 64 << 10;
+
 /// Runs `entry` in a worker with `args` and returns what it returned.
 ///
 /// Not public API: `#[offload]` stubs call it. Needs a Tokio runtime with I/O and time
 /// enabled (`#[tokio::main]` and `#[tokio::test]` enable both).
-pub async fn call<A: Serialize, R: DeserializeOwned + Send>(
-    entry: &'static Entry,
-    args: A,
-) -> Result<R, Error> {
-    // Workers forward `tracing` events up to the level some subscriber here wants.
-    let log_level = protocol::level_to_u8(tracing::level_filters::LevelFilter::current());
-    let max_payload = pool::for_entry(entry).map_or(DEFAULT_MAX_PAYLOAD, |pool| pool.settings.max_payload);
-    // Encoding copies the arguments once, on the calling task: for payloads of hundreds of
-    // MiB that is a pause of tens of milliseconds, which shared buffers avoid.
-    let (frame, fds) = protocol::encode_call(entry.name, log_level, &args, max_payload)
-        .map_err(|kind| protocol_error(entry, kind))?;
-    drop(args);
-    let mut value = None;
-    let mut decode = |body: &[u8], fds: Vec<OwnedFd>| -> Result<(), ProtocolError> {
-        value = Some(protocol::fds::supplying(fds, || protocol::decode::<R>(body, Payload::ReturnValue))?);
-        Ok(())
-    };
-    run(entry, &frame, &fds, &mut decode).await?;
-    Ok(value.expect("decoded on success"))
+pub async fn call<A, R>(entry: &'static Entry, args: A) -> Result<R, Error>
+where
+    A: Serialize + Send + 'static,
+    R: DeserializeOwned + Send + 'static,
+{
+    call_inner(entry, args, false).await.0
 }
 
-/// Decodes a reply body, with the descriptors that came with it, into the caller's value.
-type Decode<'a> = dyn FnMut(&[u8], Vec<OwnedFd>) -> Result<(), ProtocolError> + Send + 'a;
+/// [`call`] for a function with a fallback: the arguments come back with an error, for the
+/// fallback to take. They are kept for the whole call, where `call` drops them as soon as
+/// they are encoded.
+///
+/// Not public API: `#[offload(fallback = ...)]` stubs call it.
+pub async fn call_keeping_args<A, R>(entry: &'static Entry, args: A) -> Result<R, (Error, A)>
+where
+    A: Serialize + Send + 'static,
+    R: DeserializeOwned + Send + 'static,
+{
+    match call_inner(entry, args, true).await {
+        (Ok(value), _) => Ok(value),
+        (Err(error), Some(args)) => Err((error, args)),
+        (Err(_), None) => unreachable!("arguments are kept when asked for"),
+    }
+}
 
-/// The untyped part of [`call`]: everything but encoding the arguments and decoding the
-/// return value, which `decode` does while the reply is still in the channel's buffer.
-async fn run(
-    entry: &'static Entry,
-    frame: &[u8],
-    fds: &[OwnedFd],
-    decode: &mut Decode<'_>,
-) -> Result<(), Error> {
+/// [`call`], and the arguments back if `keep`.
+async fn call_inner<A, R>(entry: &'static Entry, args: A, keep: bool) -> (Result<R, Error>, Option<A>)
+where
+    A: Serialize + Send + 'static,
+    R: DeserializeOwned + Send + 'static,
+{
+    let pool = match preflight(entry) {
+        Ok(pool) => pool,
+        Err(error) => return (Err(error), keep.then_some(args)),
+    };
+    // Workers forward `tracing` events up to the level some subscriber here wants.
+    let log_level = protocol::level_to_u8(tracing::level_filters::LevelFilter::current());
+    let max_payload = pool.settings.max_payload;
+    let encode = move |args: A| {
+        let encoded = protocol::encode_call(entry.name, log_level, &args, max_payload);
+        (encoded, keep.then_some(args))
+    };
+    let (encoded, args) = if protocol::encodes_over(&args, INLINE_PAYLOAD) {
+        match off_runtime(move || encode(args)).await {
+            Some(done) => done,
+            None => return (Err(Error::Shutdown { entry: entry.display() }), None),
+        }
+    } else {
+        encode(args)
+    };
+    let (frame, fds) = match encoded {
+        Ok(encoded) => encoded,
+        Err(kind) => return (Err(protocol_error(entry, kind)), args),
+    };
+    let mut returned = Returned::<R>(None);
+    let result = run(entry, pool, &frame, &fds, &mut returned).await;
+    // A large frame is freed off the runtime too.
+    if frame.len() > INLINE_PAYLOAD {
+        drop(tokio::task::spawn_blocking(move || drop(frame)));
+    }
+    let result = result.map(|()| returned.0.expect("decoded on success"));
+    (result, args)
+}
+
+/// Runs `f` on Tokio's blocking threads. A panic in `f` goes on in the caller, as it would
+/// have if `f` had run there; `None` if the runtime is shutting down.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => Some(value),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_cancelled) => None,
+        },
+    }
+}
+
+/// Decodes the return value out of a reply body, with the descriptors that came with it.
+trait Decode: Send {
+    /// Decodes on the calling task, while the body is still in the channel's buffer.
+    fn decode(&mut self, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), ProtocolError>;
+
+    /// Decodes `frame[body]` on a blocking thread, and frees the frame there.
+    fn decode_off_runtime(
+        &mut self,
+        frame: Vec<u8>,
+        body: Range<usize>,
+        fds: Vec<OwnedFd>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ProtocolError>> + Send + '_>>;
+}
+
+/// The return value, once decoded.
+struct Returned<R>(Option<R>);
+
+impl<R: DeserializeOwned + Send + 'static> Decode for Returned<R> {
+    fn decode(&mut self, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), ProtocolError> {
+        self.0 = Some(decode_return(body, fds)?);
+        Ok(())
+    }
+
+    fn decode_off_runtime(
+        &mut self,
+        frame: Vec<u8>,
+        body: Range<usize>,
+        fds: Vec<OwnedFd>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ProtocolError>> + Send + '_>> {
+        Box::pin(async move {
+            let decoded = off_runtime(move || decode_return::<R>(&frame[body], fds)).await;
+            self.0 = Some(decoded.ok_or_else(|| {
+                ProtocolError::Invalid(
+                    "the Tokio runtime shut down while the return value was decoded".into(),
+                )
+            })??);
+            Ok(())
+        })
+    }
+}
+
+fn decode_return<R: DeserializeOwned>(body: &[u8], fds: Vec<OwnedFd>) -> Result<R, ProtocolError> {
+    protocol::fds::supplying(fds, || protocol::decode::<R>(body, Payload::ReturnValue))
+}
+
+/// What must hold before a call is encoded: this is not a worker, a Tokio runtime is
+/// running, offload is not shut down, and the function's pool has valid settings.
+fn preflight(entry: &'static Entry) -> Result<&'static Arc<Pool>, Error> {
     // Keep the pre-main hook in every binary that can call; it makes workers out of it.
     #[cfg(target_os = "linux")]
     std::hint::black_box(&worker::ENTER_WORKER_MODE);
@@ -86,8 +189,18 @@ async fn run(
     if pool::is_shut_down() {
         return Err(Error::Shutdown { entry: entry.display() });
     }
-    let pool = pool::for_entry(entry).map_err(|message| Error::Config { entry: entry.display(), message })?;
+    pool::for_entry(entry).map_err(|message| Error::Config { entry: entry.display(), message })
+}
 
+/// The untyped part of [`call`]: everything but encoding the arguments and decoding the
+/// return value, which `decode` does.
+async fn run(
+    entry: &'static Entry,
+    pool: &Arc<Pool>,
+    frame: &[u8],
+    fds: &[OwnedFd],
+    decode: &mut dyn Decode,
+) -> Result<(), Error> {
     let task = NEXT_TASK.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!(
         "offload",
@@ -186,7 +299,7 @@ async fn exchange(
     pool: &Arc<Pool>,
     frame: &[u8],
     fds: &[OwnedFd],
-    decode: &mut Decode<'_>,
+    decode: &mut dyn Decode,
     record: &mut Record,
     span: &tracing::Span,
 ) -> Result<(), Error> {
@@ -249,7 +362,7 @@ async fn exchange(
     let run_time = started.elapsed();
     record.run_time = Some(run_time);
     span.record("run_us", run_time.as_micros() as u64);
-    let Reply { tag, body, fds } = match outcome {
+    let Reply { tag, body, range, fds } = match outcome {
         Some(Ok(reply)) => reply,
         None => {
             let _ended = lease.end(Ending::Kill, RestartCause::Timeout).await;
@@ -276,7 +389,16 @@ async fn exchange(
     };
 
     let result = match tag {
-        Tag::Return => decode(body, fds).map_err(|kind| protocol_error(entry, kind)),
+        Tag::Return if body.len() > INLINE_PAYLOAD => {
+            // Decoded off the runtime, while the worker takes its next call.
+            let frame = lease.worker().channel().take_reply();
+            lease.release();
+            return decode
+                .decode_off_runtime(frame, range, fds)
+                .await
+                .map_err(|kind| protocol_error(entry, kind));
+        }
+        Tag::Return => decode.decode(body, fds).map_err(|kind| protocol_error(entry, kind)),
         Tag::Panicked => Err(match protocol::decode::<PanicReport>(body, Payload::Message) {
             Ok(report) => Error::Panicked {
                 entry: entry.display(),

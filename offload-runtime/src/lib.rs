@@ -74,7 +74,7 @@ pub mod __private {
     pub use serde;
     pub use serde_bytes;
 
-    pub use crate::call::call;
+    pub use crate::call::{call, call_keeping_args};
     pub use crate::error::{Error, ProtocolError};
     pub use crate::fallback::{Async, Fallback, Sync, fallback};
     pub use crate::registry::{ENTRIES, Entry, Invoke};

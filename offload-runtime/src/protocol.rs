@@ -209,6 +209,37 @@ pub(crate) fn checked_size<T: Serialize + ?Sized>(
     Ok(size)
 }
 
+/// Whether `value` encodes to more than `limit` bytes. Counting stops past `limit`, so this
+/// costs at most about `limit` bytes' worth of work, however large the value is. A value
+/// that fails to encode is reported as not over: encoding it reports the failure.
+pub(crate) fn encodes_over<T: Serialize + ?Sized>(value: &T, limit: usize) -> bool {
+    /// Counts bytes, and fails as soon as there are more than `limit`.
+    struct Bounded {
+        count: usize,
+        limit: usize,
+    }
+
+    impl postcard::ser_flavors::Flavor for Bounded {
+        type Output = ();
+
+        fn try_push(&mut self, _: u8) -> postcard::Result<()> {
+            self.try_extend(&[0])
+        }
+
+        fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+            self.count = self.count.saturating_add(bytes.len());
+            if self.count > self.limit { Err(postcard::Error::SerializeBufferFull) } else { Ok(()) }
+        }
+
+        fn finalize(self) -> postcard::Result<()> {
+            Ok(())
+        }
+    }
+
+    let counted = fds::counting(|| postcard::serialize_with_flavor(value, Bounded { count: 0, limit }));
+    matches!(counted, Err(postcard::Error::SerializeBufferFull))
+}
+
 /// Appends `value` to `out` in postcard.
 pub(crate) fn append<T: Serialize + ?Sized>(
     out: &mut Vec<u8>,
@@ -377,6 +408,17 @@ mod tests {
         let data = vec![0u8; 2000];
         let err = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 1000).unwrap_err();
         assert_eq!(err, ProtocolError::PayloadTooLarge { what: Payload::Arguments, len: 2002, max: 1000 });
+    }
+
+    #[test]
+    fn encodes_over_stops_at_the_limit() {
+        assert!(!encodes_over(&(serde_bytes::Bytes::new(&[0; 100]),), 101));
+        assert!(encodes_over(&(serde_bytes::Bytes::new(&[0; 100]),), 100));
+        // Element by element: 10,000 one-byte varints.
+        let many = vec![1u32; 10_000];
+        assert!(!encodes_over(&many, 10_002));
+        assert!(encodes_over(&many, 10_001));
+        assert!(!encodes_over(&(), 0));
     }
 
     #[test]

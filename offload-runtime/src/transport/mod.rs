@@ -159,7 +159,7 @@ impl Channel {
                     continue;
                 }
                 let fds = std::mem::take(&mut inbox.fds);
-                return Ok(Reply { tag, body: &inbox.buf[range], fds });
+                return Ok(Reply { tag, body: &inbox.buf[range.clone()], range, fds });
             }
             let mut ready = fd.readable().await?;
             inbox.spare();
@@ -179,7 +179,24 @@ impl Channel {
 pub(crate) struct Reply<'c> {
     pub(crate) tag: Tag,
     pub(crate) body: &'c [u8],
+    /// Where `body` is in the channel's buffer, for [`Channel::take_reply`].
+    pub(crate) range: std::ops::Range<usize>,
     pub(crate) fds: Vec<OwnedFd>,
+}
+
+impl Channel {
+    /// Takes the buffer that holds the reply last handed out (whose body is at the `range`
+    /// that [`Reply`] gave), so that it can be decoded elsewhere; the channel keeps any bytes
+    /// that followed the reply, and starts a new buffer.
+    pub(crate) fn take_reply(&mut self) -> Vec<u8> {
+        let inbox = &mut self.inbox;
+        let rest = inbox.buf[inbox.consumed..inbox.filled].to_vec();
+        let buf = std::mem::take(&mut inbox.buf);
+        inbox.filled = rest.len();
+        inbox.consumed = 0;
+        inbox.buf = rest;
+        buf
+    }
 }
 
 /// Bytes read from the worker: whole frames, one at a time, and whatever follows them.
