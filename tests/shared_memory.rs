@@ -4,7 +4,12 @@
 
 mod support;
 
+use std::time::Duration;
+
 use offload::{Error, Payload, SharedBytes, SharedSlice, offload};
+
+/// Tests that count this process's shared memory run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs of 251 bytes (a prime, so runs straddle page boundaries), each its own value.
 const RUN: usize = 251;
@@ -76,18 +81,32 @@ fn capped_result(len: usize) -> Vec<u8> {
 }
 
 /// Descriptors of this process that are shared buffers.
-fn shared_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
+#[offload(timeout = "20s", workers = "1")]
+fn pid_of_worker(buffer: SharedBytes) -> (u32, u8) {
+    (std::process::id(), buffer[buffer.len() - 1])
+}
+
+/// Descriptors and mappings of shared buffers in this process.
+fn shared_memory_in_use() -> usize {
+    shared_memory_of("self")
+}
+
+/// Descriptors and mappings of shared buffers in process `pid` ("self" for this one).
+fn shared_memory_of(pid: &str) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
         .filter(|e| {
             std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("offload-shared"))
         })
-        .count()
+        .count();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    fds + maps.lines().filter(|line| line.contains("offload-shared")).count()
 }
 
 #[tokio::test]
 async fn bytes_both_ways_at_many_sizes() {
+    let _serial = SERIAL.lock().await;
     let page = rustix::param::page_size();
     for len in [0, 1, page - 1, page, page + 1, 64 << 20] {
         let buffer = SharedBytes::from_slice(&pattern(len, 3)).unwrap();
@@ -104,6 +123,7 @@ async fn bytes_both_ways_at_many_sizes() {
 
 #[tokio::test]
 async fn typed_slices_both_ways() {
+    let _serial = SERIAL.lock().await;
     let values: Vec<u64> = (0..100_000).collect();
     let (total, halves) = sum(SharedSlice::from_slice(&values).unwrap()).await.unwrap();
     assert_eq!(total, values.iter().sum::<u64>());
@@ -114,19 +134,44 @@ async fn typed_slices_both_ways() {
 
 #[tokio::test]
 async fn a_crash_mid_call_leaves_no_shared_memory() {
+    let _serial = SERIAL.lock().await;
     crash_with(SharedBytes::new(0).unwrap()).await.unwrap();
-    let before = shared_fds();
+    let before = shared_memory_in_use();
     let buffer = SharedBytes::from_slice(&[1; 1 << 20]).unwrap();
+    assert!(shared_memory_in_use() > before, "the count sees the buffer");
     let err = crash_with(buffer).await.unwrap_err();
     assert!(matches!(err, Error::Crashed { .. }), "{err:?}");
-    // The caller's buffer was moved into the call and dropped with it; the worker's mapping
-    // died with the worker.
-    assert_eq!(shared_fds(), before, "a shared buffer outlived the call");
+    // The caller's buffer was moved into the call and is let go right after it, off the
+    // runtime; the worker's mapping died with the worker.
+    assert!(
+        support::eventually_async(Duration::from_secs(10), || shared_memory_in_use() == before).await,
+        "a shared buffer outlived the call: {} descriptors and mappings, {before} before",
+        shared_memory_in_use()
+    );
     assert_eq!(crash_with(SharedBytes::new(0).unwrap()).await.unwrap(), 0, "the pool recovered");
 }
 
 #[tokio::test]
+async fn the_worker_lets_go_of_shared_buffers_after_each_call() {
+    let mut pid = 0;
+    for i in 0..20u8 {
+        let mut buffer = SharedBytes::new(1 << 20).unwrap();
+        buffer.fill(i);
+        let (worker, last) = pid_of_worker(buffer).await.unwrap();
+        assert_eq!(last, i);
+        pid = worker;
+    }
+    // Each buffer goes once its reply is sent: none piles up in the worker.
+    assert!(
+        support::eventually_async(Duration::from_secs(10), || shared_memory_of(&pid.to_string()) == 0).await,
+        "the worker still holds {} shared descriptors and mappings",
+        shared_memory_of(&pid.to_string())
+    );
+}
+
+#[tokio::test]
 async fn payloads_over_the_limit_fail_before_anything_is_sent() {
+    let _serial = SERIAL.lock().await;
     let err = capped(vec![0; 2 << 20]).await.unwrap_err();
     assert!(
         matches!(err, Error::PayloadTooLarge { what: Payload::Arguments, max, .. } if max == 1 << 20),
@@ -144,6 +189,7 @@ async fn payloads_over_the_limit_fail_before_anything_is_sent() {
 
 #[tokio::test]
 async fn a_300_mib_argument_works() {
+    let _serial = SERIAL.lock().await;
     let mut data = vec![0u8; 300 << 20];
     for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
         chunk.fill(i as u8);

@@ -83,7 +83,11 @@ where
     let max_payload = pool.settings.max_payload;
     let encode = move |args: A| {
         let encoded = protocol::encode_call(entry.name, log_level, &args, max_payload);
-        (encoded, keep.then_some(args))
+        // Arguments that hold shared buffers are kept until the reply (their pages are
+        // shared, so that costs no memory) and then let go off the runtime, below; others
+        // are dropped as soon as they are encoded, unless they are to be kept.
+        let holds_shared = encoded.as_ref().is_ok_and(|(_, fds)| !fds.is_empty());
+        (encoded, (keep || holds_shared).then_some(args))
     };
     let (encoded, args) = if protocol::encodes_over(&args, INLINE_PAYLOAD) {
         match off_runtime(move || encode(args)).await {
@@ -99,11 +103,15 @@ where
     };
     let mut returned = Returned::<R>(None);
     let result = run(entry, pool, &frame, &fds, &mut returned).await;
-    // A large frame is freed off the runtime too.
-    if frame.len() > INLINE_PAYLOAD {
-        drop(tokio::task::spawn_blocking(move || drop(frame)));
-    }
     let result = result.map(|()| returned.0.expect("decoded on success"));
+    let (args, done) = if keep && result.is_err() { (args, None) } else { (None, args) };
+    // Unmapping shared buffers the caller wrote and freeing their memory (the caller holds
+    // the last descriptor: the worker closes its own before it answers) takes milliseconds
+    // for large buffers, as does freeing a large frame: both happen off the runtime, after
+    // the call.
+    if !fds.is_empty() || frame.len() > INLINE_PAYLOAD {
+        drop(tokio::task::spawn_blocking(move || drop((frame, fds, done))));
+    }
     (result, args)
 }
 

@@ -11,6 +11,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -165,6 +166,9 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
             Err(e) => return Err(e),
         }
         drop(reply_fds);
+        // Unmapping and freeing large shared buffers takes milliseconds: done now, while the
+        // parent already has its answer.
+        drop(std::mem::take(&mut *AFTER_REPLY.lock().unwrap_or_else(PoisonError::into_inner)));
         // What the function printed reaches the terminal now, not at some later call.
         let _ = std::io::stdout().flush();
     }
@@ -304,6 +308,14 @@ pub fn encode_return<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Res
 }
 
 /// The worker's end of its channel, for [`write_garbage_to_channel`]; -1 outside a worker.
+/// What the current call let go of that is only dropped once its reply is sent.
+static AFTER_REPLY: Mutex<Vec<Box<dyn Send>>> = Mutex::new(Vec::new());
+
+/// Drops `value` once the current call's reply is sent, not before (in a worker).
+pub(crate) fn drop_after_reply(value: Box<dyn Send>) {
+    AFTER_REPLY.lock().unwrap_or_else(PoisonError::into_inner).push(value);
+}
+
 static CHANNEL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// Fault injection for tests: writes `bytes`, which need not be a frame, onto this worker's

@@ -83,6 +83,19 @@ impl SharedBytes {
     }
 }
 
+impl Drop for SharedBytes {
+    fn drop(&mut self) {
+        // In a worker, the buffer goes once the reply is sent: unmapping pages the function
+        // touched, and freeing the memory if this was its last holder, would otherwise hold
+        // the answer back by milliseconds for a large buffer.
+        if crate::worker::is_worker()
+            && let Some(map) = self.map.take()
+        {
+            crate::worker::drop_after_reply(Box::new((map, self.fd.take())));
+        }
+    }
+}
+
 impl Deref for SharedBytes {
     type Target = [u8];
 
