@@ -104,9 +104,15 @@ fn both_ways(rt: &tokio::runtime::Runtime, src: &[u8]) -> Duration {
 ///   size, like `tiny`, the same call with a 64-byte buffer);
 /// - `from vec`: `SharedBytes::from_slice` of an existing `Vec` plus the same call (one copy:
 ///   the target is within 2x of the memcpy);
-/// - `back`: a call that returns the buffer to the caller.
+/// - `back`: a call that returns the buffer to the caller;
+/// - `tiny after write`: the 64-byte call right after the caller wrote `size` bytes into
+///   another buffer of its own, as `in place` comes right after the caller wrote the buffer
+///   it passes: the same cold caches, without the size of the buffer passed.
 #[derive(Default)]
 struct SharedSamples {
+    /// Where `tiny after write` writes; allocated and faulted in once.
+    scratch: Vec<u8>,
+    tiny_after_write: Vec<Duration>,
     new: Vec<Duration>,
     write: Vec<Duration>,
     in_place: Vec<Duration>,
@@ -154,6 +160,16 @@ impl SharedSamples {
         let small = SharedBytes::from_slice(&src[..64]).unwrap();
         let (len, tiny) = timed(|| rt.block_on(shared_len(small)).unwrap());
         assert_eq!(len, 64);
+
+        if self.scratch.len() != src.len() {
+            self.scratch = src.to_vec();
+        }
+        let small = SharedBytes::from_slice(&src[..64]).unwrap();
+        self.scratch.copy_from_slice(src);
+        std::hint::black_box(&mut self.scratch);
+        let (len, tiny_after_write) = timed(|| rt.block_on(shared_len(small)).unwrap());
+        assert_eq!(len, 64);
+        self.tiny_after_write.push(tiny_after_write);
 
         self.new.push(new);
         self.write.push(write);
@@ -205,15 +221,17 @@ fn transfer_table(size: usize, samples: usize) {
         ("SharedBytes: from_slice(Vec) + call", percentiles(shared.from_vec)),
         ("SharedBytes: call, returns it back", percentiles(shared.back)),
         ("SharedBytes of 64 B: call", percentiles(shared.tiny)),
+        ("SharedBytes of 64 B: call after a write", percentiles(shared.tiny_after_write)),
     ];
     let mib = size as f64 / (1 << 20) as f64;
     println!("\ntransfer of {mib} MiB by value, {samples} samples each (current_thread runtime):");
     println!("  {:<38} {:>10} {:>10} {:>12}", "", "p50", "max", "MiB/s (p50)");
-    for (name, (p50, max)) in &rows[..rows.len() - 1] {
+    for (name, (p50, max)) in &rows[..rows.len() - 2] {
         println!("  {:<38} {:>10.2?} {:>10.2?} {:>12.0}", name, p50, max, mib / p50.as_secs_f64());
     }
-    let (name, (p50, max)) = rows[rows.len() - 1];
-    println!("  {:<38} {:>10.2?} {:>10.2?}", name, p50, max);
+    for (name, (p50, max)) in &rows[rows.len() - 2..] {
+        println!("  {:<38} {:>10.2?} {:>10.2?}", name, p50, max);
+    }
     let p50 = |k: usize| rows[k].1.0.as_secs_f64();
     println!(
         "  one way / memcpy: {:.2}x (target: at most {TARGET}x); one way / raw socket: {:.2}x; \
@@ -225,10 +243,11 @@ fn transfer_table(size: usize, samples: usize) {
     println!("  raw socket / memcpy: {:.2}x; to_vec / memcpy: {:.2}x", p50(1) / p50(0), p50(2) / p50(0));
     println!("  both ways / memcpy: {:.2}x; both ways / one way: {:.2}x", p50(4) / p50(0), p50(4) / p50(3));
     println!(
-        "  shared, written in place: call / memcpy {:.3}x; call of {mib} MiB / call of 64 B {:.2}x \
-         (target: independent of the size)",
+        "  shared, written in place: call / memcpy {:.3}x; call of {mib} MiB / call of 64 B {:.2}x, \
+         / call of 64 B after a write of {mib} MiB {:.2}x (target: independent of the size)",
         p50(7) / p50(0),
-        p50(7) / p50(10)
+        p50(7) / p50(10),
+        p50(7) / p50(11)
     );
     println!(
         "  shared, from an existing Vec: (from_slice + call) / memcpy {:.2}x (target: at most {TARGET}x); \
