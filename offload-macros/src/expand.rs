@@ -169,8 +169,8 @@ impl Context<'_> {
             .map(|(arg, decoded)| if arg.bytes { quote!(#decoded.into_vec()) } else { quote!(#decoded) });
         let (assert, encode) = match self.return_ty {
             Some(_) if self.return_bytes => {
-                let bytes = rt.bytes();
-                (TokenStream::new(), quote!(#encode_return::<#bytes>(#bytes::new(&#ret), #out)))
+                let encode_return_bytes = rt.encode_return_bytes();
+                (TokenStream::new(), quote!(#encode_return_bytes(#ret, #out)))
             }
             Some(ty) => (self.assert_transferable(ty), quote!(#encode_return::<#ty>(&#ret, #out))),
             None => (TokenStream::new(), quote!(#encode_return::<()>(&#ret, #out))),
@@ -199,7 +199,7 @@ impl Context<'_> {
         let visitor = rt.serde("de::Visitor");
         let seq_access = rt.serde("de::SeqAccess");
         let de_error = rt.serde("de::Error");
-        let byte_buf = rt.byte_buf();
+        let recv_bytes = rt.recv_bytes();
         let seq = Ident::new("seq", Span::mixed_site());
         let formatter = Ident::new("formatter", Span::mixed_site());
         let input = Ident::new("deserializer", Span::mixed_site());
@@ -210,7 +210,7 @@ impl Context<'_> {
         let wire_types: Vec<TokenStream> = self
             .arguments
             .iter()
-            .map(|arg| if arg.bytes { byte_buf.clone() } else { arg.ty.to_token_stream() })
+            .map(|arg| if arg.bytes { recv_bytes.clone() } else { arg.ty.to_token_stream() })
             .collect();
         let asserts =
             self.arguments.iter().filter(|arg| !arg.bytes).map(|arg| self.assert_transferable(arg.ty));
@@ -271,21 +271,38 @@ impl Context<'_> {
         let serialize = rt.serde("Serialize");
         let serializer = rt.serde("Serializer");
         let serialize_tuple = rt.serde("ser::SerializeTuple");
-        let bytes = rt.bytes();
+        let send_bytes = rt.send_bytes();
+        let args_trait = rt.args_trait();
         let tuple = Ident::new("tuple", Span::mixed_site());
         let output = Ident::new("serializer", Span::mixed_site());
+        let f = Ident::new("f", Span::mixed_site());
 
         let len = self.arguments.len();
         let types = self.arguments.iter().map(|arg| arg.ty);
         let asserts =
             self.arguments.iter().filter(|arg| !arg.bytes).map(|arg| self.assert_transferable(arg.ty));
+        // The byte vectors, which may go in bulk frames of their own.
+        let byte_fields: Vec<syn::Index> =
+            (0..len).filter(|&index| self.arguments[index].bytes).map(syn::Index::from).collect();
+        let for_each_bytes = if byte_fields.is_empty() {
+            TokenStream::new()
+        } else {
+            quote! {
+                fn for_each_bytes<'a>(
+                    &'a self,
+                    #f: &mut dyn ::core::ops::FnMut(&'a [::core::primitive::u8]),
+                ) {
+                    #(#f(&self.#byte_fields);)*
+                }
+            }
+        };
         let writes = self.arguments.iter().enumerate().map(|(index, arg)| {
             let index = syn::Index::from(index);
             if arg.bytes {
                 quote! {
-                    #serialize_tuple::serialize_element::<#bytes>(
+                    #serialize_tuple::serialize_element::<#send_bytes<'_>>(
                         &mut #tuple,
-                        #bytes::new(&self.#index),
+                        &#send_bytes(&self.#index),
                     )?;
                 }
             } else {
@@ -306,6 +323,10 @@ impl Context<'_> {
                     #(#writes)*
                     #serialize_tuple::end(#tuple)
                 }
+            }
+
+            impl #args_trait for __OffloadArgs {
+                #for_each_bytes
             }
         }
     }
@@ -386,11 +407,11 @@ impl Context<'_> {
         let args_struct = if self.arguments.is_empty() { TokenStream::new() } else { self.args_struct() };
         let (returned, result) = match self.return_ty {
             Some(_) if self.return_bytes => {
-                let byte_buf = rt.byte_buf();
+                let recv_bytes = rt.recv_bytes();
                 let result = quote! {
-                    #call::<#args_type, #byte_buf>(&__OFFLOAD_ENTRY, #args_value)
+                    #call::<#args_type, #recv_bytes>(&__OFFLOAD_ENTRY, #args_value)
                         .await
-                        .map(#byte_buf::into_vec)
+                        .map(#recv_bytes::into_vec)
                 };
                 (TokenStream::new(), result)
             }
@@ -703,9 +724,9 @@ mod tests {
         assert!(
             out.contains(
                 "letresult:::core::result::Result<Vec<u8>,(::offload::__private::Error,__OffloadArgs)>=\
-                 ::offload::__private::call_keeping_args::<__OffloadArgs,::offload::__private::serde_bytes::ByteBuf>\
+                 ::offload::__private::call_keeping_args::<__OffloadArgs,::offload::__private::RecvBytes>\
                  (&__OFFLOAD_ENTRY,__OffloadArgs(data,__arg1)).await\
-                 .map(::offload::__private::serde_bytes::ByteBuf::into_vec);\
+                 .map(::offload::__private::RecvBytes::into_vec);\
                  matchresult{\
                  ::core::result::Result::Ok(value)=>::core::result::Result::Ok(value),\
                  ::core::result::Result::Err((error,__OffloadArgs(data,__arg1)))\
@@ -800,7 +821,7 @@ mod tests {
     }
 
     #[test]
-    fn bytes_go_through_serde_bytes() {
+    fn bytes_go_as_byte_strings_or_bulk_frames() {
         let out = expand(
             quote!(),
             quote!(
@@ -809,11 +830,13 @@ mod tests {
                 }
             ),
         );
-        assert!(out.contains("serde_bytes::Bytes::new(&self.0)"), "{out}");
-        assert!(out.contains("next_element::<::offload::__private::serde_bytes::ByteBuf>"), "{out}");
+        assert!(out.contains("&::offload::__private::SendBytes(&self.0)"), "{out}");
+        assert!(out.contains("next_element::<::offload::__private::RecvBytes>"), "{out}");
+        assert!(out.contains("impl::offload::__private::Argsfor__OffloadArgs{fnfor_each_bytes"), "{out}");
+        assert!(out.contains("{f(&self.0);}"), "{out}");
         assert!(out.contains("__offload_impl_f(arg0.into_vec())"), "{out}");
-        assert!(out.contains("encode_return::<::offload::__private::serde_bytes::Bytes>"), "{out}");
-        assert!(out.contains(".map(::offload::__private::serde_bytes::ByteBuf::into_vec)"), "{out}");
+        assert!(out.contains("::offload::__private::encode_return_bytes(ret,out)"), "{out}");
+        assert!(out.contains(".map(::offload::__private::RecvBytes::into_vec)"), "{out}");
     }
 
     #[test]

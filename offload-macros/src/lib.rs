@@ -100,7 +100,9 @@ use proc_macro::TokenStream;
 ///   'static`: derive `serde::Serialize` and `serde::Deserialize` for your own types. A
 ///   type that is not is a compile error at the type, saying what offload needs.
 /// - A `Vec<u8>` argument or return type (written `Vec<u8>`, `std::vec::Vec<u8>`, ...) is
-///   sent as one byte string rather than element by element, which is several times faster.
+///   sent as one byte string rather than element by element, which is several times faster;
+///   from 64 KiB on, it is written straight from the vector and read straight into the
+///   receiving side's vector, with no copy in between.
 ///   This applies to the whole argument or return type only: a `Vec<u8>` nested in another
 ///   type (`Option<Vec<u8>>`, a struct field) goes element by element, unless you mark it
 ///   with [`serde_bytes`](https://docs.rs/serde_bytes) yourself. The macro goes by the

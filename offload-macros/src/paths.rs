@@ -47,16 +47,6 @@ impl Runtime {
         self.item("Overload")
     }
 
-    /// `serde_bytes::Bytes`, which encodes a `Vec<u8>` as one byte string.
-    pub(crate) fn bytes(&self) -> TokenStream {
-        self.item("serde_bytes::Bytes")
-    }
-
-    /// `serde_bytes::ByteBuf`, which decodes a byte string into a `Vec<u8>`.
-    pub(crate) fn byte_buf(&self) -> TokenStream {
-        self.item("serde_bytes::ByteBuf")
-    }
-
     /// An item of the `serde` crate that the runtime re-exports, e.g. `serde("ser::Serializer")`.
     pub(crate) fn serde(&self, path: &str) -> TokenStream {
         self.item(&format!("serde::{path}"))
@@ -72,9 +62,29 @@ impl Runtime {
         self.item("encode_return")
     }
 
+    /// `fn encode_return_bytes(Vec<u8>, &mut Vec<u8>) -> Result<(), ProtocolError>`.
+    pub(crate) fn encode_return_bytes(&self) -> TokenStream {
+        self.item("encode_return_bytes")
+    }
+
     /// `async fn call<A, R>(&'static Entry, A) -> Result<R, Error>`.
     pub(crate) fn call(&self) -> TokenStream {
         self.item("call")
+    }
+
+    /// `trait Args: Serialize + Send + 'static { fn for_each_bytes(..) }`.
+    pub(crate) fn args_trait(&self) -> TokenStream {
+        self.item("Args")
+    }
+
+    /// `struct SendBytes<'a>(&'a [u8])`: a byte-vector argument as the caller encodes it.
+    pub(crate) fn send_bytes(&self) -> TokenStream {
+        self.item("SendBytes")
+    }
+
+    /// `struct RecvBytes`: a byte-vector argument as the worker decodes it.
+    pub(crate) fn recv_bytes(&self) -> TokenStream {
+        self.item("RecvBytes")
     }
 
     /// `async fn call_keeping_args<A, R>(&'static Entry, A) -> Result<R, (Error, A)>`.
@@ -130,7 +140,7 @@ mod tests {
     fn defaults_to_offload() {
         let runtime = Runtime::new(None);
         assert_eq!(runtime.call().to_string(), ":: offload :: __private :: call");
-        assert_eq!(runtime.bytes().to_string(), ":: offload :: __private :: serde_bytes :: Bytes");
+        assert_eq!(runtime.send_bytes().to_string(), ":: offload :: __private :: SendBytes");
     }
 
     #[test]

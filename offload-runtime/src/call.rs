@@ -39,13 +39,25 @@ static NEXT_TASK: AtomicU64 = AtomicU64::new(1);
 /// hand-off (tens of microseconds at most).
 pub(crate) const INLINE_PAYLOAD: usize = 64 << 10;
 
+/// The arguments of an offloaded function, as its stub hands them to [`call`]. Not public
+/// API: `#[offload]` implements it.
+pub trait Args: Serialize + Send + 'static {
+    /// Calls `f` with each top-level byte-vector argument, in order: those long enough go in
+    /// bulk frames of their own, written from where they are (see [`protocol::bulk`]).
+    fn for_each_bytes<'a>(&'a self, f: &mut dyn FnMut(&'a [u8])) {
+        let _ = f;
+    }
+}
+
+impl Args for () {}
+
 /// Runs `entry` in a worker with `args` and returns what it returned.
 ///
 /// Not public API: `#[offload]` stubs call it. Needs a Tokio runtime with I/O and time
 /// enabled (`#[tokio::main]` and `#[tokio::test]` enable both).
 pub async fn call<A, R>(entry: &'static Entry, args: A) -> Result<R, Error>
 where
-    A: Serialize + Send + 'static,
+    A: Args,
     R: DeserializeOwned + Send + 'static,
 {
     call_inner(entry, args, false).await.0
@@ -58,7 +70,7 @@ where
 /// Not public API: `#[offload(fallback = ...)]` stubs call it.
 pub async fn call_keeping_args<A, R>(entry: &'static Entry, args: A) -> Result<R, (Error, A)>
 where
-    A: Serialize + Send + 'static,
+    A: Args,
     R: DeserializeOwned + Send + 'static,
 {
     match call_inner(entry, args, true).await {
@@ -71,7 +83,7 @@ where
 /// [`call`], and the arguments back if `keep`.
 async fn call_inner<A, R>(entry: &'static Entry, args: A, keep: bool) -> (Result<R, Error>, Option<A>)
 where
-    A: Serialize + Send + 'static,
+    A: Args,
     R: DeserializeOwned + Send + 'static,
 {
     let pool = match preflight(entry) {
@@ -81,13 +93,20 @@ where
     // Workers forward `tracing` events up to the level some subscriber here wants.
     let log_level = protocol::level_to_u8(tracing::level_filters::LevelFilter::current());
     let max_payload = pool.settings.max_payload;
+    let mut bulk = 0u64;
+    args.for_each_bytes(&mut |bytes| {
+        if protocol::bulk::is_bulk(bytes.len()) {
+            bulk += bytes.len() as u64;
+        }
+    });
     let encode = move |args: A| {
-        let encoded = protocol::encode_call(entry.name, log_level, &args, max_payload);
-        // Arguments that hold shared buffers are kept until the reply (their pages are
-        // shared, so that costs no memory) and then let go off the runtime, below; others
-        // are dropped as soon as they are encoded, unless they are to be kept.
+        let encoded = protocol::encode_call(entry.name, log_level, &args, bulk, max_payload);
+        // Arguments that hold shared buffers or bulk bytes are kept until the reply (the
+        // bulk bytes are written from where they are; the pages of shared buffers are
+        // shared, so keeping them costs no memory) and then let go off the runtime, below;
+        // others are dropped as soon as they are encoded, unless they are to be kept.
         let holds_shared = encoded.as_ref().is_ok_and(|(_, fds)| !fds.is_empty());
-        (encoded, (keep || holds_shared).then_some(args))
+        (encoded, (keep || holds_shared || bulk > 0).then_some(args))
     };
     let (encoded, args) = if protocol::encodes_over(&args, INLINE_PAYLOAD) {
         match off_runtime(move || encode(args)).await {
@@ -102,17 +121,54 @@ where
         Err(kind) => return (Err(protocol_error(entry, kind)), args),
     };
     let mut returned = Returned::<R>(None);
-    let result = run(entry, pool, &frame, &fds, &mut returned).await;
+    let result = match bulk_frames(args.as_ref()) {
+        Ok((_, bytes)) if bytes.is_empty() => run(entry, pool, &[&frame], &fds, &mut returned).await,
+        Ok((headers, bytes)) => {
+            let mut message: Vec<&[u8]> = Vec::with_capacity(2 * bytes.len() + 1);
+            for (header, bytes) in headers.iter().zip(bytes) {
+                message.extend([&header[..], bytes]);
+            }
+            message.push(&frame);
+            run(entry, pool, &message, &fds, &mut returned).await
+        }
+        Err(kind) => Err(protocol_error(entry, kind)),
+    };
     let result = result.map(|()| returned.0.expect("decoded on success"));
     let (args, done) = if keep && result.is_err() { (args, None) } else { (None, args) };
     // Unmapping shared buffers the caller wrote and freeing their memory (the caller holds
     // the last descriptor: the worker closes its own before it answers) takes milliseconds
-    // for large buffers, as does freeing a large frame: both happen off the runtime, after
-    // the call.
-    if !fds.is_empty() || frame.len() > INLINE_PAYLOAD {
+    // for large buffers, as does freeing a large frame or large byte vectors: all happen off
+    // the runtime, after the call.
+    if !fds.is_empty() || frame.len() > INLINE_PAYLOAD || bulk > 0 {
         drop(tokio::task::spawn_blocking(move || drop((frame, fds, done))));
     }
     (result, args)
+}
+
+/// The [`Tag::Bulk`] frames that go before the call frame: a header for each byte-vector
+/// argument that goes in one, and its bytes, where they are.
+#[allow(clippy::type_complexity)]
+fn bulk_frames<A: Args>(
+    args: Option<&A>,
+) -> Result<(Vec<[u8; protocol::HEADER]>, Vec<&[u8]>), ProtocolError> {
+    let (mut headers, mut frames, mut failed) = (Vec::new(), Vec::new(), None);
+    if let Some(args) = args {
+        args.for_each_bytes(&mut |bytes| {
+            if protocol::bulk::is_bulk(bytes.len()) {
+                match protocol::bulk_header(bytes.len()) {
+                    Ok(header) => {
+                        headers.push(header);
+                        frames.push(bytes);
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+        });
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((headers, frames)),
+    }
 }
 
 /// Runs `f` on Tokio's blocking threads. A panic in `f` goes on in the caller, as it would
@@ -127,10 +183,11 @@ async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
     }
 }
 
-/// Decodes the return value out of a reply body, with the descriptors that came with it.
+/// Decodes the return value out of a reply body, with the descriptors and bulk frames that
+/// came with it.
 trait Decode: Send {
     /// Decodes on the calling task, while the body is still in the channel's buffer.
-    fn decode(&mut self, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), ProtocolError>;
+    fn decode(&mut self, body: &[u8], fds: Vec<OwnedFd>, bulk: Vec<Vec<u8>>) -> Result<(), ProtocolError>;
 
     /// Decodes `frame[body]` on a blocking thread, and frees the frame there.
     fn decode_off_runtime(
@@ -138,6 +195,7 @@ trait Decode: Send {
         frame: Vec<u8>,
         body: Range<usize>,
         fds: Vec<OwnedFd>,
+        bulk: Vec<Vec<u8>>,
     ) -> Pin<Box<dyn Future<Output = Result<(), ProtocolError>> + Send + '_>>;
 }
 
@@ -145,8 +203,8 @@ trait Decode: Send {
 struct Returned<R>(Option<R>);
 
 impl<R: DeserializeOwned + Send + 'static> Decode for Returned<R> {
-    fn decode(&mut self, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), ProtocolError> {
-        self.0 = Some(decode_return(body, fds)?);
+    fn decode(&mut self, body: &[u8], fds: Vec<OwnedFd>, bulk: Vec<Vec<u8>>) -> Result<(), ProtocolError> {
+        self.0 = Some(decode_return(body, fds, bulk)?);
         Ok(())
     }
 
@@ -155,9 +213,10 @@ impl<R: DeserializeOwned + Send + 'static> Decode for Returned<R> {
         frame: Vec<u8>,
         body: Range<usize>,
         fds: Vec<OwnedFd>,
+        bulk: Vec<Vec<u8>>,
     ) -> Pin<Box<dyn Future<Output = Result<(), ProtocolError>> + Send + '_>> {
         Box::pin(async move {
-            let decoded = off_runtime(move || decode_return::<R>(&frame[body], fds)).await;
+            let decoded = off_runtime(move || decode_return::<R>(&frame[body], fds, bulk)).await;
             self.0 = Some(decoded.ok_or_else(|| {
                 ProtocolError::Invalid(
                     "the Tokio runtime shut down while the return value was decoded".into(),
@@ -168,8 +227,14 @@ impl<R: DeserializeOwned + Send + 'static> Decode for Returned<R> {
     }
 }
 
-fn decode_return<R: DeserializeOwned>(body: &[u8], fds: Vec<OwnedFd>) -> Result<R, ProtocolError> {
-    protocol::fds::supplying(fds, || protocol::decode::<R>(body, Payload::ReturnValue))
+fn decode_return<R: DeserializeOwned>(
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+    bulk: Vec<Vec<u8>>,
+) -> Result<R, ProtocolError> {
+    protocol::bulk::supplying(bulk, || {
+        protocol::fds::supplying(fds, || protocol::decode::<R>(body, Payload::ReturnValue))
+    })
 }
 
 /// What must hold before a call is encoded: this is not a worker, a Tokio runtime is
@@ -205,7 +270,7 @@ fn preflight(entry: &'static Entry) -> Result<&'static Arc<Pool>, Error> {
 async fn run(
     entry: &'static Entry,
     pool: &Arc<Pool>,
-    frame: &[u8],
+    message: &[&[u8]],
     fds: &[OwnedFd],
     decode: &mut dyn Decode,
 ) -> Result<(), Error> {
@@ -229,7 +294,8 @@ async fn run(
         }
         record.admission = Some(admission);
     }
-    let result = exchange(entry, pool, frame, fds, decode, &mut record, &span).instrument(span.clone()).await;
+    let result =
+        exchange(entry, pool, message, fds, decode, &mut record, &span).instrument(span.clone()).await;
     record.finish(result.as_ref().map(|_| ()));
     result
 }
@@ -305,7 +371,7 @@ fn log_transition(entry: &Entry, transition: Option<Transition>) {
 async fn exchange(
     entry: &'static Entry,
     pool: &Arc<Pool>,
-    frame: &[u8],
+    message: &[&[u8]],
     fds: &[OwnedFd],
     decode: &mut dyn Decode,
     record: &mut Record,
@@ -343,7 +409,7 @@ async fn exchange(
             lease.release_unused();
             return Err(timed_out(None));
         }
-        match lease.worker().channel().start_send(frame, fds) {
+        match lease.worker().channel().start_send(message, fds) {
             Err(TransportError::NotSent) if dead_idle < pool.settings.workers.get() => {
                 dead_idle += 1;
                 tracing::warn!(pid = lease.worker().pid, "offload worker died while idle; replacing it");
@@ -363,14 +429,14 @@ async fn exchange(
     let started = Instant::now();
     let outcome = match sent {
         Ok(sent) => {
-            before(deadline, lease.worker().channel().round_trip(frame, fds, sent, &mut forward_logs)).await
+            before(deadline, lease.worker().channel().round_trip(message, fds, sent, &mut forward_logs)).await
         }
         Err(e) => Some(Err(e)),
     };
     let run_time = started.elapsed();
     record.run_time = Some(run_time);
     span.record("run_us", run_time.as_micros() as u64);
-    let Reply { tag, body, range, fds } = match outcome {
+    let Reply { tag, body, range, fds, bulk } = match outcome {
         Some(Ok(reply)) => reply,
         None => {
             let _ended = lease.end(Ending::Kill, RestartCause::Timeout).await;
@@ -402,11 +468,11 @@ async fn exchange(
             let frame = lease.worker().channel().take_reply();
             lease.release();
             return decode
-                .decode_off_runtime(frame, range, fds)
+                .decode_off_runtime(frame, range, fds, bulk)
                 .await
                 .map_err(|kind| protocol_error(entry, kind));
         }
-        Tag::Return => decode.decode(body, fds).map_err(|kind| protocol_error(entry, kind)),
+        Tag::Return => decode.decode(body, fds, bulk).map_err(|kind| protocol_error(entry, kind)),
         Tag::Panicked => Err(match protocol::decode::<PanicReport>(body, Payload::Message) {
             Ok(report) => Error::Panicked {
                 entry: entry.display(),
@@ -420,7 +486,7 @@ async fn exchange(
             entry,
             protocol::decode::<ProtocolError>(body, Payload::Message).unwrap_or_else(|e| e),
         )),
-        Tag::Hello | Tag::Call | Tag::Log => {
+        Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk => {
             drop(lease.end(Ending::Kill, RestartCause::Protocol));
             return Err(protocol_error(entry, ProtocolError::Invalid(format!("unexpected {tag:?} frame"))));
         }

@@ -74,11 +74,12 @@ pub mod __private {
     pub use serde;
     pub use serde_bytes;
 
-    pub use crate::call::{call, call_keeping_args};
+    pub use crate::call::{Args, call, call_keeping_args};
     pub use crate::error::{Error, ProtocolError};
     pub use crate::fallback::{Async, Fallback, Sync, fallback};
+    pub use crate::protocol::{RecvBytes, SendBytes};
     pub use crate::registry::{ENTRIES, Entry, Invoke};
-    pub use crate::worker::{decode_args, encode_return, write_garbage_to_channel};
+    pub use crate::worker::{decode_args, encode_return, encode_return_bytes, write_garbage_to_channel};
     pub use offload_spec::{Overload, WorkersSpec};
 
     /// What an argument or return type of an `#[offload]` function needs.

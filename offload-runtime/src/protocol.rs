@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Payload, ProtocolError};
 
 /// Bumped whenever the frame layout or a message changes.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame the length prefix can describe, tag included. Pools enforce their own,
 /// smaller `max_payload` on top of it.
@@ -41,6 +41,9 @@ pub(crate) enum Tag {
     Fault = 5,
     /// Worker to parent, before the reply: [`LogRecord`]s the function emitted.
     Log = 6,
+    /// Parent to worker, before a call: the raw bytes of one of its large byte-vector
+    /// arguments; see [`bulk`].
+    Bulk = 7,
 }
 
 impl Tag {
@@ -52,6 +55,7 @@ impl Tag {
             4 => Tag::Panicked,
             5 => Tag::Fault,
             6 => Tag::Log,
+            7 => Tag::Bulk,
             _ => return None,
         })
     }
@@ -151,15 +155,23 @@ pub(crate) fn parse_header(header: [u8; HEADER], max: usize) -> Result<(usize, T
 }
 
 /// A call frame for `name` with `args`; the worker forwards `tracing` events up to `log_level`
-/// (see [`level_to_u8`]). Arguments that encode to more than `max_payload` bytes are refused
-/// before the frame is allocated.
+/// (see [`level_to_u8`]). Arguments that encode to more than `max_payload` bytes, counting
+/// the `bulk` bytes that travel in frames of their own, are refused before the frame is
+/// allocated.
 pub(crate) fn encode_call<A: Serialize>(
     name: &str,
     log_level: u8,
     args: &A,
+    bulk: u64,
     max_payload: u64,
 ) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedFd>), ProtocolError> {
-    let size = checked_size(args, Payload::Arguments, max_payload)?;
+    let size =
+        checked_size(args, Payload::Arguments, max_payload.saturating_sub(bulk)).map_err(|e| match e {
+            ProtocolError::PayloadTooLarge { what, len, .. } => {
+                ProtocolError::PayloadTooLarge { what, len: len + bulk, max: max_payload }
+            }
+            e => e,
+        })?;
     let mut frame = FrameBuf::reuse(Vec::with_capacity(HEADER + 3 + name.len() + size), Tag::Call);
     let name_len = u16::try_from(name.len())
         .map_err(|_| ProtocolError::Invalid(format!("entry name of {} bytes", name.len())))?;
@@ -289,6 +301,112 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: Payload) -> Result
     }
 }
 
+/// The header of a [`Tag::Bulk`] frame of `len` bytes.
+pub(crate) fn bulk_header(len: usize) -> Result<[u8; HEADER], ProtocolError> {
+    let framed = len.checked_add(1).filter(|&n| n <= MAX_FRAME);
+    let framed = framed.ok_or(ProtocolError::FrameTooLarge { len: len as u64, max: MAX_FRAME as u64 })?;
+    let [a, b, c, d] = (framed as u32).to_le_bytes();
+    Ok([a, b, c, d, Tag::Bulk as u8])
+}
+
+/// Large byte-vector arguments (top-level `Vec<u8>` arguments of at least [`bulk::MIN`]
+/// bytes) travel in [`Tag::Bulk`] frames of their own, sent before the call frame: written
+/// from the caller's vector as it is, and read by the worker straight into the vector it
+/// hands the function. Neither side copies them in user space, and the worker's vector is
+/// the only allocation. The call frame carries a marker in their place (see
+/// [`SendBytes`]), and the worker's decoding takes the bulk frames in order.
+pub(crate) mod bulk {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    /// Byte vectors at least this long go in bulk frames; shorter ones in the call frame.
+    pub(crate) const MIN: usize = 64 << 10;
+
+    /// Whether a byte-vector argument of `len` bytes goes in a bulk frame.
+    pub(crate) fn is_bulk(len: usize) -> bool {
+        len >= MIN
+    }
+
+    thread_local! {
+        /// The bulk frames of the call being decoded, in the order they came.
+        static SUPPLY: RefCell<VecDeque<Vec<u8>>> = const { RefCell::new(VecDeque::new()) };
+    }
+
+    /// Runs a decoding pass with the bulk frames that came before the call frame; those it
+    /// does not take are dropped.
+    pub(crate) fn supplying<R>(frames: Vec<Vec<u8>>, f: impl FnOnce() -> R) -> R {
+        let previous = SUPPLY.with(|s| std::mem::replace(&mut *s.borrow_mut(), frames.into()));
+        let result = f();
+        SUPPLY.with(|s| *s.borrow_mut() = previous);
+        result
+    }
+
+    /// Takes the next bulk frame of the call being decoded.
+    pub(crate) fn take() -> Option<Vec<u8>> {
+        SUPPLY.with(|s| s.borrow_mut().pop_front())
+    }
+}
+
+/// A byte-vector argument as the caller encodes it: its bytes, if it is short; if it goes in
+/// a bulk frame, only its length. Not public API.
+pub struct SendBytes<'a>(pub &'a [u8]);
+
+/// The wire form of [`SendBytes`] and [`RecvBytes`].
+#[derive(serde::Serialize)]
+#[serde(rename = "offload::Bytes")]
+enum WireBytes<'a> {
+    Inline(#[serde(with = "serde_bytes")] &'a [u8]),
+    Bulk(u64),
+}
+
+impl Serialize for SendBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if bulk::is_bulk(self.0.len()) {
+            WireBytes::Bulk(self.0.len() as u64).serialize(serializer)
+        } else {
+            WireBytes::Inline(self.0).serialize(serializer)
+        }
+    }
+}
+
+/// A byte-vector argument as the worker decodes it: from the call frame, or the next bulk
+/// frame. Not public API.
+pub struct RecvBytes(Vec<u8>);
+
+impl RecvBytes {
+    /// The bytes.
+    pub fn into_vec(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RecvBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<RecvBytes, D::Error> {
+        use serde::de::Error as _;
+
+        #[derive(serde::Deserialize)]
+        #[serde(rename = "offload::Bytes")]
+        enum WireBytes {
+            Inline(serde_bytes::ByteBuf),
+            Bulk(u64),
+        }
+
+        match WireBytes::deserialize(deserializer)? {
+            WireBytes::Inline(bytes) => Ok(RecvBytes(bytes.into_vec())),
+            WireBytes::Bulk(len) => {
+                let bytes = bulk::take().ok_or_else(|| D::Error::custom("a bulk argument did not arrive"))?;
+                if bytes.len() as u64 != len {
+                    return Err(D::Error::custom(format!(
+                        "a bulk argument of {} bytes arrived for one of {len}",
+                        bytes.len()
+                    )));
+                }
+                Ok(RecvBytes(bytes))
+            }
+        }
+    }
+}
+
 /// Descriptors that travel with a frame (`SCM_RIGHTS`): the shared buffers among the
 /// arguments or the return value. Encoding collects them, decoding hands them out by index,
 /// through a per-thread mode set around the (de)serialization.
@@ -373,7 +491,7 @@ mod tests {
     #[test]
     fn call_frame_round_trips() {
         let (frame, _) =
-            encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32), 1 << 20).unwrap();
+            encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32), 0, 1 << 20).unwrap();
         let (len, tag) = parse_header(frame[..HEADER].try_into().unwrap(), MAX_FRAME).unwrap();
         assert_eq!(tag, Tag::Call);
         assert_eq!(len, frame.len() - HEADER);
@@ -386,7 +504,7 @@ mod tests {
     #[test]
     fn bytes_are_not_encoded_element_by_element() {
         let data = vec![200u8; 1000];
-        let (frame, _) = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 1 << 20).unwrap();
+        let (frame, _) = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 0, 1 << 20).unwrap();
         // 5 header + 2 name length + 1 name + 1 log level + 2 varint length + 1000 raw bytes.
         assert_eq!(frame.len(), 5 + 2 + 1 + 1 + 2 + 1000);
     }
@@ -406,8 +524,37 @@ mod tests {
     #[test]
     fn oversized_arguments_are_refused_before_allocating() {
         let data = vec![0u8; 2000];
-        let err = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 1000).unwrap_err();
+        let err = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 0, 1000).unwrap_err();
         assert_eq!(err, ProtocolError::PayloadTooLarge { what: Payload::Arguments, len: 2002, max: 1000 });
+    }
+
+    #[test]
+    fn byte_arguments_go_inline_or_in_bulk() {
+        let short = vec![5u8; 10];
+        let long = vec![6u8; bulk::MIN];
+        let (frame, _) =
+            encode_call("x", 0, &(SendBytes(&short), SendBytes(&long), 9u8), long.len() as u64, 1 << 20)
+                .unwrap();
+        let call = split_call(&frame[HEADER..]).unwrap();
+        // Inline: variant 0, length 10, the bytes; bulk: variant 1 and the length only.
+        assert_eq!(call.args.len(), 1 + 1 + 10 + 1 + 3 + 1);
+        let (a, b, n): (RecvBytes, RecvBytes, u8) =
+            bulk::supplying(vec![long.clone()], || decode(call.args, Payload::Arguments)).unwrap();
+        assert_eq!((a.into_vec(), b.into_vec(), n), (short, long.clone(), 9));
+
+        let missing = decode::<(RecvBytes, RecvBytes, u8)>(call.args, Payload::Arguments);
+        assert!(matches!(missing, Err(ProtocolError::Decode { .. })));
+        let wrong = bulk::supplying(vec![vec![0; 3]], || {
+            decode::<(RecvBytes, RecvBytes, u8)>(call.args, Payload::Arguments)
+        });
+        assert!(matches!(wrong, Err(ProtocolError::Decode { .. })));
+    }
+
+    #[test]
+    fn bulk_bytes_count_against_the_limit() {
+        let err = encode_call("x", 0, &(SendBytes(&[0; 100]),), 2000, 1000).unwrap_err();
+        assert!(matches!(err, ProtocolError::PayloadTooLarge { len, max: 1000, .. } if len > 2000), "{err}");
+        assert_eq!(bulk_header(3).unwrap(), [4, 0, 0, 0, Tag::Bulk as u8]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Payload, ProtocolError};
+use crate::protocol::SendBytes;
 use crate::protocol::{self, FrameBuf, HEADER, Hello, MAX_FRAME, PROTOCOL_VERSION, PanicReport, Tag};
 use crate::registry::Registry;
 use crate::transport::{recv_with_fds, send_with_fds};
@@ -145,13 +146,27 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
     let mut inbox = Inbox::default();
     let mut reply = Vec::new();
     loop {
-        let Some(fds) = inbox.next_call(&stream)? else {
+        let Some((fds, bulk)) = inbox.next_call(&stream)? else {
             // The parent closed the channel: it is done with us, or gone.
             return Ok(());
         };
-        reply = answer(&inbox.buf[HEADER..inbox.frame_len], fds, reply);
+        reply = answer(&inbox.buf[HEADER..inbox.frame_len], fds, bulk, reply);
         let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
-        match send_with_fds(&stream, &reply, &reply_fds, rustix::net::SendFlags::empty()) {
+        let reply_bulk = REPLY_BULK.with(|b| b.borrow_mut().take());
+        let sent = match &reply_bulk {
+            None => send_with_fds(&stream, &[&reply], 0, &reply_fds, rustix::net::SendFlags::empty()),
+            Some(bytes) => {
+                let header = protocol::bulk_header(bytes.len()).map_err(std::io::Error::other)?;
+                send_with_fds(
+                    &stream,
+                    &[&header, bytes, &reply],
+                    0,
+                    &reply_fds,
+                    rustix::net::SendFlags::empty(),
+                )
+            }
+        };
+        match sent {
             Ok(_) => {}
             // The parent closed the channel while we worked (it gave up on the call, or is
             // gone): nothing to report to anyone.
@@ -166,6 +181,7 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
             Err(e) => return Err(e),
         }
         drop(reply_fds);
+        drop(reply_bulk);
         // Unmapping and freeing large shared buffers takes milliseconds: done now, while the
         // parent already has its answer.
         drop(std::mem::take(&mut *AFTER_REPLY.lock().unwrap_or_else(PoisonError::into_inner)));
@@ -174,7 +190,8 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
     }
 }
 
-/// The worker's read side: one call frame at a time, with the descriptors that came with it.
+/// The worker's read side: one call frame at a time, with the descriptors and bulk frames
+/// that came with it.
 #[derive(Default)]
 struct Inbox {
     buf: Vec<u8>,
@@ -184,26 +201,34 @@ struct Inbox {
 }
 
 impl Inbox {
-    /// Reads the next call frame into `buf[..frame_len]`; `None` at end of stream.
-    fn next_call(&mut self, stream: &UnixStream) -> std::io::Result<Option<Vec<OwnedFd>>> {
+    /// Reads the next call frame into `buf[..frame_len]`, and the bulk frames before it;
+    /// `None` at end of stream.
+    #[allow(clippy::type_complexity)]
+    fn next_call(&mut self, stream: &UnixStream) -> std::io::Result<Option<(Vec<OwnedFd>, Vec<Vec<u8>>)>> {
         // The parent sends one call and waits for its reply: nothing follows a frame.
-        self.buf.copy_within(self.frame_len..self.filled, 0);
-        self.filled -= self.frame_len;
-        self.frame_len = 0;
+        self.consume(self.frame_len);
         let mut fds = Vec::new();
+        let mut bulk = Vec::new();
         let mut need = HEADER;
         loop {
             if self.filled >= HEADER && need == HEADER {
                 let header: [u8; HEADER] = self.buf[..HEADER].try_into().expect("header length");
                 let (len, tag) = protocol::parse_header(header, MAX_FRAME).map_err(std::io::Error::other)?;
-                if tag != Tag::Call {
-                    return Err(std::io::Error::other(format!("expected a call frame, got {tag:?}")));
+                match tag {
+                    Tag::Call => need = HEADER + len,
+                    Tag::Bulk => {
+                        match self.read_bulk(stream, len, &mut fds)? {
+                            Some(bytes) => bulk.push(bytes),
+                            None => return Ok(None),
+                        }
+                        continue;
+                    }
+                    _ => return Err(std::io::Error::other(format!("expected a call frame, got {tag:?}"))),
                 }
-                need = HEADER + len;
             }
             if self.filled >= need && need > HEADER {
                 self.frame_len = need;
-                return Ok(Some(fds));
+                return Ok(Some((fds, bulk)));
             }
             let want = need.max(64 * 1024);
             if self.buf.len() < want {
@@ -221,11 +246,44 @@ impl Inbox {
             self.filled += n;
         }
     }
+
+    /// Drops the first `n` bytes read.
+    fn consume(&mut self, n: usize) {
+        self.buf.copy_within(n..self.filled, 0);
+        self.filled -= n;
+        self.frame_len = 0;
+    }
+
+    /// Reads the `len` bytes of a bulk frame whose header is at the start of `buf`, into a
+    /// vector of their own: what is already in `buf`, then the rest straight from the
+    /// socket. `None` at end of stream.
+    fn read_bulk(
+        &mut self,
+        stream: &UnixStream,
+        len: usize,
+        fds: &mut Vec<OwnedFd>,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        let mut bytes = crate::transport::fresh_bytes(len);
+        let have = (self.filled - HEADER).min(len);
+        bytes[..have].copy_from_slice(&self.buf[HEADER..HEADER + have]);
+        self.consume(HEADER + have);
+        let mut done = have;
+        while done < len {
+            let n = recv_with_fds(stream, &mut bytes[done..], fds, rustix::net::RecvFlags::empty())?;
+            if n == 0 {
+                return Ok(None);
+            }
+            done += n;
+        }
+        Ok(Some(bytes))
+    }
 }
 
 thread_local! {
     /// Descriptors of the shared buffers in the return value being sent.
     static REPLY_FDS: RefCell<Vec<OwnedFd>> = const { RefCell::new(Vec::new()) };
+    /// The returned byte vector, when it goes in a bulk frame before the reply.
+    static REPLY_BULK: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -235,7 +293,7 @@ fn serve(_env: WorkerEnv) -> std::io::Result<()> {
 
 /// Runs one call and builds its reply in `buf`: a frame of forwarded log events if the
 /// function emitted any, then the reply frame. `fds` came with the call frame.
-fn answer(body: &[u8], fds: Vec<OwnedFd>, buf: Vec<u8>) -> Vec<u8> {
+fn answer(body: &[u8], fds: Vec<OwnedFd>, bulk: Vec<Vec<u8>>, buf: Vec<u8>) -> Vec<u8> {
     let result = protocol::split_call(body).and_then(|call| {
         Registry::get().lookup(call.name).map(|entry| (entry.invoke, call)).ok_or_else(|| {
             ProtocolError::Invalid(format!("no offloaded function is registered as `{}`", call.name))
@@ -246,7 +304,8 @@ fn answer(body: &[u8], fds: Vec<OwnedFd>, buf: Vec<u8>) -> Vec<u8> {
         Err(fault) => return fault_frame(buf, &fault),
     };
     logs::start_call(call.log_level);
-    let reply = protocol::fds::supplying(fds, || run(invoke, call.args, buf));
+    let reply =
+        protocol::bulk::supplying(bulk, || protocol::fds::supplying(fds, || run(invoke, call.args, buf)));
     match logs::finish_call() {
         None => reply,
         Some(mut log_frame) => {
@@ -307,7 +366,25 @@ pub fn encode_return<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Res
     Ok(())
 }
 
-/// The worker's end of its channel, for [`write_garbage_to_channel`]; -1 outside a worker.
+/// Encodes a returned byte vector: in the reply if it is short, else in a bulk frame sent
+/// before it, from the vector as it is. Not public API.
+pub fn encode_return_bytes(value: Vec<u8>, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let bulk = protocol::bulk::is_bulk(value.len());
+    let max = MAX_PAYLOAD.load(Ordering::Relaxed);
+    if bulk && value.len() as u64 > max {
+        return Err(ProtocolError::PayloadTooLarge {
+            what: Payload::ReturnValue,
+            len: value.len() as u64,
+            max,
+        });
+    }
+    encode_return(&SendBytes(&value), out)?;
+    if bulk {
+        REPLY_BULK.with(|b| *b.borrow_mut() = Some(value));
+    }
+    Ok(())
+}
+
 /// What the current call let go of that is only dropped once its reply is sent.
 static AFTER_REPLY: Mutex<Vec<Box<dyn Send>>> = Mutex::new(Vec::new());
 
@@ -316,6 +393,7 @@ pub(crate) fn drop_after_reply(value: Box<dyn Send>) {
     AFTER_REPLY.lock().unwrap_or_else(PoisonError::into_inner).push(value);
 }
 
+/// The worker's end of its channel, for [`write_garbage_to_channel`]; -1 outside a worker.
 static CHANNEL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// Fault injection for tests: writes `bytes`, which need not be a frame, onto this worker's
