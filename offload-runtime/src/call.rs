@@ -25,7 +25,7 @@ use crate::breaker::{Admission, Transition};
 use crate::error::{Error, ExitReason, Payload, ProtocolError};
 use crate::pool::supervisor::Ending;
 use crate::pool::{self, Pool};
-use crate::protocol::{self, LogRecord, PanicReport, Tag};
+use crate::protocol::{self, Attached, LogRecord, PanicReport, Tag};
 use crate::registry::Entry;
 use crate::stats::RestartCause;
 use crate::transport::{Reply, TransportError};
@@ -187,15 +187,14 @@ async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
 /// came with it.
 trait Decode: Send {
     /// Decodes on the calling task, while the body is still in the channel's buffer.
-    fn decode(&mut self, body: &[u8], fds: Vec<OwnedFd>, bulk: Vec<Vec<u8>>) -> Result<(), ProtocolError>;
+    fn decode(&mut self, body: &[u8], attached: Attached) -> Result<(), ProtocolError>;
 
     /// Decodes `frame[body]` on a blocking thread, and frees the frame there.
     fn decode_off_runtime(
         &mut self,
         frame: Vec<u8>,
         body: Range<usize>,
-        fds: Vec<OwnedFd>,
-        bulk: Vec<Vec<u8>>,
+        attached: Attached,
     ) -> Pin<Box<dyn Future<Output = Result<(), ProtocolError>> + Send + '_>>;
 }
 
@@ -203,8 +202,8 @@ trait Decode: Send {
 struct Returned<R>(Option<R>);
 
 impl<R: DeserializeOwned + Send + 'static> Decode for Returned<R> {
-    fn decode(&mut self, body: &[u8], fds: Vec<OwnedFd>, bulk: Vec<Vec<u8>>) -> Result<(), ProtocolError> {
-        self.0 = Some(decode_return(body, fds, bulk)?);
+    fn decode(&mut self, body: &[u8], attached: Attached) -> Result<(), ProtocolError> {
+        self.0 = Some(decode_return(body, attached)?);
         Ok(())
     }
 
@@ -212,11 +211,10 @@ impl<R: DeserializeOwned + Send + 'static> Decode for Returned<R> {
         &mut self,
         frame: Vec<u8>,
         body: Range<usize>,
-        fds: Vec<OwnedFd>,
-        bulk: Vec<Vec<u8>>,
+        attached: Attached,
     ) -> Pin<Box<dyn Future<Output = Result<(), ProtocolError>> + Send + '_>> {
         Box::pin(async move {
-            let decoded = off_runtime(move || decode_return::<R>(&frame[body], fds, bulk)).await;
+            let decoded = off_runtime(move || decode_return::<R>(&frame[body], attached)).await;
             self.0 = Some(decoded.ok_or_else(|| {
                 ProtocolError::Invalid(
                     "the Tokio runtime shut down while the return value was decoded".into(),
@@ -227,14 +225,8 @@ impl<R: DeserializeOwned + Send + 'static> Decode for Returned<R> {
     }
 }
 
-fn decode_return<R: DeserializeOwned>(
-    body: &[u8],
-    fds: Vec<OwnedFd>,
-    bulk: Vec<Vec<u8>>,
-) -> Result<R, ProtocolError> {
-    protocol::bulk::supplying(bulk, || {
-        protocol::fds::supplying(fds, || protocol::decode::<R>(body, Payload::ReturnValue))
-    })
+fn decode_return<R: DeserializeOwned>(body: &[u8], attached: Attached) -> Result<R, ProtocolError> {
+    attached.supplying(|| protocol::decode::<R>(body, Payload::ReturnValue))
 }
 
 /// What must hold before a call is encoded: this is not a worker, a Tokio runtime is
@@ -436,7 +428,7 @@ async fn exchange(
     let run_time = started.elapsed();
     record.run_time = Some(run_time);
     span.record("run_us", run_time.as_micros() as u64);
-    let Reply { tag, body, range, fds, bulk } = match outcome {
+    let Reply { tag, body, range, attached } = match outcome {
         Some(Ok(reply)) => reply,
         None => {
             let _ended = lease.end(Ending::Kill, RestartCause::Timeout).await;
@@ -468,11 +460,11 @@ async fn exchange(
             let frame = lease.worker().channel().take_reply();
             lease.release();
             return decode
-                .decode_off_runtime(frame, range, fds, bulk)
+                .decode_off_runtime(frame, range, attached)
                 .await
                 .map_err(|kind| protocol_error(entry, kind));
         }
-        Tag::Return => decode.decode(body, fds, bulk).map_err(|kind| protocol_error(entry, kind)),
+        Tag::Return => decode.decode(body, attached).map_err(|kind| protocol_error(entry, kind)),
         Tag::Panicked => Err(match protocol::decode::<PanicReport>(body, Payload::Message) {
             Ok(report) => Error::Panicked {
                 entry: entry.display(),

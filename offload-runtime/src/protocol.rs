@@ -407,6 +407,22 @@ impl<'de> serde::Deserialize<'de> for RecvBytes {
     }
 }
 
+/// What travels beside a frame's body: the descriptors of shared buffers and the bulk frames
+/// that came before it.
+#[derive(Default)]
+pub(crate) struct Attached {
+    pub(crate) fds: Vec<std::os::fd::OwnedFd>,
+    pub(crate) bulk: Vec<Vec<u8>>,
+}
+
+impl Attached {
+    /// Runs a decoding pass that takes its shared buffers and bulk byte vectors from these;
+    /// what it does not take is dropped.
+    pub(crate) fn supplying<R>(self, f: impl FnOnce() -> R) -> R {
+        bulk::supplying(self.bulk, || fds::supplying(self.fds, f))
+    }
+}
+
 /// Descriptors that travel with a frame (`SCM_RIGHTS`): the shared buffers among the
 /// arguments or the return value. Encoding collects them, decoding hands them out by index,
 /// through a per-thread mode set around the (de)serialization.

@@ -17,8 +17,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Payload, ProtocolError};
-use crate::protocol::SendBytes;
-use crate::protocol::{self, FrameBuf, HEADER, Hello, MAX_FRAME, PROTOCOL_VERSION, PanicReport, Tag};
+use crate::protocol::{
+    self, Attached, FrameBuf, HEADER, Hello, MAX_FRAME, PROTOCOL_VERSION, PanicReport, SendBytes, Tag,
+};
 use crate::registry::Registry;
 use crate::transport::{recv_with_fds, send_with_fds};
 
@@ -146,11 +147,11 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
     let mut inbox = Inbox::default();
     let mut reply = Vec::new();
     loop {
-        let Some((fds, bulk)) = inbox.next_call(&stream)? else {
+        let Some(attached) = inbox.next_call(&stream)? else {
             // The parent closed the channel: it is done with us, or gone.
             return Ok(());
         };
-        reply = answer(&inbox.buf[HEADER..inbox.frame_len], fds, bulk, reply);
+        reply = answer(&inbox.buf[HEADER..inbox.frame_len], attached, reply);
         let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
         let reply_bulk = REPLY_BULK.with(|b| b.borrow_mut().take());
         let sent = match &reply_bulk {
@@ -203,8 +204,7 @@ struct Inbox {
 impl Inbox {
     /// Reads the next call frame into `buf[..frame_len]`, and the bulk frames before it;
     /// `None` at end of stream.
-    #[allow(clippy::type_complexity)]
-    fn next_call(&mut self, stream: &UnixStream) -> std::io::Result<Option<(Vec<OwnedFd>, Vec<Vec<u8>>)>> {
+    fn next_call(&mut self, stream: &UnixStream) -> std::io::Result<Option<Attached>> {
         // The parent sends one call and waits for its reply: nothing follows a frame.
         self.consume(self.frame_len);
         let mut fds = Vec::new();
@@ -228,7 +228,7 @@ impl Inbox {
             }
             if self.filled >= need && need > HEADER {
                 self.frame_len = need;
-                return Ok(Some((fds, bulk)));
+                return Ok(Some(Attached { fds, bulk }));
             }
             let want = need.max(64 * 1024);
             if self.buf.len() < want {
@@ -293,7 +293,7 @@ fn serve(_env: WorkerEnv) -> std::io::Result<()> {
 
 /// Runs one call and builds its reply in `buf`: a frame of forwarded log events if the
 /// function emitted any, then the reply frame. `fds` came with the call frame.
-fn answer(body: &[u8], fds: Vec<OwnedFd>, bulk: Vec<Vec<u8>>, buf: Vec<u8>) -> Vec<u8> {
+fn answer(body: &[u8], attached: Attached, buf: Vec<u8>) -> Vec<u8> {
     let result = protocol::split_call(body).and_then(|call| {
         Registry::get().lookup(call.name).map(|entry| (entry.invoke, call)).ok_or_else(|| {
             ProtocolError::Invalid(format!("no offloaded function is registered as `{}`", call.name))
@@ -304,8 +304,7 @@ fn answer(body: &[u8], fds: Vec<OwnedFd>, bulk: Vec<Vec<u8>>, buf: Vec<u8>) -> V
         Err(fault) => return fault_frame(buf, &fault),
     };
     logs::start_call(call.log_level);
-    let reply =
-        protocol::bulk::supplying(bulk, || protocol::fds::supplying(fds, || run(invoke, call.args, buf)));
+    let reply = attached.supplying(|| run(invoke, call.args, buf));
     match logs::finish_call() {
         None => reply,
         Some(mut log_frame) => {

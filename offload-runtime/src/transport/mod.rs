@@ -29,7 +29,7 @@ use tokio::io::unix::AsyncFd;
 pub(crate) mod shm;
 
 use crate::error::ProtocolError;
-use crate::protocol::{self, HEADER, Tag};
+use crate::protocol::{self, Attached, HEADER, Tag};
 
 /// Reply buffers above this size are released after the call rather than kept per worker.
 const KEEP_BUFFER: usize = 1 << 20;
@@ -174,8 +174,8 @@ impl Channel {
                     on_log(&inbox.buf[range]);
                     continue;
                 }
-                let fds = std::mem::take(&mut inbox.fds);
-                return Ok(Reply { tag, body: &inbox.buf[range.clone()], range, fds, bulk });
+                let attached = Attached { fds: std::mem::take(&mut inbox.fds), bulk };
+                return Ok(Reply { tag, body: &inbox.buf[range.clone()], range, attached });
             }
             let mut ready = fd.readable().await?;
             inbox.spare();
@@ -197,9 +197,9 @@ pub(crate) struct Reply<'c> {
     pub(crate) body: &'c [u8],
     /// Where `body` is in the channel's buffer, for [`Channel::take_reply`].
     pub(crate) range: std::ops::Range<usize>,
-    pub(crate) fds: Vec<OwnedFd>,
-    /// The bulk frames that came before the reply (a large byte vector it returns).
-    pub(crate) bulk: Vec<Vec<u8>>,
+    /// The shared buffers' descriptors and the bulk frames (a large byte vector it returns)
+    /// that came with the reply.
+    pub(crate) attached: Attached,
 }
 
 /// Reads the `len` bytes of a bulk frame whose header is next in `inbox`, into a vector of
