@@ -486,10 +486,15 @@ impl Context<'_> {
         let error = Ident::new("error", Span::mixed_site());
         let (args_type, args) = (self.args_type(), self.args_pattern());
         quote! {
-            let #result_var: ::core::result::Result<#return_ty, (#error_ty, #args_type)> = #result;
+            let #result_var: ::core::result::Result<
+                #return_ty,
+                (#error_ty, ::core::option::Option<#args_type>),
+            > = #result;
             match #result_var {
                 ::core::result::Result::Ok(#value) => ::core::result::Result::Ok(#value),
-                ::core::result::Result::Err((#error, #args)) if #error_ty::should_fall_back(&#error) => {
+                ::core::result::Result::Err((#error, ::core::option::Option::Some(#args)))
+                    if #error_ty::should_fall_back(&#error) =>
+                {
                     ::core::result::Result::Ok(#call)
                 }
                 ::core::result::Result::Err((#error, _)) => ::core::result::Result::Err(#error),
@@ -723,13 +728,14 @@ mod tests {
         );
         assert!(
             out.contains(
-                "letresult:::core::result::Result<Vec<u8>,(::offload::__private::Error,__OffloadArgs)>=\
+                "letresult:::core::result::Result<Vec<u8>,\
+                 (::offload::__private::Error,::core::option::Option<__OffloadArgs>),>=\
                  ::offload::__private::call_keeping_args::<__OffloadArgs,::offload::__private::RecvBytes>\
                  (&__OFFLOAD_ENTRY,__OffloadArgs(data,__arg1)).await\
                  .map(::offload::__private::RecvBytes::into_vec);\
                  matchresult{\
                  ::core::result::Result::Ok(value)=>::core::result::Result::Ok(value),\
-                 ::core::result::Result::Err((error,__OffloadArgs(data,__arg1)))\
+                 ::core::result::Result::Err((error,::core::option::Option::Some(__OffloadArgs(data,__arg1))))\
                  if::offload::__private::Error::should_fall_back(&error)=>{\
                  ::core::result::Result::Ok(::offload::__private::fallback::<_,(Vec<u8>,(u32,u32),),Vec<u8>,_>\
                  (cache::get,(data,__arg1,)).await)}\
@@ -745,7 +751,10 @@ mod tests {
             ),
         );
         assert!(out.contains("::offload::__private::fallback::<_,(),(),_>(g,()).await"), "{out}");
-        assert!(out.contains("::core::result::Result::Err((error,()))if"), "{out}");
+        assert!(
+            out.contains("::core::result::Result::Err((error,::core::option::Option::Some(())))if"),
+            "{out}"
+        );
 
         let out = expand(
             quote!(),

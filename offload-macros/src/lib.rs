@@ -156,7 +156,7 @@ use proc_macro::TokenStream;
 ///     {
 ///         Ok(value) => Ok(value),
 ///         // The call gives the arguments back with the error: they move into the fallback.
-///         Err((error, __OffloadArgs(image, width))) if error.should_fall_back() => {
+///         Err((error, Some(__OffloadArgs(image, width)))) if error.should_fall_back() => {
 ///             Ok(placeholder(image, width))
 ///         }
 ///         Err((error, _)) => Err(error),

@@ -65,18 +65,18 @@ where
 
 /// [`call`] for a function with a fallback: the arguments come back with an error, for the
 /// fallback to take. They are kept for the whole call, where `call` drops them as soon as
-/// they are encoded.
+/// they are encoded. They are lost (`None`) only if the Tokio runtime shut down while they
+/// were being encoded on its blocking threads.
 ///
 /// Not public API: `#[offload(fallback = ...)]` stubs call it.
-pub async fn call_keeping_args<A, R>(entry: &'static Entry, args: A) -> Result<R, (Error, A)>
+pub async fn call_keeping_args<A, R>(entry: &'static Entry, args: A) -> Result<R, (Error, Option<A>)>
 where
     A: Args,
     R: DeserializeOwned + Send + 'static,
 {
     match call_inner(entry, args, true).await {
         (Ok(value), _) => Ok(value),
-        (Err(error), Some(args)) => Err((error, args)),
-        (Err(_), None) => unreachable!("arguments are kept when asked for"),
+        (Err(error), args) => Err((error, args)),
     }
 }
 
