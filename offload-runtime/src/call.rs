@@ -99,8 +99,14 @@ where
             bulk += bytes.len() as u64;
         }
     });
+    // Up to `INLINE_PAYLOAD` encoded, the arguments are measured here and encoded here; past
+    // it, measured and encoded on a blocking thread.
+    let size = match protocol::size_within(&args, Payload::Arguments, INLINE_PAYLOAD) {
+        Ok(size) => size,
+        Err(kind) => return (Err(protocol_error(entry, kind)), keep.then_some(args)),
+    };
     let encode = move |args: A| {
-        let encoded = protocol::encode_call(entry.name, log_level, &args, bulk, max_payload);
+        let encoded = protocol::encode_call(entry.name, log_level, &args, size, bulk, max_payload);
         // Arguments that hold shared buffers or bulk bytes are kept until the reply (the
         // bulk bytes are written from where they are; the pages of shared buffers are
         // shared, so keeping them costs no memory) and then let go off the runtime, below;
@@ -108,13 +114,12 @@ where
         let holds_shared = encoded.as_ref().is_ok_and(|(_, fds)| !fds.is_empty());
         (encoded, (keep || holds_shared || bulk > 0).then_some(args))
     };
-    let (encoded, args) = if protocol::encodes_over(&args, INLINE_PAYLOAD) {
-        match off_runtime(move || encode(args)).await {
+    let (encoded, args) = match size {
+        Some(_) => encode(args),
+        None => match off_runtime(move || encode(args)).await {
             Some(done) => done,
             None => return (Err(Error::Shutdown { entry: entry.display() }), None),
-        }
-    } else {
-        encode(args)
+        },
     };
     let (frame, fds) = match encoded {
         Ok(encoded) => encoded,

@@ -155,23 +155,30 @@ pub(crate) fn parse_header(header: [u8; HEADER], max: usize) -> Result<(usize, T
 }
 
 /// A call frame for `name` with `args`; the worker forwards `tracing` events up to `log_level`
-/// (see [`level_to_u8`]). Arguments that encode to more than `max_payload` bytes, counting
-/// the `bulk` bytes that travel in frames of their own, are refused before the frame is
+/// (see [`level_to_u8`]). `size` is the arguments' encoded size if it is known already (see
+/// [`size_within`]). Arguments that encode to more than `max_payload` bytes, counting the
+/// `bulk` bytes that travel in frames of their own, are refused before the frame is
 /// allocated.
 pub(crate) fn encode_call<A: Serialize>(
     name: &str,
     log_level: u8,
     args: &A,
+    size: Option<usize>,
     bulk: u64,
     max_payload: u64,
 ) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedFd>), ProtocolError> {
-    let size =
-        checked_size(args, Payload::Arguments, max_payload.saturating_sub(bulk)).map_err(|e| match e {
-            ProtocolError::PayloadTooLarge { what, len, .. } => {
-                ProtocolError::PayloadTooLarge { what, len: len + bulk, max: max_payload }
-            }
-            e => e,
-        })?;
+    let size = match size {
+        Some(size) => size,
+        None => encoded_size(args, Payload::Arguments)?,
+    };
+    let total = (size as u64).saturating_add(bulk);
+    if total > max_payload {
+        return Err(ProtocolError::PayloadTooLarge {
+            what: Payload::Arguments,
+            len: total,
+            max: max_payload,
+        });
+    }
     let mut frame = FrameBuf::reuse(Vec::with_capacity(HEADER + 3 + name.len() + size), Tag::Call);
     let name_len = u16::try_from(name.len())
         .map_err(|_| ProtocolError::Invalid(format!("entry name of {} bytes", name.len())))?;
@@ -211,27 +218,36 @@ pub(crate) fn checked_size<T: Serialize + ?Sized>(
     what: Payload,
     max: u64,
 ) -> Result<usize, ProtocolError> {
-    let size = fds::counting(|| {
-        postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default())
-    })
-    .map_err(|e| ProtocolError::Encode { what, message: e.to_string() })?;
+    let size = encoded_size(value, what)?;
     if size as u64 > max {
         return Err(ProtocolError::PayloadTooLarge { what, len: size as u64, max });
     }
     Ok(size)
 }
 
-/// Whether `value` encodes to more than `limit` bytes. Counting stops past `limit`, so this
-/// costs at most about `limit` bytes' worth of work, however large the value is. A value
-/// that fails to encode is reported as not over: encoding it reports the failure.
-pub(crate) fn encodes_over<T: Serialize + ?Sized>(value: &T, limit: usize) -> bool {
+/// The encoded size of `value`.
+fn encoded_size<T: Serialize + ?Sized>(value: &T, what: Payload) -> Result<usize, ProtocolError> {
+    fds::counting(|| {
+        postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default())
+    })
+    .map_err(|e| ProtocolError::Encode { what, message: e.to_string() })
+}
+
+/// The encoded size of `value` if it is at most `limit` bytes, `None` if it is more.
+/// Counting stops past `limit`, so this costs at most about `limit` bytes' worth of work,
+/// however large the value is.
+pub(crate) fn size_within<T: Serialize + ?Sized>(
+    value: &T,
+    what: Payload,
+    limit: usize,
+) -> Result<Option<usize>, ProtocolError> {
     /// Counts bytes, and fails as soon as there are more than `limit`.
     struct Bounded {
         count: usize,
         limit: usize,
     }
 
-    impl postcard::ser_flavors::Flavor for Bounded {
+    impl postcard::ser_flavors::Flavor for &mut Bounded {
         type Output = ();
 
         fn try_push(&mut self, _: u8) -> postcard::Result<()> {
@@ -248,8 +264,12 @@ pub(crate) fn encodes_over<T: Serialize + ?Sized>(value: &T, limit: usize) -> bo
         }
     }
 
-    let counted = fds::counting(|| postcard::serialize_with_flavor(value, Bounded { count: 0, limit }));
-    matches!(counted, Err(postcard::Error::SerializeBufferFull))
+    let mut bounded = Bounded { count: 0, limit };
+    match fds::counting(|| postcard::serialize_with_flavor(value, &mut bounded)) {
+        Ok(()) => Ok(Some(bounded.count)),
+        Err(postcard::Error::SerializeBufferFull) => Ok(None),
+        Err(e) => Err(ProtocolError::Encode { what, message: e.to_string() }),
+    }
 }
 
 /// Appends `value` to `out` in postcard.
@@ -507,7 +527,7 @@ mod tests {
     #[test]
     fn call_frame_round_trips() {
         let (frame, _) =
-            encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32), 0, 1 << 20).unwrap();
+            encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32), None, 0, 1 << 20).unwrap();
         let (len, tag) = parse_header(frame[..HEADER].try_into().unwrap(), MAX_FRAME).unwrap();
         assert_eq!(tag, Tag::Call);
         assert_eq!(len, frame.len() - HEADER);
@@ -520,7 +540,7 @@ mod tests {
     #[test]
     fn bytes_are_not_encoded_element_by_element() {
         let data = vec![200u8; 1000];
-        let (frame, _) = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 0, 1 << 20).unwrap();
+        let (frame, _) = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), None, 0, 1 << 20).unwrap();
         // 5 header + 2 name length + 1 name + 1 log level + 2 varint length + 1000 raw bytes.
         assert_eq!(frame.len(), 5 + 2 + 1 + 1 + 2 + 1000);
     }
@@ -540,7 +560,7 @@ mod tests {
     #[test]
     fn oversized_arguments_are_refused_before_allocating() {
         let data = vec![0u8; 2000];
-        let err = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), 0, 1000).unwrap_err();
+        let err = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), None, 0, 1000).unwrap_err();
         assert_eq!(err, ProtocolError::PayloadTooLarge { what: Payload::Arguments, len: 2002, max: 1000 });
     }
 
@@ -548,9 +568,15 @@ mod tests {
     fn byte_arguments_go_inline_or_in_bulk() {
         let short = vec![5u8; 10];
         let long = vec![6u8; bulk::MIN];
-        let (frame, _) =
-            encode_call("x", 0, &(SendBytes(&short), SendBytes(&long), 9u8), long.len() as u64, 1 << 20)
-                .unwrap();
+        let (frame, _) = encode_call(
+            "x",
+            0,
+            &(SendBytes(&short), SendBytes(&long), 9u8),
+            None,
+            long.len() as u64,
+            1 << 20,
+        )
+        .unwrap();
         let call = split_call(&frame[HEADER..]).unwrap();
         // Inline: variant 0, length 10, the bytes; bulk: variant 1 and the length only.
         assert_eq!(call.args.len(), 1 + 1 + 10 + 1 + 3 + 1);
@@ -568,20 +594,25 @@ mod tests {
 
     #[test]
     fn bulk_bytes_count_against_the_limit() {
-        let err = encode_call("x", 0, &(SendBytes(&[0; 100]),), 2000, 1000).unwrap_err();
+        let err = encode_call("x", 0, &(SendBytes(&[0; 100]),), Some(102), 2000, 1000).unwrap_err();
         assert!(matches!(err, ProtocolError::PayloadTooLarge { len, max: 1000, .. } if len > 2000), "{err}");
         assert_eq!(bulk_header(3).unwrap(), [4, 0, 0, 0, Tag::Bulk as u8]);
     }
 
     #[test]
-    fn encodes_over_stops_at_the_limit() {
-        assert!(!encodes_over(&(serde_bytes::Bytes::new(&[0; 100]),), 101));
-        assert!(encodes_over(&(serde_bytes::Bytes::new(&[0; 100]),), 100));
-        // Element by element: 10,000 one-byte varints.
+    fn size_within_stops_at_the_limit() {
+        let bytes = (serde_bytes::Bytes::new(&[0; 100]),);
+        assert_eq!(size_within(&bytes, Payload::Arguments, 101), Ok(Some(101)));
+        assert_eq!(size_within(&bytes, Payload::Arguments, 100), Ok(None));
+        // Element by element: 10,000 one-byte varints after a 2-byte length.
         let many = vec![1u32; 10_000];
-        assert!(!encodes_over(&many, 10_002));
-        assert!(encodes_over(&many, 10_001));
-        assert!(!encodes_over(&(), 0));
+        assert_eq!(size_within(&many, Payload::Arguments, 10_002), Ok(Some(10_002)));
+        assert_eq!(size_within(&many, Payload::Arguments, 10_001), Ok(None));
+        assert_eq!(size_within(&(), Payload::Arguments, 0), Ok(Some(0)));
+        assert_eq!(
+            size_within(&bytes, Payload::Arguments, 101),
+            Ok(Some(encoded_size(&bytes, Payload::Arguments).unwrap()))
+        );
     }
 
     #[test]
