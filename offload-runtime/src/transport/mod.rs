@@ -126,6 +126,9 @@ impl Channel {
     /// which a fresh registration would only learn after a turn of the reactor. A worker
     /// that died while idle is found here: [`TransportError::NotSent`].
     pub(crate) fn start_send(&mut self, message: &[&[u8]], fds: &[OwnedFd]) -> Result<usize, TransportError> {
+        if let Some(registered) = &self.registered {
+            forget_stale_readable(&registered.fd);
+        }
         match send_with_fds(&self.stream, message, 0, fds, SendFlags::DONTWAIT) {
             Ok(n) => Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
@@ -353,6 +356,18 @@ impl Inbox {
         if self.buf.len() > KEEP_BUFFER && !self.pending() {
             *self = Inbox::default();
         }
+    }
+}
+
+/// Clears a readable mark the previous reply left on the socket. The worker sends only what
+/// it is asked for, and that reply was read whole, so nothing is left to read: without this,
+/// the first read for the next reply would be a wasted system call (`EAGAIN`), made only to
+/// learn that. Called before the next call is sent, so that the reply's arrival, which comes
+/// after, marks the socket readable again.
+fn forget_stale_readable(fd: &AsyncFd<RawFd>) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if let std::task::Poll::Ready(Ok(mut ready)) = fd.poll_read_ready(&mut cx) {
+        ready.clear_ready();
     }
 }
 
