@@ -292,7 +292,7 @@ fn serve(_env: WorkerEnv) -> std::io::Result<()> {
 }
 
 /// Runs one call and builds its reply in `buf`: a frame of forwarded log events if the
-/// function emitted any, then the reply frame. `fds` came with the call frame.
+/// function emitted any, then the reply frame. `attached` came with the call frame.
 fn answer(body: &[u8], attached: Attached, buf: Vec<u8>) -> Vec<u8> {
     let result = protocol::split_call(body).and_then(|call| {
         Registry::get().lookup(call.name).map(|entry| (entry.invoke, call)).ok_or_else(|| {
