@@ -43,7 +43,7 @@ pub(crate) const INLINE_PAYLOAD: usize = 64 << 10;
 /// API: `#[offload]` implements it.
 pub trait Args: Serialize + Send + 'static {
     /// Calls `f` with each top-level byte-vector argument, in order: those long enough go in
-    /// bulk frames of their own, written from where they are (see [`protocol::bulk`]).
+    /// bulk frames of their own, written from where they are (see `protocol::bulk`).
     fn for_each_bytes<'a>(&'a self, f: &mut dyn FnMut(&'a [u8])) {
         let _ = f;
     }
