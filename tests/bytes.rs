@@ -3,6 +3,8 @@
 //! receiving vector. Contents arrive intact either way, in both directions, several in one
 //! call, with a fallback, and past a worker's memory limit the call fails cleanly.
 
+use std::time::Duration;
+
 use offload::{Error, offload};
 
 /// Where bulk frames start.
@@ -49,6 +51,23 @@ fn len_or_fall_back(data: Vec<u8>) -> usize {
 #[offload(timeout = "30s", workers = "1", memory = "128MiB")]
 fn limited_len(data: Vec<u8>) -> usize {
     data.len()
+}
+
+#[offload(timeout = "30s", workers = "1")]
+fn len_and_pid(data: Vec<u8>) -> (usize, u32) {
+    (data.len(), std::process::id())
+}
+
+#[tokio::test]
+async fn a_call_dropped_midway_through_a_bulk_frame_leaves_the_pool_usable() {
+    let (_, first) = len_and_pid(vec![1; 10]).await.unwrap();
+    // 256 MiB take tens of milliseconds to cross; the call is dropped after 5 ms, with part of
+    // its bulk frame written. The worker must not be given another call on that channel.
+    let dropped = tokio::time::timeout(Duration::from_millis(5), len_and_pid(vec![2; 256 << 20])).await;
+    assert!(dropped.is_err(), "the call finished within 5 ms");
+    let (len, second) = len_and_pid(pattern(BULK + 3, 4)).await.unwrap();
+    assert_eq!(len, BULK + 3);
+    assert_ne!(second, first, "the worker of the dropped call was replaced");
 }
 
 #[tokio::test]
