@@ -21,7 +21,7 @@ use crate::protocol::{
     self, Attached, FrameBuf, HEADER, Hello, MAX_FRAME, PROTOCOL_VERSION, PanicReport, SendBytes, Tag,
 };
 use crate::registry::Registry;
-use crate::transport::{recv_with_fds, send_with_fds};
+use crate::transport::{KEEP_BUFFER, recv_with_fds, send_with_fds};
 
 /// Set in a worker's environment by its parent: `version:fd:parent-pid:secret-hex`.
 pub(crate) const ENV: &str = "OFFLOAD_WORKER";
@@ -183,6 +183,12 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
         }
         drop(reply_fds);
         drop(reply_bulk);
+        // A large call or reply leaves a buffer of its size behind: let it go rather than keep
+        // it resident for the rest of the worker's life.
+        inbox.shrink();
+        if reply.capacity() > KEEP_BUFFER {
+            reply = Vec::new();
+        }
         // Unmapping and freeing large shared buffers takes milliseconds: done now, while the
         // parent already has its answer.
         drop(std::mem::take(&mut *AFTER_REPLY.lock().unwrap_or_else(PoisonError::into_inner)));
@@ -232,7 +238,7 @@ impl Inbox {
             }
             let want = need.max(64 * 1024);
             if self.buf.len() < want {
-                self.buf.resize(want, 0);
+                crate::transport::grow(&mut self.buf, self.filled, want);
             }
             let n = recv_with_fds(
                 stream,
@@ -244,6 +250,13 @@ impl Inbox {
                 return Ok(None);
             }
             self.filled += n;
+        }
+    }
+
+    /// Lets go of a large buffer once the frame in it is answered and nothing follows it.
+    fn shrink(&mut self) {
+        if self.buf.len() > KEEP_BUFFER && self.filled == self.frame_len {
+            *self = Inbox::default();
         }
     }
 

@@ -32,7 +32,7 @@ use crate::error::ProtocolError;
 use crate::protocol::{self, Attached, HEADER, Tag};
 
 /// Reply buffers above this size are released after the call rather than kept per worker.
-const KEEP_BUFFER: usize = 1 << 20;
+pub(crate) const KEEP_BUFFER: usize = 1 << 20;
 
 /// Why a frame could not be exchanged.
 #[derive(Debug)]
@@ -230,6 +230,20 @@ async fn read_bulk(
     Ok(bytes)
 }
 
+/// Grows a read buffer holding `filled` bytes to `len`. A large one is a fresh allocation
+/// with the bytes copied over: it comes from the system untouched (growing in place would
+/// first write zeros over all of it) and goes back to it when dropped, where a buffer grown
+/// in place can stay in the allocator's heap for the life of the process.
+pub(crate) fn grow(buf: &mut Vec<u8>, filled: usize, len: usize) {
+    if len <= KEEP_BUFFER {
+        buf.resize(len, 0);
+        return;
+    }
+    let mut fresh = fresh_bytes(len);
+    fresh[..filled].copy_from_slice(&buf[..filled]);
+    *buf = fresh;
+}
+
 /// A zeroed vector of `len` bytes to read into: fresh from the system and untouched (the
 /// read touches each page once), backed by transparent huge pages where the system allows,
 /// which makes filling a large one several times cheaper (32 page faults for 64 MiB instead
@@ -314,7 +328,7 @@ impl Inbox {
         let total = HEADER + len;
         if self.filled < total {
             if self.buf.len() < total {
-                self.buf.resize(total, 0);
+                grow(&mut self.buf, self.filled, total);
             }
             return Ok(None);
         }
