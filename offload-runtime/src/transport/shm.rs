@@ -10,9 +10,11 @@
 //! ends (a worker that crashes mid-call, a parent killed with SIGKILL).
 //!
 //! No two processes ever use one buffer at once: a buffer is moved into the call (arguments
-//! are taken by value), so the caller cannot touch it while the worker runs, and the worker's
-//! mapping is dropped when the function returns. A buffer the function returns is handed
-//! over the same way.
+//! are taken by value), so the caller cannot touch it while the worker runs, and the function
+//! cannot touch it once it returns (the worker unmaps it right after sending the reply, so
+//! that the unmapping is not part of the call). A buffer the function returns is handed over
+//! the same way; the caller lets go of the buffers it passed on a blocking thread after the
+//! call.
 
 use std::fmt;
 use std::marker::PhantomData;
