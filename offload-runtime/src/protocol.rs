@@ -355,10 +355,16 @@ pub(crate) mod bulk {
     /// Runs a decoding pass with the bulk frames that came before the call frame; those it
     /// does not take are dropped.
     pub(crate) fn supplying<R>(frames: Vec<Vec<u8>>, f: impl FnOnce() -> R) -> R {
-        let previous = SUPPLY.with(|s| std::mem::replace(&mut *s.borrow_mut(), frames.into()));
-        let result = f();
-        SUPPLY.with(|s| *s.borrow_mut() = previous);
-        result
+        /// Puts the previous supply back even if `f` panics (a user's `Deserialize` may).
+        struct Restore(VecDeque<Vec<u8>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let previous = std::mem::take(&mut self.0);
+                SUPPLY.with(|s| *s.borrow_mut() = previous);
+            }
+        }
+        let _restore = Restore(SUPPLY.with(|s| std::mem::replace(&mut *s.borrow_mut(), frames.into())));
+        f()
     }
 
     /// Takes the next bulk frame of the call being decoded.
@@ -469,8 +475,19 @@ pub(crate) mod fds {
     }
 
     fn with_mode<R>(mode: Mode, f: impl FnOnce() -> R) -> (R, Mode) {
-        let previous = MODE.with(|m| std::mem::replace(&mut *m.borrow_mut(), mode));
+        /// Puts the previous mode back even if `f` panics (a user's `Serialize` may), so the
+        /// thread is not left collecting or supplying descriptors.
+        struct Restore(Option<Mode>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                if let Some(previous) = self.0.take() {
+                    MODE.with(|m| *m.borrow_mut() = previous);
+                }
+            }
+        }
+        let mut restore = Restore(Some(MODE.with(|m| std::mem::replace(&mut *m.borrow_mut(), mode))));
         let result = f();
+        let previous = restore.0.take().expect("taken only here or in drop");
         let mode = MODE.with(|m| std::mem::replace(&mut *m.borrow_mut(), previous));
         (result, mode)
     }
@@ -523,6 +540,24 @@ pub(crate) mod fds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_pass_leaves_the_thread_out_of_descriptor_mode() {
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/proc/self/exe").unwrap().into();
+        let panicked =
+            std::panic::catch_unwind(|| fds::collecting(|| -> () { panic!("a user's Serialize") }));
+        assert!(panicked.is_err());
+        // Outside any pass, attaching is refused, as it is on a fresh thread.
+        assert!(fds::attach(&fd).is_err(), "the thread was left collecting descriptors");
+    }
+
+    #[test]
+    fn a_panicking_pass_leaves_no_bulk_frames_behind() {
+        let panicked =
+            std::panic::catch_unwind(|| bulk::supplying(vec![vec![1; 8]], || -> () { panic!("oops") }));
+        assert!(panicked.is_err());
+        assert_eq!(bulk::take(), None, "the supply of a panicked pass outlived it");
+    }
 
     #[test]
     fn call_frame_round_trips() {
