@@ -53,6 +53,10 @@ extern "C" fn enter_worker_mode() {
     // user's function may start.
     unsafe { std::env::remove_var(ENV) };
     let code = match value.to_str().and_then(WorkerEnv::parse) {
+        Some(env) if start_clean(env.fd).is_err() => {
+            eprintln!("offload: this process cannot serve as a worker: {}", std::io::Error::last_os_error());
+            EXIT_SETUP_FAILED
+        }
         None => {
             eprintln!("offload: malformed {ENV} value; this process cannot serve as a worker");
             EXIT_SETUP_FAILED
@@ -67,6 +71,45 @@ extern "C" fn enter_worker_mode() {
     };
     let _ = std::io::stdout().flush();
     std::process::exit(code);
+}
+
+/// Makes the worker's process what a fresh Rust `main` would find, before any user code runs:
+/// - SIGPIPE ignored, as the Rust runtime does before `main` (which a worker never reaches), so
+///   writing to a closed pipe is an `EPIPE` error, not a silent death;
+/// - no inherited descriptor but 0, 1, 2 and the channel, whatever the parent left without
+///   close-on-exec;
+/// - one malloc arena (glibc): more would only reserve address space that counts against the
+///   memory limit; set here rather than in the environment, so that the function's own
+///   subprocesses do not inherit it.
+#[cfg(target_os = "linux")]
+fn start_clean(channel: RawFd) -> Result<(), ()> {
+    // SAFETY: before `main`, single-threaded: changing a signal disposition races nothing.
+    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(());
+    }
+    let close = |first: RawFd, last: RawFd| {
+        // SAFETY: closes descriptors nothing in this fresh process owns yet (Rust's runtime
+        // opens none before `main`; the channel is outside the range).
+        first > last || unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) } == 0
+    };
+    // A kernel older than 5.9 has no close_range: the stray descriptors then stay open.
+    let _ = close(3, channel - 1) && close(channel + 1, RawFd::MAX);
+    #[cfg(target_env = "gnu")]
+    // SAFETY: plain tuning call; single-threaded.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    // Exec through `/proc/self/exe` names the process `exe`; name it after its program (the
+    // command line, set by the parent, also names the pool).
+    if let Some(name) = std::env::current_exe().ok().as_deref().and_then(std::path::Path::file_name) {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = name.as_bytes();
+        let short = &bytes[..bytes.len().min(15)];
+        if let Ok(name) = std::ffi::CString::new(short) {
+            let _ = rustix::thread::set_name(&name);
+        }
+    }
+    Ok(())
 }
 
 /// What the parent put in [`ENV`].

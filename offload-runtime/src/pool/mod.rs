@@ -248,6 +248,7 @@ impl Pool {
             return Slot::Empty;
         }
         Slot::Starting(supervisor::spawn(WorkerConfig {
+            pool: self.name,
             secret: self.secret,
             memory: self.settings.memory,
             max_payload: self.settings.max_payload,

@@ -120,6 +120,8 @@ impl Drop for Worker {
 /// What a worker is started with.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WorkerConfig {
+    /// The pool's name, shown in the worker's command line.
+    pub(crate) pool: &'static str,
     /// The pool's secret, which the worker presents in its handshake.
     pub(crate) secret: [u8; 16],
     /// Address-space limit, in bytes.
@@ -155,11 +157,21 @@ pub(crate) async fn all_reaped() {
     let _ = LIVE.subscribe().wait_for(|n| *n == 0).await;
 }
 
-/// Sends SIGKILL to a worker the caller knows is not yet reaped.
+/// Sends SIGKILL to a worker the caller knows is not yet reaped, and to its process group.
 pub(crate) fn kill(pid: u32) {
     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
+}
+
+/// SIGKILLs the worker's process group (it leads one: see `start_worker`), and the worker
+/// itself should it not be in that group (it failed before `setpgid`).
+fn kill_group(child: &mut Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill();
 }
 
 struct SpawnJob {
@@ -174,6 +186,22 @@ struct Reap {
     cause: &'static str,
     stderr: Arc<StderrTail>,
     reply: Option<oneshot::Sender<ExitInfo>>,
+}
+
+/// Reaps one worker, logs how it ended and tells whoever waits.
+fn finish(job: Reap) {
+    let pid = job.child.id();
+    let info = reap(job.child, job.how, &job.stderr);
+    let cause = if job.cause == "crashed" && info.ran_out_of_memory() { "memory_limit" } else { job.cause };
+    tracing::info!(pid, exit = %info.reason, cause, "offload worker exited");
+    LIVE.send_modify(|n| *n -= 1);
+    if let Some(reply) = job.reply {
+        let _ = reply.send(info);
+    }
+}
+
+fn take(job: &Mutex<Option<Reap>>) -> Option<Reap> {
+    job.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 struct Supervisor {
@@ -209,17 +237,24 @@ impl Supervisor {
         });
         let _ = std::thread::Builder::new().name("offload-reaper".into()).spawn(move || {
             for job in reap_rx {
-                let pid = job.child.id();
-                let info = reap(job.child, job.how, &job.stderr);
-                let cause = if job.cause == "crashed" && info.ran_out_of_memory() {
-                    "memory_limit"
+                if job.how == Ending::Kill {
+                    // Quick: the group is gone at once, so the wait and the stderr drain are.
+                    finish(job);
                 } else {
-                    job.cause
-                };
-                tracing::info!(pid, exit = %info.reason, cause, "offload worker exited");
-                LIVE.send_modify(|n| *n -= 1);
-                if let Some(reply) = job.reply {
-                    let _ = reply.send(info);
+                    // May take up to `EXIT_GRACE`: not in the way of the kills queued behind.
+                    let job = Arc::new(Mutex::new(Some(job)));
+                    let theirs = Arc::clone(&job);
+                    let spawned = std::thread::Builder::new().name("offload-reap".into()).spawn(move || {
+                        if let Some(job) = take(&theirs) {
+                            finish(job);
+                        }
+                    });
+                    if spawned.is_err()
+                        && let Some(job) = take(&job)
+                    {
+                        // No thread to be had: reap it here, late rather than never.
+                        finish(job);
+                    }
                 }
             }
         });
@@ -237,7 +272,7 @@ impl Supervisor {
 
 #[cfg(target_os = "linux")]
 fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
-    let WorkerConfig { secret, memory, max_payload } = config;
+    let WorkerConfig { pool, secret, memory, max_payload } = config;
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
 
@@ -253,17 +288,12 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
 
     // The running image, even if the file on disk has been replaced since.
     let mut command = Command::new("/proc/self/exe");
-    command
-        .env(ENV, env.encode())
-        // One malloc arena: the worker is single-threaded, and more arenas would only reserve
-        // address space that counts against the memory limit.
-        .env("MALLOC_ARENA_MAX", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::piped());
-    if let Some(arg0) = std::env::args_os().next() {
-        command.arg0(arg0);
-    }
+    command.env(ENV, env.encode()).stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped());
+    // What `ps` shows, as PostgreSQL names its helpers: `service: offload worker <pool>`.
+    let program = std::env::args_os().next().unwrap_or_else(|| "offload".into());
+    let mut arg0 = program;
+    arg0.push(format!(": offload worker {pool}"));
+    command.arg0(arg0);
     // SAFETY: the closure runs in the child between fork and exec and only makes
     // async-signal-safe system calls.
     unsafe {
@@ -354,17 +384,17 @@ fn handshake(channel: &mut Channel, secret: [u8; 16], pid: u32) -> Result<(), St
 }
 
 /// Waits for `child` to end, killing it first or after a grace period as `how` says.
+///
+/// Whatever `how` says, the worker's process group is killed before the worker is reaped:
+/// a subprocess the function started (and did not move to a group of its own) ends with
+/// the worker instead of living on as an orphan. Killing before reaping means the group's
+/// id cannot yet belong to anybody else: the unreaped worker still holds it.
 fn reap(mut child: Child, how: Ending, stderr: &StderrTail) -> ExitInfo {
-    match how {
-        Ending::Kill => {
-            let _ = child.kill();
-        }
-        Ending::Exited | Ending::Retire => {
-            if !exits_within(&child, EXIT_GRACE) {
-                let _ = child.kill();
-            }
-        }
+    if how != Ending::Kill {
+        // It is exiting (or was asked to): give it a moment to do so cleanly.
+        let _ = exits_within(&child, EXIT_GRACE);
     }
+    kill_group(&mut child);
     let reason = match child.wait() {
         Ok(status) => exit_reason(status),
         Err(_) => ExitReason::Unknown,
