@@ -47,7 +47,9 @@ async fn shutdown_finishes_or_kills_calls_and_leaves_nothing_behind() {
     );
     assert!(matches!(queued.await.unwrap(), Err(Error::Shutdown { .. })), "a queued call is refused");
     assert!(matches!(nap(0).await, Err(Error::Shutdown { .. })), "new calls are refused");
-    assert!(took < Duration::from_secs(20), "shutdown took {took:?}");
+    // The grace period, then killing and reaping: milliseconds, with a margin for a loaded
+    // machine. Not the 10 s give-up wait.
+    assert!(took < Duration::from_millis(2_500), "shutdown with 1 s of grace took {took:?}");
 
     assert!(support::worker_children().is_empty(), "workers left: {:?}", support::worker_children());
     assert!(workers.iter().all(|&pid| !support::alive(pid)));

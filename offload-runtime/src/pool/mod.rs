@@ -66,12 +66,14 @@ pub(crate) fn is_shut_down() -> bool {
 /// what still runs, and returns once every worker process has been reaped.
 pub(crate) async fn shutdown(grace: Duration) {
     SHUT_DOWN.store(true, Ordering::Release);
-    supervisor::stop_spawning();
     let pools: Vec<Arc<Pool>> = lock(&POOLS).values().cloned().collect();
     tracing::info!(pools = pools.len(), ?grace, "offload shutting down");
     for pool in &pools {
         pool.close();
     }
+    // Only now: a start refused by the spawner must find its pool closed, so that its call
+    // gets `Error::Shutdown`, not a spawn failure that feeds the crash-loop backoff.
+    supervisor::stop_spawning();
     let deadline = tokio::time::Instant::now() + grace;
     for pool in &pools {
         let _ = tokio::time::timeout_at(deadline, pool.calls_finished()).await;
@@ -277,7 +279,18 @@ impl Pool {
         let slot = take_slot(&mut lock(&self.slots));
         let mut held = HeldSlot { pool: self, slot: Some(slot) };
         let worker = self.ready_worker(&mut held).await?;
-        lock(&self.leased).insert(worker.pid);
+        {
+            // Checked under the lease lock that shutdown's wait for running calls takes after
+            // closing the pool: a call either counts as running or never runs. A worker that
+            // finished starting after shutdown began is retired, not used.
+            let mut leased = lock(&self.leased);
+            if self.is_closed() {
+                drop(leased);
+                drop(worker.end(Ending::Retire, "shutdown"));
+                return Err(AcquireError::Shutdown);
+            }
+            leased.insert(worker.pid);
+        }
         Ok(Lease { pool: Arc::clone(self), worker: Some(worker), _permit: permit, _admitted: admitted })
     }
 
@@ -400,6 +413,18 @@ impl Pool {
         self.metrics.snapshot(shape, breakers)
     }
 
+    /// A worker done with its call goes back to its slot, or, once shutdown has emptied the
+    /// slots, is retired. Checked under the slots lock, which shutdown's emptying takes too.
+    fn put_back(&self, worker: Worker) {
+        let mut slots = lock(&self.slots);
+        if self.is_closed() {
+            drop(slots);
+            drop(worker.end(Ending::Retire, "shutdown"));
+        } else {
+            slots.push(Slot::Ready(worker));
+        }
+    }
+
     fn unlease(&self, pid: u32) {
         lock(&self.leased).remove(&pid);
         // Only shutdown waits for leases to end, and only after closing the pool.
@@ -463,7 +488,7 @@ impl Lease {
     /// `max_tasks` calls or its resident memory is above `max_rss`.
     pub(crate) fn release(mut self) {
         let mut worker = self.worker.take().expect("present until the lease ends");
-        self.pool.unlease(worker.pid);
+        let pid = worker.pid;
         worker.calls += 1;
         let settings = &self.pool.settings;
         let worn_out = settings.max_tasks.is_some_and(|max| worker.calls >= max);
@@ -481,16 +506,19 @@ impl Lease {
             lock(&self.pool.slots).push(self.pool.start_worker());
             drop(worker.end(Ending::Retire, "recycled"));
         } else {
-            lock(&self.pool.slots).push(Slot::Ready(worker));
+            self.pool.put_back(worker);
         }
+        // Last: shutdown, woken by this, must find the worker in its slot or already ended.
+        self.pool.unlease(pid);
     }
 
     /// The call never used the worker (its deadline passed as it got one): give it back
     /// without counting a call.
     pub(crate) fn release_unused(mut self) {
         let worker = self.worker.take().expect("present until the lease ends");
-        self.pool.unlease(worker.pid);
-        lock(&self.pool.slots).push(Slot::Ready(worker));
+        let pid = worker.pid;
+        self.pool.put_back(worker);
+        self.pool.unlease(pid);
     }
 
     /// The worker must go: end it as `how` says, count the restart, and start its
@@ -511,9 +539,11 @@ impl Lease {
 
     fn replace(mut self, how: Ending, cause: &'static str) -> oneshot::Receiver<ExitInfo> {
         let worker = self.worker.take().expect("present until the lease ends");
-        self.pool.unlease(worker.pid);
+        let pid = worker.pid;
         lock(&self.pool.slots).push(self.pool.start_worker());
-        worker.end(how, cause)
+        let ended = worker.end(how, cause);
+        self.pool.unlease(pid);
+        ended
     }
 }
 
@@ -525,10 +555,11 @@ impl Drop for Lease {
                 pid = worker.pid,
                 "offload call abandoned; killing its worker"
             );
-            self.pool.unlease(worker.pid);
+            let pid = worker.pid;
             self.pool.metrics.restarted(RestartCause::Abandoned);
             lock(&self.pool.slots).push(self.pool.start_worker());
             drop(worker.end(Ending::Kill, RestartCause::Abandoned.as_str()));
+            self.pool.unlease(pid);
         }
     }
 }
