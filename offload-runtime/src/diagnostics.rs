@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 const TAIL_LINES: usize = 16;
 /// Longest line kept in the tail; longer ones are cut.
 const MAX_LINE: usize = 512;
+/// Most bytes held at once while forwarding: a longer line (a worker may write hundreds of
+/// MiB without a newline) is forwarded, and kept in the tail, in pieces of this size.
+const MAX_PIECE: u64 = 64 << 10;
 
 /// The last lines of one worker's stderr, and whether the stream has ended.
 #[derive(Default)]
@@ -31,23 +34,32 @@ struct TailState {
 impl StderrTail {
     /// Starts a thread that copies `stream` to this process's stderr and keeps its tail.
     pub(crate) fn capture(pid: u32, stream: impl Read + Send + 'static) -> std::io::Result<Arc<StderrTail>> {
+        Self::capture_into(pid, stream, std::io::stderr)
+    }
+
+    /// [`StderrTail::capture`], forwarding to the writer `sink` returns for each piece.
+    fn capture_into<W: Write>(
+        pid: u32,
+        stream: impl Read + Send + 'static,
+        sink: impl Fn() -> W + Send + 'static,
+    ) -> std::io::Result<Arc<StderrTail>> {
         let tail = Arc::new(StderrTail::default());
         let writer = Arc::clone(&tail);
         std::thread::Builder::new()
             .name(format!("offload-stderr-{pid}"))
-            .spawn(move || writer.pump(stream))?;
+            .spawn(move || writer.pump(stream, sink))?;
         Ok(tail)
     }
 
-    fn pump(&self, stream: impl Read) {
+    fn pump<W: Write>(&self, stream: impl Read, sink: impl Fn() -> W) {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
         loop {
             line.clear();
-            match reader.read_until(b'\n', &mut line) {
+            match (&mut reader).take(MAX_PIECE).read_until(b'\n', &mut line) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
-                    let _ = std::io::stderr().lock().write_all(&line);
+                    let _ = sink().write_all(&line);
                     let text = String::from_utf8_lossy(&line);
                     let mut text = text.trim_end_matches(['\n', '\r']).to_owned();
                     if text.len() > MAX_LINE {
@@ -106,6 +118,21 @@ mod tests {
         assert_eq!(lines.len(), TAIL_LINES);
         assert_eq!(lines.first().unwrap(), "line 24");
         assert_eq!(lines.last().unwrap(), "line 39");
+    }
+}
+
+#[cfg(test)]
+mod piece_tests {
+    use super::*;
+
+    #[test]
+    fn a_line_without_end_is_forwarded_in_bounded_pieces() {
+        let text = vec![b'x'; 4 << 20];
+        let tail = StderrTail::capture_into(0, std::io::Cursor::new(text), std::io::sink).unwrap();
+        let (lines, _) = tail.at_end(Duration::from_secs(10));
+        // 4 MiB in 64 KiB pieces: the tail is full of pieces, not one huge line.
+        assert_eq!(lines.len(), TAIL_LINES);
+        assert!(lines.iter().all(|l| l.len() <= MAX_LINE + '…'.len_utf8()));
     }
 }
 
