@@ -13,13 +13,20 @@ const ROLE: &str = "OFFLOAD_TEST_SHUTDOWN_ROUND";
 const ROUNDS: usize = 8;
 
 #[offload(pool = "racing", workers = "2", timeout = "60s", max_rss = "1GiB")]
-fn nap(ms: u64) -> u64 {
+fn nap(ms: u64, pid_file: Option<String>) -> u64 {
+    if let Some(file) = pid_file {
+        // Written aside and renamed, so that a reader sees the whole pid or nothing.
+        let aside = format!("{file}.tmp");
+        std::fs::write(&aside, std::process::id().to_string()).unwrap();
+        std::fs::rename(&aside, file).unwrap();
+    }
     std::thread::sleep(Duration::from_millis(ms));
     ms
 }
 
 /// One round: warm workers, a few calls, then shutdown with ample grace while one 300 ms
-/// call runs and another races it for the second worker.
+/// call runs and another waits for a worker that is still starting (the idle one was
+/// killed, so the call finds it dead and starts its replacement).
 #[test]
 #[ignore = "a helper process of `shutdown_is_prompt_and_complete_in_every_round`"]
 fn shutdown_round() {
@@ -30,11 +37,20 @@ fn shutdown_round() {
     runtime.block_on(async {
         offload::warm_up().await.unwrap();
         for _ in 0..3 {
-            nap(0).await.unwrap();
+            nap(0, None).await.unwrap();
         }
-        let running = tokio::spawn(nap(300));
         let workers: Vec<u32> = support::worker_children();
-        let late = tokio::spawn(async { nap(0).await });
+        let pid_file = std::env::temp_dir().join(format!("offload-shutdown-race-{}", std::process::id()));
+        let running = tokio::spawn(nap(300, Some(pid_file.to_str().unwrap().to_owned())));
+        // The worker writes its pid as the call starts.
+        let read_pid = || std::fs::read_to_string(&pid_file).ok()?.parse::<u32>().ok();
+        assert!(support::eventually_async(Duration::from_secs(20), || read_pid().is_some()).await);
+        let busy = read_pid().unwrap();
+        std::fs::remove_file(&pid_file).unwrap();
+        let idle = *workers.iter().find(|&&pid| pid != busy).expect("two workers");
+        support::kill9(idle);
+        assert!(support::eventually_async(Duration::from_secs(10), || !support::alive(idle)).await);
+        let late = tokio::spawn(nap(0, None));
         let started = Instant::now();
         tokio::task::yield_now().await;
         offload::shutdown(Duration::from_secs(5)).await;
@@ -45,7 +61,7 @@ fn shutdown_round() {
             Ok(_) | Err(Error::Shutdown { .. }) => {}
             Err(e) => panic!("a call racing shutdown got {e:?}, not Ok or Shutdown"),
         }
-        assert!(matches!(nap(0).await, Err(Error::Shutdown { .. })));
+        assert!(matches!(nap(0, None).await, Err(Error::Shutdown { .. })));
         // 300 ms of call, then milliseconds: a generous margin for a loaded machine, far from
         // the grace period or a fixed wait.
         assert!(took < Duration::from_millis(1_500), "shutdown took {took:?}");

@@ -157,21 +157,14 @@ pub(crate) async fn all_reaped() {
     let _ = LIVE.subscribe().wait_for(|n| *n == 0).await;
 }
 
-/// Sends SIGKILL to a worker the caller knows is not yet reaped, and to its process group.
+/// Sends SIGKILL to a worker the caller knows is not yet reaped and to its process group (it
+/// leads one: see `start_worker`); the worker itself too, should it have failed before
+/// `setpgid`.
 pub(crate) fn kill(pid: u32) {
     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
-}
-
-/// SIGKILLs the worker's process group (it leads one: see `start_worker`), and the worker
-/// itself should it not be in that group (it failed before `setpgid`).
-fn kill_group(child: &mut Child) {
-    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
-    let _ = child.kill();
 }
 
 struct SpawnJob {
@@ -394,7 +387,7 @@ fn reap(mut child: Child, how: Ending, stderr: &StderrTail) -> ExitInfo {
         // It is exiting (or was asked to): give it a moment to do so cleanly.
         let _ = exits_within(&child, EXIT_GRACE);
     }
-    kill_group(&mut child);
+    kill(child.id());
     let reason = match child.wait() {
         Ok(status) => exit_reason(status),
         Err(_) => ExitReason::Unknown,
