@@ -451,7 +451,7 @@ pub(crate) fn drop_after_reply(value: Box<dyn Send>) {
 /// The worker's end of its channel, for [`write_garbage_to_channel`]; -1 outside a worker.
 static CHANNEL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
-/// Fault injection for tests: writes `bytes`, which need not be a frame, onto this worker's
+/// Fault injection for tests: writes all of `bytes`, which need not be a frame, onto this worker's
 /// channel, as a buggy worker might. The parent then sees a protocol violation, kills the
 /// worker and fails the call with `Error::Protocol`. Does nothing outside a worker.
 /// Not public API.
@@ -460,7 +460,15 @@ pub fn write_garbage_to_channel(bytes: &[u8]) {
     if fd >= 0 {
         // SAFETY: the worker's channel stays open for the whole life of the process.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let _ = rustix::io::write(fd, bytes);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match rustix::io::write(fd, rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(rustix::io::Errno::INTR) => {}
+                // The parent hung up (it saw the violation): nothing more to do.
+                Err(_) => return,
+            }
+        }
     }
 }
 

@@ -105,8 +105,10 @@ impl Channel {
             let Inbox { buf, filled, fds, .. } = &mut self.inbox;
             let n = match recv_with_fds(&self.stream, &mut buf[*filled..], fds, RecvFlags::empty()) {
                 Ok(n) => n,
-                Err(e) if e == rustix::io::Errno::INTR || e == rustix::io::Errno::AGAIN => continue,
-                Err(e) => return Err(io::Error::from(e).into()),
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             };
             self.inbox.advance(n)?;
         }
@@ -163,12 +165,16 @@ impl Channel {
             }
         }
 
+        // Everything that comes before the reply, bulk frames included, counts against one
+        // budget: a worker cannot grow the caller past its limit by sending many frames.
         let mut bulk = Vec::new();
+        let mut budget = *max_frame;
         loop {
-            while let Some(next) = inbox.next(*max_frame)? {
+            while let Some(next) = inbox.next(budget).map_err(|e| over_budget(e, *max_frame, budget))? {
                 let (tag, range) = match next {
                     Next::Frame(tag, range) => (tag, range),
                     Next::Bulk(len) => {
+                        budget -= len;
                         bulk.push(read_bulk(fd, stream, inbox, len).await?);
                         continue;
                     }
@@ -183,14 +189,28 @@ impl Channel {
             let mut ready = fd.readable().await?;
             inbox.spare();
             let Inbox { buf, filled, fds, .. } = &mut *inbox;
-            let n = match ready.try_io(|_| {
-                recv_with_fds(stream, &mut buf[*filled..], fds, RecvFlags::DONTWAIT).map_err(io::Error::from)
-            }) {
+            let n = match ready
+                .try_io(|_| recv_with_fds(stream, &mut buf[*filled..], fds, RecvFlags::DONTWAIT))
+            {
                 Ok(n) => n?,
                 Err(_would_block) => continue,
             };
             inbox.advance(n)?;
+            inbox.check_fds()?;
         }
+    }
+}
+
+/// Says what a frame over the reply's remaining `budget` means: the reply as a whole is
+/// over the limit, `max_frame`.
+fn over_budget(error: ProtocolError, max_frame: usize, budget: usize) -> ProtocolError {
+    match error {
+        ProtocolError::FrameTooLarge { len, .. } if budget < max_frame => ProtocolError::Invalid(format!(
+            "the worker sent at least {} bytes for one reply, over the {max_frame} bytes its pool's \
+             `max_payload` allows",
+            (max_frame - budget) as u64 + len
+        )),
+        other => other,
     }
 }
 
@@ -217,15 +237,14 @@ async fn read_bulk(
     let mut done = inbox.take_bulk(&mut bytes);
     while done < len {
         let mut ready = fd.readable().await?;
-        let read = ready.try_io(|_| {
-            recv_with_fds(stream, &mut bytes[done..], &mut inbox.fds, RecvFlags::DONTWAIT)
-                .map_err(io::Error::from)
-        });
+        let read =
+            ready.try_io(|_| recv_with_fds(stream, &mut bytes[done..], &mut inbox.fds, RecvFlags::DONTWAIT));
         match read {
             Ok(Ok(0)) => return Err(TransportError::Closed),
             Ok(n) => done += n?,
             Err(_would_block) => continue,
         }
+        inbox.check_fds()?;
     }
     Ok(bytes)
 }
@@ -360,6 +379,19 @@ impl Inbox {
         Ok(())
     }
 
+    /// Refuses more descriptors than one reply may carry, so that a worker cannot make the
+    /// caller hold an unbounded number of them until its reply.
+    fn check_fds(&self) -> Result<(), ProtocolError> {
+        if self.fds.len() > protocol::fds::MAX {
+            return Err(ProtocolError::Invalid(format!(
+                "the worker sent {} descriptors with one reply, over the {} one reply may carry",
+                self.fds.len(),
+                protocol::fds::MAX
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether bytes beyond the last frame handed out are waiting.
     fn pending(&self) -> bool {
         self.filled > self.consumed
@@ -482,12 +514,16 @@ fn io_slices<'a>(message: &[&'a [u8]], mut skip: usize) -> Vec<IoSlice<'a>> {
 }
 
 /// Receives into `buf`, appending any descriptors that came along to `fds`.
+///
+/// Descriptors the kernel had to drop for want of room (`MSG_CTRUNC`: more than one
+/// message may carry) are an `InvalidData` error: the data they came with would refer to
+/// buffers that are not there.
 pub(crate) fn recv_with_fds(
     stream: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
     flags: RecvFlags,
-) -> rustix::io::Result<usize> {
+) -> io::Result<usize> {
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(protocol::fds::MAX))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let received = loop {
@@ -506,5 +542,40 @@ pub(crate) fn recv_with_fds(
             fds.extend(received);
         }
     }
+    if received.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "descriptors were dropped: more came with one message than the {} it may carry",
+                protocol::fds::MAX
+            ),
+        ));
+    }
     Ok(received.bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_descriptors_than_one_reply_may_carry_are_refused() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fds = (0..protocol::fds::MAX).map(|_| OwnedFd::from(null.try_clone().unwrap())).collect();
+        let mut inbox = Inbox { fds, ..Inbox::default() };
+        assert!(inbox.check_fds().is_ok());
+        inbox.fds.push(OwnedFd::from(null.try_clone().unwrap()));
+        let error = inbox.check_fds().unwrap_err();
+        assert!(error.to_string().contains("254 descriptors"), "{error}");
+    }
+
+    #[test]
+    fn a_reply_over_its_budget_names_the_limit() {
+        let error = ProtocolError::FrameTooLarge { len: 600, max: 500 };
+        let said = over_budget(error, 1000, 500).to_string();
+        assert!(said.contains("at least 1100 bytes") && said.contains("max_payload"), "{said}");
+        // The first frame of a reply is measured against the frame limit as ever.
+        let first = over_budget(ProtocolError::FrameTooLarge { len: 1200, max: 1000 }, 1000, 1000);
+        assert!(matches!(first, ProtocolError::FrameTooLarge { .. }));
+    }
 }
