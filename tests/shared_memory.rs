@@ -197,3 +197,73 @@ async fn a_300_mib_argument_works() {
     let expected: Vec<u8> = (0..300).map(|i| i as u8).collect();
     assert_eq!(length(data).await.unwrap(), (300 << 20, expected));
 }
+
+/// The thread that keeps trying to truncate shared buffers after a call, and its stop flag.
+type Truncator = (std::thread::JoinHandle<(u64, u64)>, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+/// Attempts to truncate shared buffers from duplicates of their descriptors, made by a thread
+/// that outlives the call: how many were made, and how many succeeded.
+static TRUNCATIONS: std::sync::Mutex<Option<Truncator>> = std::sync::Mutex::new(None);
+
+/// Returns the buffer it received and one it made, and keeps trying to truncate both to
+/// nothing after it returns, as a careless or hostile function might: without seals, the
+/// caller's next read of either mapping would be a SIGBUS.
+#[offload(pool = "truncating", workers = "1", timeout = "60s")]
+fn truncating(received: SharedBytes) -> (SharedBytes, SharedBytes) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut made = SharedBytes::new(received.len()).unwrap();
+    fill(&mut made, 9);
+    let mut duplicates = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.to_string_lossy().starts_with("/memfd:offload-shared") {
+            let fd: i32 = entry.file_name().to_str().unwrap().parse().unwrap();
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            duplicates.push(fd.try_clone_to_owned().unwrap());
+        }
+    }
+    assert!(duplicates.len() >= 2, "found {} shared buffers", duplicates.len());
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let (mut tried, mut done) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                for fd in &duplicates {
+                    tried += 1;
+                    done += u64::from(rustix::fs::ftruncate(fd, 0).is_ok());
+                }
+                let _ = started_tx.send(());
+            }
+            (tried, done)
+        }
+    });
+    started_rx.recv().unwrap();
+    *TRUNCATIONS.lock().unwrap() = Some((thread, stop));
+    (received, made)
+}
+
+#[offload(pool = "truncating", workers = "1", timeout = "60s")]
+fn truncations() -> (u64, u64) {
+    let (thread, stop) = TRUNCATIONS.lock().unwrap().take().expect("a truncating call ran first");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    thread.join().unwrap()
+}
+
+#[tokio::test]
+async fn a_worker_cannot_resize_a_buffer_under_the_callers_mapping() {
+    let _serial = SERIAL.lock().await;
+    let mut sent = SharedBytes::new(1 << 20).unwrap();
+    fill(&mut sent, 3);
+    let (received, made) =
+        tokio::time::timeout(Duration::from_secs(60), truncating(sent)).await.unwrap().unwrap();
+    // Read every page of both, again and again, while the worker keeps trying.
+    for _ in 0..50 {
+        assert!(holds(&received, 3));
+        assert!(holds(&made, 9));
+    }
+    let (tried, done) = tokio::time::timeout(Duration::from_secs(60), truncations()).await.unwrap().unwrap();
+    assert!(tried >= 2, "the worker made {tried} attempts");
+    assert_eq!(done, 0, "{done} of {tried} truncations succeeded");
+}

@@ -227,10 +227,11 @@ pub(crate) fn checked_size<T: Serialize + ?Sized>(
 
 /// The encoded size of `value`.
 fn encoded_size<T: Serialize + ?Sized>(value: &T, what: Payload) -> Result<usize, ProtocolError> {
+    refusal::clear();
     fds::counting(|| {
         postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default())
     })
-    .map_err(|e| ProtocolError::Encode { what, message: e.to_string() })
+    .map_err(|e| ProtocolError::Encode { what, message: refusal::describe(e) })
 }
 
 /// The encoded size of `value` if it is at most `limit` bytes, `None` if it is more.
@@ -265,10 +266,11 @@ pub(crate) fn size_within<T: Serialize + ?Sized>(
     }
 
     let mut bounded = Bounded { count: 0, limit };
+    refusal::clear();
     match fds::counting(|| postcard::serialize_with_flavor(value, &mut bounded)) {
         Ok(()) => Ok(Some(bounded.count)),
         Err(postcard::Error::SerializeBufferFull) => Ok(None),
-        Err(e) => Err(ProtocolError::Encode { what, message: e.to_string() }),
+        Err(e) => Err(ProtocolError::Encode { what, message: refusal::describe(e) }),
     }
 }
 
@@ -278,8 +280,9 @@ pub(crate) fn append<T: Serialize + ?Sized>(
     value: &T,
     what: Payload,
 ) -> Result<(), ProtocolError> {
+    refusal::clear();
     postcard::serialize_with_flavor(value, Append(out))
-        .map_err(|e| ProtocolError::Encode { what, message: e.to_string() })
+        .map_err(|e| ProtocolError::Encode { what, message: refusal::describe(e) })
 }
 
 /// A postcard output that appends to a `Vec` with `extend_from_slice`: byte strings are
@@ -304,9 +307,59 @@ impl postcard::ser_flavors::Flavor for Append<'_> {
     }
 }
 
+/// The text of offload's own serde errors. postcard, the wire format, keeps no text of a
+/// custom serde error (`Error::custom` makes a unit variant), so offload's own impls (shared
+/// buffers, bulk bytes) leave their message here, and the error that reaches the caller
+/// takes it back. A user's impl that fails with `custom(...)` has its text dropped by
+/// postcard: its error says so.
+pub(crate) mod refusal {
+    use std::cell::RefCell;
+    use std::fmt::Display;
+
+    thread_local! {
+        static LAST: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    /// Said of a failed `Serialize` or `Deserialize` impl whose message postcard dropped.
+    const DROPPED: &str = "a `Serialize` or `Deserialize` impl failed with a custom error; postcard, \
+        offload's wire format, does not keep its message";
+
+    /// A decoding error that says `message`.
+    pub(crate) fn de<E: serde::de::Error>(message: impl Display) -> E {
+        let message = message.to_string();
+        let error = E::custom(&message);
+        LAST.with(|last| *last.borrow_mut() = Some(message));
+        error
+    }
+
+    /// An encoding error that says `message`.
+    pub(crate) fn ser<E: serde::ser::Error>(message: impl Display) -> E {
+        let message = message.to_string();
+        let error = E::custom(&message);
+        LAST.with(|last| *last.borrow_mut() = Some(message));
+        error
+    }
+
+    /// Forgets a message left by an earlier pass.
+    pub(crate) fn clear() {
+        LAST.with(|last| last.borrow_mut().take());
+    }
+
+    /// What a postcard error says, with the message of offload's own custom error put back.
+    pub(crate) fn describe(error: postcard::Error) -> String {
+        match error {
+            postcard::Error::SerdeSerCustom | postcard::Error::SerdeDeCustom => {
+                LAST.with(|last| last.borrow_mut().take()).unwrap_or_else(|| DROPPED.to_owned())
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Decodes `bytes`, which must hold exactly one value: trailing bytes mean the two sides
 /// disagree about the type (for example a field skipped by `skip_serializing_if`).
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: Payload) -> Result<T, ProtocolError> {
+    refusal::clear();
     match postcard::take_from_bytes(bytes) {
         Ok((value, [])) => Ok(value),
         Ok((_, rest)) => Err(ProtocolError::Decode {
@@ -317,7 +370,7 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: Payload) -> Result
                 rest.len()
             ),
         }),
-        Err(e) => Err(ProtocolError::Decode { what, message: e.to_string() }),
+        Err(e) => Err(ProtocolError::Decode { what, message: refusal::describe(e) }),
     }
 }
 
@@ -408,8 +461,6 @@ impl RecvBytes {
 
 impl<'de> serde::Deserialize<'de> for RecvBytes {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<RecvBytes, D::Error> {
-        use serde::de::Error as _;
-
         #[derive(serde::Deserialize)]
         #[serde(rename = "offload::Bytes")]
         enum WireBytes {
@@ -420,9 +471,10 @@ impl<'de> serde::Deserialize<'de> for RecvBytes {
         match WireBytes::deserialize(deserializer)? {
             WireBytes::Inline(bytes) => Ok(RecvBytes(bytes.into_vec())),
             WireBytes::Bulk(len) => {
-                let bytes = bulk::take().ok_or_else(|| D::Error::custom("a bulk argument did not arrive"))?;
+                let bytes =
+                    bulk::take().ok_or_else(|| refusal::de::<D::Error>("a bulk argument did not arrive"))?;
                 if bytes.len() as u64 != len {
-                    return Err(D::Error::custom(format!(
+                    return Err(refusal::de::<D::Error>(format!(
                         "a bulk argument of {} bytes arrived for one of {len}",
                         bytes.len()
                     )));
@@ -620,11 +672,20 @@ mod tests {
         assert_eq!((a.into_vec(), b.into_vec(), n), (short, long.clone(), 9));
 
         let missing = decode::<(RecvBytes, RecvBytes, u8)>(call.args, Payload::Arguments);
-        assert!(matches!(missing, Err(ProtocolError::Decode { .. })));
+        // offload's own messages survive postcard, which keeps no text of a custom error.
+        assert!(
+            matches!(&missing, Err(ProtocolError::Decode { message, .. }) if message == "a bulk argument did not arrive"),
+            "{:?}",
+            missing.err()
+        );
         let wrong = bulk::supplying(vec![vec![0; 3]], || {
             decode::<(RecvBytes, RecvBytes, u8)>(call.args, Payload::Arguments)
         });
-        assert!(matches!(wrong, Err(ProtocolError::Decode { .. })));
+        assert!(
+            matches!(&wrong, Err(ProtocolError::Decode { message, .. }) if message.contains("of 3 bytes arrived")),
+            "{:?}",
+            wrong.err()
+        );
     }
 
     #[test]
@@ -654,5 +715,24 @@ mod tests {
     fn trailing_bytes_are_a_decode_error() {
         let err = decode::<u8>(&[1, 2], Payload::Arguments).unwrap_err();
         assert!(matches!(err, ProtocolError::Decode { .. }), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    struct Refuses;
+
+    impl Serialize for Refuses {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("the user's own words"))
+        }
+    }
+
+    #[test]
+    fn a_users_custom_error_says_its_text_was_dropped() {
+        let error = append(&mut Vec::new(), &Refuses, Payload::Arguments).unwrap_err();
+        assert!(error.to_string().contains("does not keep its message"), "{error}");
     }
 }

@@ -21,10 +21,7 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::OwnedFd;
 
-use serde::de::Error as _;
-use serde::ser::Error as _;
-
-use crate::protocol::fds;
+use crate::protocol::{fds, refusal};
 
 /// A byte buffer in shared memory, to pass to or return from an `#[offload]` function
 /// without copying its contents through the socket.
@@ -52,6 +49,7 @@ impl SharedBytes {
         }
         let fd = memfd()?;
         rustix::fs::ftruncate(&fd, len as u64)?;
+        seal(&fd)?;
         SharedBytes::map(fd, len)
     }
 
@@ -248,7 +246,7 @@ impl<T: bytemuck::Pod> TryFrom<&[T]> for SharedSlice<T> {
 #[cfg(target_os = "linux")]
 fn memfd() -> std::io::Result<OwnedFd> {
     use rustix::fs::{MemfdFlags, memfd_create};
-    Ok(memfd_create("offload-shared", MemfdFlags::CLOEXEC)?)
+    Ok(memfd_create("offload-shared", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -256,12 +254,48 @@ fn memfd() -> std::io::Result<OwnedFd> {
     Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "shared buffers need Linux"))
 }
 
+/// The seals every shared buffer carries from its creation on: its size can never change,
+/// and no seal can be taken away. Whoever else holds its descriptor (a function that
+/// duplicated it, say) can write its bytes but cannot truncate it under a mapping, which
+/// would make the next read of that mapping a SIGBUS.
+#[cfg(target_os = "linux")]
+const SEALS: rustix::fs::SealFlags =
+    rustix::fs::SealFlags::SHRINK.union(rustix::fs::SealFlags::GROW).union(rustix::fs::SealFlags::SEAL);
+
+#[cfg(target_os = "linux")]
+fn seal(fd: &OwnedFd) -> std::io::Result<()> {
+    Ok(rustix::fs::fcntl_add_seals(fd, SEALS)?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn seal(_: &OwnedFd) -> std::io::Result<()> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "shared buffers need Linux"))
+}
+
+/// Checks a received descriptor before it is mapped: a memory file sealed as [`seal`] leaves
+/// it, so that it stays at least `len` bytes for as long as it is mapped.
+fn check_received(fd: &OwnedFd, len: u64) -> Result<(), String> {
+    #[cfg(target_os = "linux")]
+    {
+        let seals = rustix::fs::fcntl_get_seals(fd)
+            .map_err(|e| format!("a shared buffer's descriptor is not a sealed memory file ({e})"))?;
+        if !seals.contains(SEALS) {
+            return Err("a shared buffer's memory file is not sealed against resizing".into());
+        }
+    }
+    let size = rustix::fs::fstat(fd).map_err(|e| format!("shared buffer: {e}"))?.st_size;
+    if (size as u64) < len {
+        return Err("a shared buffer is smaller than its handle says".into());
+    }
+    Ok(())
+}
+
 const NAME: &str = "offload::SharedBytes";
 
 impl serde::Serialize for SharedBytes {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let index = match &self.fd {
-            Some(fd) => fds::attach(fd).map_err(S::Error::custom)?,
+            Some(fd) => fds::attach(fd).map_err(refusal::ser::<S::Error>)?,
             None => u32::MAX,
         };
         serializer.serialize_newtype_struct(NAME, &(index, self.len() as u64))
@@ -278,15 +312,12 @@ impl<'de> serde::Deserialize<'de> for SharedBytes {
         if len == 0 {
             return Ok(SharedBytes { map: None, fd: None });
         }
-        let fd = fds::take(index)
-            .ok_or_else(|| D::Error::custom("a shared buffer's descriptor did not arrive with the frame"))?;
-        let size =
-            rustix::fs::fstat(&fd).map_err(|e| D::Error::custom(format!("shared buffer: {e}")))?.st_size;
-        let len = usize::try_from(len).map_err(D::Error::custom)?;
-        if (size as u64) < len as u64 {
-            return Err(D::Error::custom("a shared buffer is smaller than its handle says"));
-        }
-        SharedBytes::map(fd, len).map_err(|e| D::Error::custom(format!("could not map a shared buffer: {e}")))
+        let fd = fds::take(index).ok_or_else(|| {
+            refusal::de::<D::Error>("a shared buffer's descriptor did not arrive with the frame")
+        })?;
+        check_received(&fd, len).map_err(refusal::de::<D::Error>)?;
+        let len = usize::try_from(len).map_err(refusal::de::<D::Error>)?;
+        SharedBytes::map(fd, len).map_err(|e| refusal::de(format!("could not map a shared buffer: {e}")))
     }
 }
 
@@ -300,7 +331,7 @@ impl<'de, T: bytemuck::Pod> serde::Deserialize<'de> for SharedSlice<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<SharedSlice<T>, D::Error> {
         let bytes = SharedBytes::deserialize(deserializer)?;
         if size_of::<T>() != 0 && !bytes.len().is_multiple_of(size_of::<T>()) {
-            return Err(D::Error::custom("a shared slice's length is not a whole number of elements"));
+            return Err(refusal::de("a shared slice's length is not a whole number of elements"));
         }
         Ok(SharedSlice { bytes, _elements: PhantomData })
     }
@@ -356,6 +387,45 @@ mod tests {
         let shared = SharedBytes::from_slice(b"abc").unwrap();
         let err = postcard::to_stdvec(&shared).unwrap_err();
         assert!(matches!(err, postcard::Error::SerdeSerCustom), "{err:?}");
+    }
+
+    #[test]
+    fn a_buffer_cannot_be_resized() {
+        use std::os::fd::AsFd;
+        let shared = SharedBytes::from_slice(b"abc").unwrap();
+        let fd = shared.fd.as_ref().unwrap().as_fd();
+        assert_eq!(rustix::fs::ftruncate(fd, 0), Err(rustix::io::Errno::PERM));
+        assert_eq!(rustix::fs::ftruncate(fd, 1 << 20), Err(rustix::io::Errno::PERM));
+        assert_eq!(
+            rustix::fs::fcntl_add_seals(fd, rustix::fs::SealFlags::WRITE),
+            Err(rustix::io::Errno::PERM)
+        );
+    }
+
+    /// Decodes the handle of a 4-byte buffer with `fd` as its descriptor; the error's text.
+    fn decode_with(fd: OwnedFd) -> Result<SharedBytes, String> {
+        let shared = SharedBytes::from_slice(b"abcd").unwrap();
+        let (encoded, _fds) = fds::collecting(|| postcard::to_stdvec(&shared).unwrap());
+        fds::supplying(vec![fd], || crate::protocol::decode(&encoded, crate::error::Payload::ReturnValue))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_unsealed_or_foreign_descriptor_is_refused() {
+        use rustix::fs::{MemfdFlags, memfd_create};
+        let unsealed = memfd_create("unsealed", MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&unsealed, 4096).unwrap();
+        let said = decode_with(unsealed).unwrap_err();
+        assert!(said.contains("sealed"), "{said}");
+
+        let sealable = memfd_create("sealable", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&sealable, 4096).unwrap();
+        let said = decode_with(sealable).unwrap_err();
+        assert!(said.contains("not sealed against resizing"), "{said}");
+
+        let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let said = decode_with(file).unwrap_err();
+        assert!(said.contains("not a sealed memory file"), "{said}");
     }
 
     #[test]
