@@ -1,5 +1,6 @@
 //! A worker starts as a fresh Rust `main` would: SIGPIPE ignored, no stray inherited
-//! descriptor, none of offload's tuning in its environment, and a name an operator can read.
+//! descriptor, none of offload's tuning in its environment, no secret left readable in its
+//! environment block, and a name an operator can read.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -30,6 +31,23 @@ fn identity() -> (String, String, Option<String>) {
     let cmdline = std::fs::read("/proc/self/cmdline").unwrap();
     let arg0 = cmdline.split(|b| *b == 0).next().map(|a| String::from_utf8_lossy(a).into_owned()).unwrap();
     (comm, arg0, std::env::var("MALLOC_ARENA_MAX").ok())
+}
+
+/// The worker's environment as the kernel shows it to other processes: `/proc/<pid>/environ`.
+#[offload(workers = "1", timeout = "30s")]
+fn environment_block() -> Vec<String> {
+    let block = std::fs::read("/proc/self/environ").unwrap();
+    block.split(|b| *b == 0).map(|entry| String::from_utf8_lossy(entry).into_owned()).collect()
+}
+
+#[tokio::test]
+async fn the_workers_secret_is_not_left_in_its_environment_block() {
+    let entries = environment_block().await.unwrap();
+    assert!(entries.iter().any(|e| e.starts_with("PATH=") || e.starts_with("HOME=")), "{entries:?}");
+    for entry in entries.iter().filter(|e| e.starts_with("OFFLOAD_WORKER=")) {
+        let value = &entry["OFFLOAD_WORKER=".len()..];
+        assert!(!value.bytes().any(|b| b.is_ascii_hexdigit()), "the secret is readable: {entry}");
+    }
 }
 
 #[tokio::test]

@@ -48,10 +48,21 @@ extern "C" fn enter_worker_mode() {
         return;
     };
     IS_WORKER.store(true, Ordering::Relaxed);
+    scrub_environment();
     // SAFETY: this runs before `main`, when the process has a single thread, so nothing
     // reads the environment concurrently. Removing the variable keeps it from programs the
     // user's function may start.
     unsafe { std::env::remove_var(ENV) };
+    // A setuid, setgid or file-capabilities program must not take orders from a variable
+    // whoever runs it can set.
+    // SAFETY: a plain query of the auxiliary vector.
+    if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+        eprintln!(
+            "offload: {ENV} is set, but this program runs with elevated privileges (setuid, setgid \
+             or file capabilities: AT_SECURE), and such a program never serves as a worker"
+        );
+        std::process::exit(EXIT_SETUP_FAILED);
+    }
     let code = match value.to_str().and_then(WorkerEnv::parse) {
         Some(env) if start_clean(env.fd).is_err() => {
             eprintln!("offload: this process cannot serve as a worker: {}", std::io::Error::last_os_error());
@@ -71,6 +82,25 @@ extern "C" fn enter_worker_mode() {
     };
     let _ = std::io::stdout().flush();
     std::process::exit(code);
+}
+
+/// Overwrites the value of [`ENV`] where the kernel put it, so that the worker's secret does
+/// not stay readable in `/proc/<pid>/environ` (which shows the environment as it was at
+/// exec, whatever `remove_var` does to the process's own list).
+#[cfg(target_os = "linux")]
+fn scrub_environment() {
+    let name = std::ffi::CString::new(ENV).expect("no NUL in the name");
+    // SAFETY: before `main`, single-threaded, so nothing changes the environment meanwhile.
+    // `getenv` returns the value in place, NUL-terminated, in writable memory (the initial
+    // stack, or the heap if something set it since); writing within its length leaves it a
+    // valid C string.
+    unsafe {
+        let value = libc::getenv(name.as_ptr());
+        if !value.is_null() {
+            let len = libc::strlen(value);
+            std::ptr::write_bytes(value.cast::<u8>(), b'*', len);
+        }
+    }
 }
 
 /// Makes the worker's process what a fresh Rust `main` would find, before any user code runs:
@@ -93,7 +123,7 @@ fn start_clean(channel: RawFd) -> Result<(), ()> {
         first > last || unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) } == 0
     };
     // A kernel older than 5.9 has no close_range: the stray descriptors then stay open.
-    let _ = close(3, channel - 1) && close(channel + 1, RawFd::MAX);
+    let _ = close(3, channel - 1) && close((channel + 1).max(3), RawFd::MAX);
     #[cfg(target_env = "gnu")]
     // SAFETY: plain tuning call; single-threaded.
     unsafe {
@@ -146,6 +176,37 @@ impl WorkerEnv {
     }
 }
 
+/// Checks that descriptor `fd` is what the parent hands a worker before trusting it: an open
+/// Unix stream socket whose other end the parent process made.
+#[cfg(target_os = "linux")]
+fn check_channel(fd: RawFd, parent: u32) -> std::io::Result<()> {
+    let refuse = |why: String| {
+        std::io::Error::other(format!("descriptor {fd} is not a channel from the parent: {why}"))
+    };
+    // SAFETY: only asks whether the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(refuse("it is not open".into()));
+    }
+    // SAFETY: open, as just checked, and nothing closes it while it is borrowed here.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let domain =
+        rustix::net::sockopt::socket_domain(borrowed).map_err(|e| refuse(format!("not a socket ({e})")))?;
+    let kind =
+        rustix::net::sockopt::socket_type(borrowed).map_err(|e| refuse(format!("not a socket ({e})")))?;
+    if domain != rustix::net::AddressFamily::UNIX || kind != rustix::net::SocketType::STREAM {
+        return Err(refuse(format!("a {domain:?} {kind:?} socket, not a Unix stream socket")));
+    }
+    let peer =
+        rustix::net::sockopt::socket_peercred(borrowed).map_err(|e| refuse(format!("no peer ({e})")))?;
+    if peer.pid.as_raw_nonzero().get() as u32 != parent {
+        return Err(refuse(format!(
+            "its other end belongs to process {}, not {parent}",
+            peer.pid.as_raw_nonzero()
+        )));
+    }
+    Ok(())
+}
+
 thread_local! {
     /// Location of the last panic, recorded by the hook for the report.
     static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
@@ -159,6 +220,7 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(env.parent) {
         return Err(std::io::Error::other("the parent process is gone"));
     }
+    check_channel(env.fd, env.parent)?;
     MAX_PAYLOAD.store(env.max_payload, Ordering::Relaxed);
     CHANNEL_FD.store(env.fd, Ordering::Relaxed);
     // SAFETY: the parent created this descriptor for us and passed its number; nothing
@@ -478,6 +540,32 @@ static MAX_PAYLOAD: AtomicU64 = AtomicU64::new(crate::limits::DEFAULT_MAX_PAYLOA
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs this test binary in worker mode with `stdin` as its channel (descriptor 0); what it
+    /// printed to stderr, after checking that it exited as a worker that could not start.
+    #[cfg(target_os = "linux")]
+    fn worker_on(stdin: std::process::Stdio) -> String {
+        let env = WorkerEnv { fd: 0, parent: std::process::id(), secret: [7; 16], max_payload: 1 << 20 };
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(ENV, env.encode())
+            .stdin(stdin)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(EXIT_SETUP_FAILED), "{output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_channel_that_is_not_a_socket_from_the_parent_is_refused() {
+        let said = worker_on(std::process::Stdio::piped());
+        assert!(said.contains("descriptor 0 is not a channel from the parent: not a socket"), "{said}");
+        let (datagram, _other) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let said = worker_on(OwnedFd::from(datagram).into());
+        assert!(said.contains("not a Unix stream socket"), "{said}");
+        let said = worker_on(std::process::Stdio::null());
+        assert!(said.contains("not a socket"), "{said}");
+    }
 
     #[test]
     fn env_round_trips() {

@@ -97,8 +97,6 @@ pub(crate) struct Pool {
     /// The pool's name, or the function's path for a pool of its own.
     name: &'static str,
     pub(crate) settings: PoolSettings,
-    /// Proves to the pool that a worker is one of its own.
-    secret: [u8; 16],
     /// `workers + queue` permits when the queue is bounded.
     admission: Option<Arc<Semaphore>>,
     /// One permit per slot.
@@ -219,12 +217,9 @@ impl Pool {
             let permits = usize::try_from(queue).unwrap_or(usize::MAX).saturating_add(workers);
             Arc::new(Semaphore::new(permits.min(Semaphore::MAX_PERMITS)))
         });
-        let mut secret = [0u8; 16];
-        fill_random(&mut secret);
         tracing::info!(pool = name, %settings, "offload pool starting");
         let pool = Arc::new(Pool {
             name,
-            secret,
             admission,
             permits: Arc::new(Semaphore::new(workers)),
             slots: Mutex::new(Vec::with_capacity(workers)),
@@ -251,7 +246,6 @@ impl Pool {
         }
         Slot::Starting(supervisor::spawn(WorkerConfig {
             pool: self.name,
-            secret: self.secret,
             memory: self.settings.memory,
             max_payload: self.settings.max_payload,
         }))
@@ -560,24 +554,6 @@ impl Drop for Lease {
             lock(&self.pool.slots).push(self.pool.start_worker());
             drop(worker.end(Ending::Kill, RestartCause::Abandoned.as_str()));
             self.pool.unlease(pid);
-        }
-    }
-}
-
-fn fill_random(buf: &mut [u8]) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty()) {
-            Ok(n) => filled += n,
-            Err(rustix::io::Errno::INTR) => {}
-            // Without the kernel's randomness, fall back to what std seeds its hashers with.
-            Err(_) => {
-                use std::hash::{BuildHasher, RandomState};
-                for (i, b) in buf.iter_mut().enumerate() {
-                    *b = RandomState::new().hash_one(i) as u8;
-                }
-                return;
-            }
         }
     }
 }

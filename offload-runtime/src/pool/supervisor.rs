@@ -122,8 +122,6 @@ impl Drop for Worker {
 pub(crate) struct WorkerConfig {
     /// The pool's name, shown in the worker's command line.
     pub(crate) pool: &'static str,
-    /// The pool's secret, which the worker presents in its handshake.
-    pub(crate) secret: [u8; 16],
     /// Address-space limit, in bytes.
     pub(crate) memory: Option<u64>,
     /// Largest encoded arguments or return value.
@@ -265,7 +263,7 @@ impl Supervisor {
 
 #[cfg(target_os = "linux")]
 fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
-    let WorkerConfig { pool, secret, memory, max_payload } = config;
+    let WorkerConfig { pool, memory, max_payload } = config;
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
 
@@ -274,6 +272,7 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
         Resource, Rlimit, Signal, getppid, set_parent_process_death_signal, setpgid, setrlimit,
     };
 
+    let secret = random_secret()?;
     let (ours, theirs) = UnixStream::pair()?;
     let parent = std::process::id();
     let fd = theirs.as_raw_fd();
@@ -296,8 +295,9 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
             // and the parent, not the terminal, decides what happens to its workers.
             setpgid(None, None)?;
             // The parent may have died before the signal was armed: then nobody would kill us.
+            // (An error built from an errno: nothing between fork and exec may allocate.)
             if getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(parent) {
-                return Err(io::Error::other("the parent exited during spawn"));
+                return Err(rustix::io::Errno::SRCH.into());
             }
             // Only the worker's end crosses exec.
             fcntl_setfd(rustix::fd::BorrowedFd::borrow_raw(fd), FdFlags::empty())?;
@@ -342,6 +342,26 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
 #[cfg(not(target_os = "linux"))]
 fn start_worker(_config: WorkerConfig) -> io::Result<Worker> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "offload workers are supported on Linux only"))
+}
+
+/// A fresh secret for one worker, which it presents in its handshake, from the kernel's
+/// randomness. Without that randomness no worker starts: a guessable secret would be worse
+/// than a failed spawn.
+fn random_secret() -> io::Result<[u8; 16]> {
+    let mut secret = [0u8; 16];
+    let mut filled = 0;
+    while filled < secret.len() {
+        match rustix::rand::getrandom(&mut secret[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                return Err(io::Error::other(format!(
+                    "no randomness for the worker's secret (getrandom: {e})"
+                )));
+            }
+        }
+    }
+    Ok(secret)
 }
 
 fn handshake(channel: &mut Channel, secret: [u8; 16], pid: u32) -> Result<(), String> {
@@ -429,9 +449,17 @@ fn exits_within(_child: &Child, _patience: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn every_worker_gets_its_own_secret() {
+        let secrets: HashSet<[u8; 16]> = (0..64).map(|_| random_secret().unwrap()).collect();
+        assert_eq!(secrets.len(), 64);
+        assert!(!secrets.contains(&[0; 16]));
+    }
     use crate::protocol::FrameBuf;
 
     fn hello_from_peer(hello: &Hello) -> Channel {
