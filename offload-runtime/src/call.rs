@@ -440,7 +440,9 @@ async fn exchange(
             tracing::warn!(?timeout, "offload call timed out; worker killed");
             return Err(timed_out(Some(pid)));
         }
-        Some(Err(_)) if pool.is_closed() => {
+        // Killed by shutdown once its grace was over. (A worker that dies on its own during
+        // the grace period is a crash, reported as one below.)
+        Some(Err(_)) if pool.is_stopped() => {
             drop(lease.end(Ending::Kill, RestartCause::Crashed));
             return Err(Error::Shutdown { entry: entry.display() });
         }

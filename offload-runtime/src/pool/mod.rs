@@ -32,8 +32,9 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to start a worker.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// How long shutdown waits, after killing, for every worker to be reaped.
-const REAP_PATIENCE: Duration = Duration::from_secs(10);
+/// How long shutdown waits, after killing, for every worker to be reaped: an idle worker
+/// gets `EXIT_GRACE` (2 s) to exit, and the rest is margin.
+const REAP_PATIENCE: Duration = Duration::from_secs(4);
 
 static POOLS: LazyLock<Mutex<HashMap<&'static str, Arc<Pool>>>> = LazyLock::new(Default::default);
 static SHUT_DOWN: AtomicBool = AtomicBool::new(false);
@@ -82,9 +83,15 @@ pub(crate) async fn shutdown(grace: Duration) {
         pool.stop_workers();
     }
     // Killed workers are reaped when the calls that hold them notice; bound the wait in case
-    // such a call is never polled again.
+    // such a call is never polled again, and kill what it holds: a worker it was waiting for
+    // may have started since. Such a process stays a zombie until the call is dropped.
     if tokio::time::timeout(REAP_PATIENCE, supervisor::all_reaped()).await.is_err() {
-        tracing::warn!("offload shutdown: some killed workers were not reaped within {REAP_PATIENCE:?}");
+        let killed = supervisor::kill_unreaped();
+        tracing::warn!(
+            killed,
+            "offload shutdown: workers held by calls that are no longer polled were not reaped \
+             within {REAP_PATIENCE:?}; killed them"
+        );
     }
     tracing::info!("offload shut down");
 }
@@ -109,6 +116,8 @@ pub(crate) struct Pool {
     returned: Notify,
     backoff: Mutex<Backoff>,
     closed: AtomicBool,
+    /// Shutdown's grace is over and the workers still running calls were killed.
+    stopped: AtomicBool,
     /// Calls waiting for admission or a worker.
     waiting: AtomicUsize,
     pub(crate) metrics: PoolMetrics,
@@ -227,6 +236,7 @@ impl Pool {
             returned: Notify::new(),
             backoff: Mutex::new(Backoff::default()),
             closed: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             metrics: PoolMetrics::new(name),
             settings,
@@ -238,6 +248,12 @@ impl Pool {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether shutdown has killed the workers that were still running calls: a call whose
+    /// worker is gone after this was stopped by shutdown, not by a crash.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
     }
 
     fn start_worker(&self) -> Slot {
@@ -380,6 +396,7 @@ impl Pool {
 
     /// Kills workers still lent to calls and ends idle ones.
     fn stop_workers(&self) {
+        self.stopped.store(true, Ordering::Release);
         for &pid in lock(&self.leased).iter() {
             supervisor::kill(pid);
         }

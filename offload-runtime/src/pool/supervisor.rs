@@ -143,6 +143,30 @@ pub(crate) fn spawn(config: WorkerConfig) -> oneshot::Receiver<io::Result<Worker
 
 /// Workers asked for and not yet reaped (or failed to start): zero means no process left.
 static LIVE: LazyLock<watch::Sender<usize>> = LazyLock::new(|| watch::Sender::new(0));
+/// The pids of every worker forked and not yet waited for. A pid leaves, under this lock,
+/// before its process is waited for, so while the lock is held every pid here names this
+/// process's own child, never a reused pid.
+static UNREAPED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn unreaped() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    UNREAPED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes `pid` off [`UNREAPED`]: it is about to be waited for.
+fn forget(pid: u32) {
+    unreaped().retain(|&p| p != pid);
+}
+
+/// Kills every worker not yet reaped, wherever it is held: shutdown's last resort for workers
+/// that no pool or reaper holds (a call future that is never polled again holds one). How
+/// many there were.
+pub(crate) fn kill_unreaped() -> usize {
+    let pids = unreaped();
+    for &pid in pids.iter() {
+        kill(pid);
+    }
+    pids.len()
+}
 static STOPPED: AtomicBool = AtomicBool::new(false);
 
 /// From now on the spawner starts nothing.
@@ -310,9 +334,11 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
     let mut child = command.spawn()?;
     drop(theirs);
     let pid = child.id();
+    unreaped().push(pid);
     let stderr = match child.stderr.take().map(|s| StderrTail::capture(pid, s)) {
         Some(Ok(tail)) => tail,
         Some(Err(e)) => {
+            forget(pid);
             let _ = child.kill();
             let _ = child.wait();
             return Err(e);
@@ -403,6 +429,7 @@ fn handshake(channel: &mut Channel, secret: [u8; 16], pid: u32) -> Result<(), St
 /// the worker instead of living on as an orphan. Killing before reaping means the group's
 /// id cannot yet belong to anybody else: the unreaped worker still holds it.
 fn reap(mut child: Child, how: Ending, stderr: &StderrTail) -> ExitInfo {
+    forget(child.id());
     if how != Ending::Kill {
         // It is exiting (or was asked to): give it a moment to do so cleanly.
         let _ = exits_within(&child, EXIT_GRACE);
