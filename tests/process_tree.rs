@@ -91,3 +91,49 @@ async fn a_dropped_call_leaves_no_subprocess() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Forks a child that does not exec and outlives the function (it holds everything the
+/// worker held), writes its pid to `pid_file`, then dies of SIGABRT.
+#[offload(pool = "tree_fork", timeout = "60s", workers = "1")]
+fn fork_then_abort(pid_file: String) -> u32 {
+    // SAFETY: the child only sleeps and exits, making no call that could need a lock the fork
+    // copied in a locked state.
+    match unsafe { libc::fork() } {
+        0 => {
+            std::thread::sleep(Duration::from_secs(60));
+            unsafe { libc::_exit(0) }
+        }
+        child => {
+            std::fs::write(&pid_file, child.to_string()).unwrap();
+            std::process::abort()
+        }
+    }
+}
+
+#[offload(pool = "tree_fork", timeout = "60s", workers = "1")]
+fn still_serving() -> u32 {
+    5
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_fork_without_exec_is_a_crash_not_a_hang() {
+    let dir = scratch("fork");
+    let file = dir.join("pid");
+    let started = Instant::now();
+    let result = fork_then_abort(file.to_str().unwrap().to_owned()).await;
+    let took = started.elapsed();
+    match result {
+        Err(Error::Crashed { exit: offload::ExitReason::Signal(6), .. }) => {}
+        other => panic!("a worker that forked, then aborted, gave {other:?}, not Error::Crashed"),
+    }
+    // Promptly: the crash is seen when it happens, not at the 60 s timeout. The margin covers
+    // starting the worker on a loaded machine.
+    assert!(took < Duration::from_secs(10), "the crash was reported after {took:?}");
+    let child = pid_in(&file).expect("the forked child's pid");
+    assert!(
+        support::eventually_async(Duration::from_secs(10), || !support::alive(child)).await,
+        "the forked child {child} outlived its worker"
+    );
+    assert_eq!(still_serving().await.unwrap(), 5, "the pool recovers");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

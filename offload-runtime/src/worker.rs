@@ -223,6 +223,12 @@ fn serve(env: WorkerEnv) -> std::io::Result<()> {
     check_channel(env.fd, env.parent)?;
     MAX_PAYLOAD.store(env.max_payload, Ordering::Relaxed);
     CHANNEL_FD.store(env.fd, Ordering::Relaxed);
+    // A process the function forks without exec must not hold the channel: if it did, the
+    // worker's death would not close it, and a crash would look like a hang to the parent.
+    // SAFETY: registers a handler that only makes an async-signal-safe `close`.
+    if unsafe { libc::pthread_atfork(None, None, Some(close_channel_in_child)) } != 0 {
+        return Err(std::io::Error::other("could not register the fork handler"));
+    }
     // SAFETY: the parent created this descriptor for us and passed its number; nothing
     // else in this fresh process owns it.
     let stream = unsafe { UnixStream::from_raw_fd(env.fd) };
@@ -508,6 +514,16 @@ static AFTER_REPLY: Mutex<Vec<Box<dyn Send>>> = Mutex::new(Vec::new());
 /// Drops `value` once the current call's reply is sent, not before (in a worker).
 pub(crate) fn drop_after_reply(value: Box<dyn Send>) {
     AFTER_REPLY.lock().unwrap_or_else(PoisonError::into_inner).push(value);
+}
+
+/// Runs in the child of a `fork` in a worker: that child is not the worker, so it gives up the
+/// channel (a reply it might try to send then fails instead of garbling the worker's).
+extern "C" fn close_channel_in_child() {
+    let fd = CHANNEL_FD.swap(-1, Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: `close` is async-signal-safe, and this process no longer uses the channel.
+        unsafe { libc::close(fd) };
+    }
 }
 
 /// The worker's end of its channel, for [`write_garbage_to_channel`]; -1 outside a worker.
