@@ -11,6 +11,8 @@ use offload::{Error, ExitReason, offload};
 enum Death {
     Abort,
     Segfault,
+    NullDeref,
+    StackOverflow,
     Exit(i32),
     None,
 }
@@ -25,10 +27,24 @@ fn die(how: Death) -> u32 {
             rustix::process::kill_process(me, rustix::process::Signal::SEGV).unwrap();
             std::thread::sleep(Duration::from_secs(60));
         }
+        Death::NullDeref => {
+            // SAFETY: none: a real invalid access, to die of it.
+            let null = std::hint::black_box(std::ptr::null::<u64>());
+            let _ = unsafe { std::ptr::read_volatile(null) };
+        }
+        Death::StackOverflow => {
+            std::hint::black_box(recurse(std::hint::black_box(u64::MAX)));
+        }
         Death::Exit(code) => std::process::exit(code),
         Death::None => {}
     }
     std::process::id()
+}
+
+/// Recurses `depth` times with a 4 KiB frame: past any stack for a large `depth`.
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth as u8; 4096]);
+    if depth == 0 { frame[0] as u64 } else { recurse(depth - 1).wrapping_add(frame[100] as u64) }
 }
 
 #[offload(timeout = "20s", workers = "1")]
@@ -73,6 +89,24 @@ async fn abort() {
 async fn segfault() {
     let (pid, exit, _) = crash(Death::Segfault).await;
     assert_eq!(exit, ExitReason::Signal(11));
+    assert_recovered(pid, die(Death::None).await.unwrap());
+}
+
+#[tokio::test]
+async fn invalid_memory_access() {
+    let (pid, exit, stderr) = crash(Death::NullDeref).await;
+    assert_eq!(exit, ExitReason::Signal(11));
+    assert!(!stderr.iter().any(|l| l.contains("overflow")), "{stderr:?}");
+    assert_recovered(pid, die(Death::None).await.unwrap());
+}
+
+#[tokio::test]
+async fn stack_overflow_says_so() {
+    let (pid, exit, stderr) = crash(Death::StackOverflow).await;
+    // As Rust's own runtime reports an overflow in `main`: the message, then SIGABRT.
+    assert_eq!(exit, ExitReason::Signal(6));
+    assert!(stderr.iter().any(|l| l.contains("has overflowed its stack")), "{stderr:?}");
+    assert!(stderr.iter().any(|l| l.contains("stack overflow")), "{stderr:?}");
     assert_recovered(pid, die(Death::None).await.unwrap());
 }
 
