@@ -7,41 +7,11 @@
 //! overload, shutdown and configuration errors say nothing about the function and neither
 //! count nor reset the count.
 
-use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// What `breaker(failures = N, reset = "...")` says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct BreakerConfig {
-    pub(crate) failures: u32,
-    pub(crate) reset: Duration,
-}
-
-/// The state of a circuit breaker, as [`crate::stats`] reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum BreakerState {
-    /// Calls go through; this many worker-side failures in a row so far.
-    Closed {
-        /// Consecutive worker-side failures.
-        failures: u32,
-    },
-    /// Calls are refused with `Error::CircuitOpen` until the reset period ends.
-    Open,
-    /// The reset period ended: one trial call is (or may be) in flight.
-    HalfOpen,
-}
-
-impl fmt::Display for BreakerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BreakerState::Closed { .. } => f.write_str("closed"),
-            BreakerState::Open => f.write_str("open"),
-            BreakerState::HalfOpen => f.write_str("half-open"),
-        }
-    }
-}
+use crate::limits::BreakerConfig;
+use crate::stats::BreakerState;
 
 #[derive(Debug, Clone, Copy)]
 enum State {

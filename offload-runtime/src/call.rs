@@ -21,15 +21,37 @@ use serde::de::DeserializeOwned;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
-use crate::breaker::{Admission, Transition};
+use crate::breaker::{Admission, Breaker, Transition};
 use crate::error::{Error, ExitReason, Payload, ProtocolError};
 use crate::pool::supervisor::Ending;
 use crate::pool::{self, Pool};
 use crate::protocol::{self, Attached, LogRecord, PanicReport, Tag};
-use crate::registry::Entry;
-use crate::stats::RestartCause;
+use crate::registry::{Entry, PerEntry, Registry};
+use crate::stats::{BreakerState, RestartCause};
 use crate::transport::{Reply, TransportError};
 use crate::worker;
+
+/// Where each function's calls go, and its breaker: made on its first call.
+static ROUTES: PerEntry<Route> = PerEntry::new();
+
+/// What this process keeps for one offloaded function.
+struct Route {
+    /// The pool serving it, or why it cannot be served (bad settings).
+    pool: Result<Arc<Pool>, String>,
+    breaker: Breaker,
+}
+
+/// The state of every function's breaker that has one, with its pool's key and its name.
+pub(crate) fn breaker_states() -> Vec<(&'static str, &'static str, BreakerState)> {
+    Registry::get()
+        .entries()
+        .filter(|entry| entry.breaker.is_some())
+        .map(|entry| {
+            let state = ROUTES.get(entry).map_or(BreakerState::Closed { failures: 0 }, |r| r.breaker.state());
+            (entry.pool_key(), entry.name(), state)
+        })
+        .collect()
+}
 
 /// Numbers calls in this process, for the `task` field of logs.
 static NEXT_TASK: AtomicU64 = AtomicU64::new(1);
@@ -86,12 +108,12 @@ where
     A: Args,
     R: DeserializeOwned + Send + 'static,
 {
-    let pool = match preflight(entry) {
-        Ok(pool) => pool,
+    let (pool, breaker) = match preflight(entry) {
+        Ok(found) => found,
         Err(error) => return (Err(error), keep.then_some(args)),
     };
     // Workers forward `tracing` events up to the level some subscriber here wants.
-    let log_level = protocol::level_to_u8(tracing::level_filters::LevelFilter::current());
+    let log_level = protocol::level::of_filter(tracing::level_filters::LevelFilter::current());
     let max_payload = pool.settings.max_payload;
     let mut bulk = 0u64;
     args.for_each_bytes(&mut |bytes| {
@@ -106,7 +128,7 @@ where
         Err(kind) => return (Err(protocol_error(entry, kind)), keep.then_some(args)),
     };
     let encode = move |args: A| {
-        let encoded = protocol::encode_call(entry.name, log_level, &args, size, bulk, max_payload);
+        let encoded = protocol::encode_call(entry.key, log_level, &args, size, bulk, max_payload);
         // Arguments that hold shared buffers or bulk bytes are kept until the reply (the
         // bulk bytes are written from where they are; the pages of shared buffers are
         // shared, so keeping them costs no memory) and then let go off the runtime, below;
@@ -118,7 +140,7 @@ where
         Some(_) => encode(args),
         None => match off_runtime(move || encode(args)).await {
             Some(done) => done,
-            None => return (Err(Error::Shutdown { entry: entry.display() }), None),
+            None => return (Err(Error::Shutdown { entry: entry.name() }), None),
         },
     };
     let (frame, fds) = match encoded {
@@ -127,14 +149,14 @@ where
     };
     let mut returned = Returned::<R>(None);
     let result = match bulk_frames(args.as_ref()) {
-        Ok((_, bytes)) if bytes.is_empty() => run(entry, pool, &[&frame], &fds, &mut returned).await,
+        Ok((_, bytes)) if bytes.is_empty() => run(entry, pool, breaker, &[&frame], &fds, &mut returned).await,
         Ok((headers, bytes)) => {
             let mut message: Vec<&[u8]> = Vec::with_capacity(2 * bytes.len() + 1);
             for (header, bytes) in headers.iter().zip(bytes) {
                 message.extend([&header[..], bytes]);
             }
             message.push(&frame);
-            run(entry, pool, &message, &fds, &mut returned).await
+            run(entry, pool, breaker, &message, &fds, &mut returned).await
         }
         Err(kind) => Err(protocol_error(entry, kind)),
     };
@@ -236,14 +258,14 @@ fn decode_return<R: DeserializeOwned>(body: &[u8], attached: Attached) -> Result
 
 /// What must hold before a call is encoded: this is not a worker, a Tokio runtime is
 /// running, offload is not shut down, and the function's pool has valid settings.
-fn preflight(entry: &'static Entry) -> Result<&'static Arc<Pool>, Error> {
+fn preflight(entry: &'static Entry) -> Result<(&'static Arc<Pool>, &'static Breaker), Error> {
     // Keep the pre-main hook in every binary that can call; it makes workers out of it.
     #[cfg(target_os = "linux")]
     std::hint::black_box(&worker::ENTER_WORKER_MODE);
 
-    if worker::is_worker() {
+    if crate::role::is_worker() {
         return Err(Error::Spawn {
-            entry: entry.display(),
+            entry: entry.name(),
             source: std::io::Error::other(
                 "an offload worker cannot start workers of its own (an offloaded function called \
                  another one); call the other function's body directly",
@@ -252,14 +274,23 @@ fn preflight(entry: &'static Entry) -> Result<&'static Arc<Pool>, Error> {
     }
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(Error::Config {
-            entry: entry.display(),
+            entry: entry.name(),
             message: "offloaded functions must be awaited inside a Tokio runtime".into(),
         });
     }
     if pool::is_shut_down() {
-        return Err(Error::Shutdown { entry: entry.display() });
+        return Err(Error::Shutdown { entry: entry.name() });
     }
-    pool::for_entry(entry).map_err(|message| Error::Config { entry: entry.display(), message })
+    let route = ROUTES
+        .get_or_init(entry, || Route { pool: pool::for_entry(entry), breaker: Breaker::new() })
+        .ok_or_else(|| Error::Config {
+            entry: entry.name(),
+            message: format!("`{}` is missing from the registry of offloaded functions", entry.name()),
+        })?;
+    match &route.pool {
+        Ok(pool) => Ok((pool, &route.breaker)),
+        Err(message) => Err(Error::Config { entry: entry.name(), message: message.clone() }),
+    }
 }
 
 /// The untyped part of [`call`]: everything but encoding the arguments and decoding the
@@ -267,6 +298,7 @@ fn preflight(entry: &'static Entry) -> Result<&'static Arc<Pool>, Error> {
 async fn run(
     entry: &'static Entry,
     pool: &Arc<Pool>,
+    breaker: &'static Breaker,
     message: &[&[u8]],
     fds: &[OwnedFd],
     decode: &mut dyn Decode,
@@ -274,18 +306,18 @@ async fn run(
     let task = NEXT_TASK.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!(
         "offload",
-        entry = entry.display(),
+        entry = entry.name(),
         task,
         pid = tracing::field::Empty,
         queue_wait_us = tracing::field::Empty,
         run_us = tracing::field::Empty,
     );
-    let mut record = Record::start(entry, pool);
+    let mut record = Record::start(entry, pool, breaker);
     if let Some(config) = entry.breaker {
-        let (admission, transition) = entry.breaker_state.admit(config);
+        let (admission, transition) = breaker.admit(config);
         log_transition(entry, transition);
         if let Admission::Refuse(retry_in) = admission {
-            let error = Error::CircuitOpen { entry: entry.display(), retry_in };
+            let error = Error::CircuitOpen { entry: entry.name(), retry_in };
             record.finish(Err(&error));
             return Err(error);
         }
@@ -302,6 +334,7 @@ async fn run(
 struct Record {
     entry: &'static Entry,
     pool: Arc<Pool>,
+    breaker: &'static Breaker,
     started: Instant,
     queue_wait: Option<Duration>,
     run_time: Option<Duration>,
@@ -310,11 +343,12 @@ struct Record {
 }
 
 impl Record {
-    fn start(entry: &'static Entry, pool: &Arc<Pool>) -> Record {
+    fn start(entry: &'static Entry, pool: &Arc<Pool>, breaker: &'static Breaker) -> Record {
         pool.metrics.submitted();
         Record {
             entry,
             pool: Arc::clone(pool),
+            breaker,
             started: Instant::now(),
             queue_wait: None,
             run_time: None,
@@ -337,7 +371,7 @@ impl Record {
                 Err(e) if e.is_worker_failure() => Some(false),
                 Err(_) => None,
             };
-            log_transition(self.entry, self.entry.breaker_state.record(config, admission, verdict));
+            log_transition(self.entry, self.breaker.record(config, admission, verdict));
         }
     }
 }
@@ -347,7 +381,7 @@ impl Drop for Record {
         if !self.finished {
             self.pool.metrics.cancelled();
             if let (Some(config), Some(admission)) = (self.entry.breaker, self.admission) {
-                self.entry.breaker_state.record(config, admission, None);
+                self.breaker.record(config, admission, None);
             }
         }
     }
@@ -355,11 +389,11 @@ impl Drop for Record {
 
 fn log_transition(entry: &Entry, transition: Option<Transition>) {
     match transition {
-        Some(Transition::Opened) => tracing::warn!(entry = entry.display(), "offload circuit breaker opened"),
+        Some(Transition::Opened) => tracing::warn!(entry = entry.name(), "offload circuit breaker opened"),
         Some(Transition::HalfOpened) => {
-            tracing::info!(entry = entry.display(), "offload circuit breaker half-open: trying one call")
+            tracing::info!(entry = entry.name(), "offload circuit breaker half-open: trying one call")
         }
-        Some(Transition::Closed) => tracing::info!(entry = entry.display(), "offload circuit breaker closed"),
+        Some(Transition::Closed) => tracing::info!(entry = entry.name(), "offload circuit breaker closed"),
         None => {}
     }
 }
@@ -375,7 +409,7 @@ async fn exchange(
     span: &tracing::Span,
 ) -> Result<(), Error> {
     let timeout = pool.settings.timeout.unwrap_or(entry.timeout);
-    let timed_out = |pid| Error::Timeout { entry: entry.display(), timeout, pid };
+    let timed_out = |pid| Error::Timeout { entry: entry.name(), timeout, pid };
 
     // One timer for the whole call: waiting for a worker and running.
     let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline(timeout)));
@@ -387,7 +421,7 @@ async fn exchange(
             Some(Ok(lease)) => lease,
             Some(Err(e)) => {
                 tracing::debug!(error = ?e, "offload call got no worker");
-                return Err(e.into_error(entry.display()));
+                return Err(e.into_error(entry.name()));
             }
             None => {
                 tracing::warn!(?timeout, "offload call timed out waiting for a worker");
@@ -395,10 +429,10 @@ async fn exchange(
             }
         };
         if record.admission == Some(Admission::Pass)
-            && let Some(retry_in) = entry.breaker_state.opened_since()
+            && let Some(retry_in) = record.breaker.opened_since()
         {
             lease.release_unused();
-            return Err(Error::CircuitOpen { entry: entry.display(), retry_in });
+            return Err(Error::CircuitOpen { entry: entry.name(), retry_in });
         }
         if deadline.is_elapsed() {
             // The worker came as the deadline passed: a call whose deadline passed in the queue
@@ -444,7 +478,7 @@ async fn exchange(
         // the grace period is a crash, reported as one below.)
         Some(Err(_)) if pool.is_stopped() => {
             drop(lease.end(Ending::Kill, RestartCause::Crashed));
-            return Err(Error::Shutdown { entry: entry.display() });
+            return Err(Error::Shutdown { entry: entry.name() });
         }
         Some(Err(TransportError::Closed | TransportError::NotSent)) => {
             return Err(crashed(entry, pool, lease, pid).await);
@@ -474,7 +508,7 @@ async fn exchange(
         Tag::Return => decode.decode(body, attached).map_err(|kind| protocol_error(entry, kind)),
         Tag::Panicked => Err(match protocol::decode::<PanicReport>(body, Payload::Message) {
             Ok(report) => Error::Panicked {
-                entry: entry.display(),
+                entry: entry.name(),
                 pid,
                 message: report.message,
                 location: report.location,
@@ -514,12 +548,13 @@ fn forward_logs(body: &[u8]) {
                 )
             };
         }
-        match r.level {
-            1 => emit!(tracing::Level::ERROR),
-            2 => emit!(tracing::Level::WARN),
-            3 => emit!(tracing::Level::INFO),
-            4 => emit!(tracing::Level::DEBUG),
-            _ => emit!(tracing::Level::TRACE),
+        // `event!` needs its level as a constant.
+        match protocol::level::to_level(r.level) {
+            tracing::Level::ERROR => emit!(tracing::Level::ERROR),
+            tracing::Level::WARN => emit!(tracing::Level::WARN),
+            tracing::Level::INFO => emit!(tracing::Level::INFO),
+            tracing::Level::DEBUG => emit!(tracing::Level::DEBUG),
+            tracing::Level::TRACE => emit!(tracing::Level::TRACE),
         }
     }
 }
@@ -540,11 +575,11 @@ async fn crashed(entry: &'static Entry, pool: &Pool, lease: pool::Lease, pid: u3
     {
         pool.metrics.restarted(RestartCause::MemoryLimit);
         tracing::error!(limit, "offload worker ran out of memory");
-        return Error::MemoryLimit { entry: entry.display(), pid, limit };
+        return Error::MemoryLimit { entry: entry.name(), pid, limit };
     }
     pool.metrics.restarted(RestartCause::Crashed);
     tracing::error!(%exit, "offload worker crashed");
-    Error::Crashed { entry: entry.display(), pid, exit, stderr }
+    Error::Crashed { entry: entry.name(), pid, exit, stderr }
 }
 
 /// Runs `future` until `deadline` fires; `None` if the deadline came first.
@@ -568,8 +603,8 @@ fn deadline(timeout: Duration) -> Instant {
 fn protocol_error(entry: &Entry, kind: ProtocolError) -> Error {
     match kind {
         ProtocolError::PayloadTooLarge { what, len, max } => {
-            Error::PayloadTooLarge { entry: entry.display(), what, len, max }
+            Error::PayloadTooLarge { entry: entry.name(), what, len, max }
         }
-        kind => Error::Protocol { entry: entry.display(), kind },
+        kind => Error::Protocol { entry: entry.name(), kind },
     }
 }

@@ -19,23 +19,28 @@ mod limits;
 mod pool;
 mod protocol;
 mod registry;
+mod role;
+mod shm;
+mod socket;
 mod stats;
 mod transport;
 mod worker;
 
-pub use breaker::BreakerState;
 /// For [`SharedSlice`]'s element types: `#[derive(bytemuck::Pod, bytemuck::Zeroable)]`
 /// needs bytemuck's `derive` feature in your own dependency on it.
 pub use bytemuck;
 pub use error::{Error, ErrorKind, ExitReason, Payload, ProtocolError};
-pub use stats::{Latency, PoolStats, RestartCause};
-pub use transport::shm::{SharedBytes, SharedSlice};
+pub use shm::{SharedBytes, SharedSlice};
+pub use stats::{BreakerState, Latency, PoolStats, RestartCause};
 
 /// A snapshot of every pool started so far in this process, sorted by name: workers alive
 /// and busy, queue depth, calls by outcome, worker restarts by cause, circuit breaker states
 /// and latency percentiles. Cheap enough to call from a metrics endpoint on every scrape.
 pub fn stats() -> Vec<PoolStats> {
-    pool::stats()
+    let breakers = call::breaker_states();
+    pool::stats(|pool| {
+        breakers.iter().filter(|(key, ..)| *key == pool).map(|&(_, name, state)| (name, state)).collect()
+    })
 }
 
 /// Stops every pool: new calls fail with [`Error::Shutdown`], calls already running get up
@@ -64,7 +69,7 @@ pub async fn warm_up() -> Result<(), Error> {
 /// Whether this process is an offload worker. Workers run offloaded functions only; they
 /// never start workers of their own.
 pub fn is_worker() -> bool {
-    worker::is_worker()
+    crate::role::is_worker()
 }
 
 /// Not public API: what `#[offload]` expansions use. Anything here may change in any release.

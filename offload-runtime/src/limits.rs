@@ -8,6 +8,13 @@ use std::time::Duration;
 
 pub(crate) use offload_spec::{Overload, WorkersSpec};
 
+/// What `breaker(failures = N, reset = "...")` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BreakerConfig {
+    pub(crate) failures: u32,
+    pub(crate) reset: Duration,
+}
+
 /// The pool settings one `#[offload]` attribute gives; `None` where it gives none.
 /// Not public API: the macro fills it in through the `Entry` builder.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

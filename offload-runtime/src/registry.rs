@@ -1,18 +1,18 @@
-//! Entries submitted by `#[offload]`: a stable name mapped to the type-erased function the
-//! worker runs, plus the settings the caller side needs.
+//! Entries submitted by `#[offload]`: a stable key mapped to the type-erased function the
+//! worker runs, plus the function's settings. Plain static data: the per-process state that
+//! goes with an entry (the pool its calls go to, its breaker) lives with the layer that uses
+//! it, in a [`PerEntry`] table.
 //!
 //! Entries live in a link-time distributed slice (linkme), so the table is complete before
 //! `main` and in the worker's pre-`main` hook alike, with no life-before-main registration.
 //! Each stub references its own entry, so the linker keeps every entry that can be called.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
-use crate::breaker::{Breaker, BreakerConfig};
 use crate::error::ProtocolError;
-use crate::limits::{Overload, PoolOptions, WorkersSpec};
-use crate::pool::Pool;
+use crate::limits::{BreakerConfig, Overload, PoolOptions, WorkersSpec};
 
 /// The worker side of an entry: decode the arguments from `input`, run the user's function,
 /// append the encoded return value to `out`.
@@ -28,11 +28,11 @@ pub static ENTRIES: [Entry];
 /// Not public API.
 #[doc(hidden)]
 pub struct Entry {
-    /// Unique and the same in every process of one build:
+    /// Unique and the same in every process of one build, what the worker dispatches on:
     /// `module::path::fn_name#signature-hash@line:column`.
+    pub(crate) key: &'static str,
+    /// `module::path::fn_name`, for people: messages, logs, figures.
     pub(crate) name: &'static str,
-    /// `module::path::fn_name`, for messages.
-    pub(crate) display: &'static str,
     pub(crate) invoke: Invoke,
     pub(crate) timeout: Duration,
     /// The shared pool this function names, or `None` for a pool of its own.
@@ -41,20 +41,18 @@ pub struct Entry {
     pub(crate) options: PoolOptions,
     /// `breaker(failures = N, reset = "...")`, if given.
     pub(crate) breaker: Option<BreakerConfig>,
-    pub(crate) breaker_state: Breaker,
-    /// The pool serving this entry, looked up on the first call.
-    pub(crate) pool_cell: OnceLock<Result<Arc<Pool>, String>>,
 }
 
 impl Entry {
     /// The deadline of a call when the attribute gives none.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-    /// An entry with default settings.
-    pub const fn new(name: &'static str, display: &'static str, invoke: Invoke) -> Entry {
+    /// An entry with default settings: `key` is what the worker dispatches on, `name` what
+    /// people read.
+    pub const fn new(key: &'static str, name: &'static str, invoke: Invoke) -> Entry {
         Entry {
+            key,
             name,
-            display,
             invoke,
             timeout: Entry::DEFAULT_TIMEOUT,
             pool: None,
@@ -68,8 +66,6 @@ impl Entry {
                 max_payload: None,
             },
             breaker: None,
-            breaker_state: Breaker::new(),
-            pool_cell: OnceLock::new(),
         }
     }
 
@@ -136,24 +132,25 @@ impl Entry {
 
     /// The name of the pool serving this entry: the named pool, or the entry's own.
     pub(crate) fn pool_key(&self) -> &'static str {
-        self.pool.unwrap_or(self.name)
+        self.pool.unwrap_or(self.key)
     }
 
     /// `module::path::fn_name`.
-    pub(crate) fn display(&self) -> &'static str {
-        self.display
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
     }
 
     /// The pool's name for people and environment variables: the named pool, or the
     /// function's path.
     pub(crate) fn pool_label(&self) -> &'static str {
-        self.pool.unwrap_or(self.display)
+        self.pool.unwrap_or(self.name)
     }
 }
 
 /// The checked view of [`ENTRIES`], built once per process.
 pub(crate) struct Registry {
-    by_name: HashMap<&'static str, &'static Entry>,
+    entries: &'static [Entry],
+    by_key: HashMap<&'static str, &'static Entry>,
     /// Merged options per pool key, or why the pool cannot start.
     pools: HashMap<&'static str, Result<PoolOptions, String>>,
     /// Entries whose name is registered more than once.
@@ -170,11 +167,11 @@ impl Registry {
     }
 
     fn build(entries: &'static [Entry]) -> Registry {
-        let mut by_name = HashMap::new();
+        let mut by_key = HashMap::new();
         let mut duplicates = Vec::new();
         for entry in entries {
-            if let Some(_first) = by_name.insert(entry.name, entry) {
-                duplicates.push(entry.name);
+            if let Some(_first) = by_key.insert(entry.key, entry) {
+                duplicates.push(entry.key);
             }
         }
 
@@ -191,13 +188,13 @@ impl Registry {
                         let mut probe = e.options;
                         probe.merge(&entry.options).is_err()
                     })
-                    .map_or("another function", |e| e.display);
+                    .map_or("another function", |e| e.name);
                 *merged = Err(format!(
                     "pool `{}` has conflicting settings: `{other}` says {setting} = {ours} but `{}` \
                      says {setting} = {theirs}; give every function in a pool the same settings, or \
                      set them on one function only",
                     entry.pool_label(),
-                    entry.display,
+                    entry.name,
                     setting = conflict.setting,
                     ours = conflict.ours,
                     theirs = conflict.theirs,
@@ -205,43 +202,82 @@ impl Registry {
             }
         }
 
-        let mut names: Vec<&str> = by_name.keys().copied().collect();
-        names.sort_unstable();
-        let hash = names.iter().fold(FNV_OFFSET, |h, name| fnv1a(fnv1a(h, name.as_bytes()), &[0]));
+        let mut keys: Vec<&str> = by_key.keys().copied().collect();
+        keys.sort_unstable();
+        let hash = keys.iter().fold(FNV_OFFSET, |h, key| fnv1a(fnv1a(h, key.as_bytes()), &[0]));
 
-        Registry { by_name, pools, duplicates, hash }
+        Registry { entries, by_key, pools, duplicates, hash }
     }
 
     /// Every entry, in link order.
     pub(crate) fn entries(&self) -> impl Iterator<Item = &'static Entry> + '_ {
-        self.by_name.values().copied()
+        self.entries.iter()
     }
 
-    /// The entry registered under `name`, for the worker's dispatch.
-    pub(crate) fn lookup(&self, name: &str) -> Option<&'static Entry> {
-        self.by_name.get(name).copied()
+    /// The entry registered under `key`, for the worker's dispatch.
+    pub(crate) fn lookup(&self, key: &str) -> Option<&'static Entry> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Where `entry` is in the table, if it is in it (an entry the stub references always is).
+    fn index(&self, entry: &'static Entry) -> Option<usize> {
+        let first = self.entries.as_ptr() as usize;
+        let offset = (entry as *const Entry as usize).checked_sub(first)?;
+        let index = offset / size_of::<Entry>();
+        (offset % size_of::<Entry>() == 0 && index < self.entries.len()).then_some(index)
     }
 
     /// The merged options of `entry`'s pool, or a message saying why it cannot be used.
     pub(crate) fn options(&self, entry: &'static Entry) -> Result<PoolOptions, String> {
-        if self.duplicates.contains(&entry.name) {
+        if self.duplicates.contains(&entry.key) {
             return Err(format!(
                 "`{}` is registered more than once under the name `{}`: two crates with the \
                  same name and module path define it, or a `macro_rules!` macro generates it \
                  twice at one position",
-                entry.display, entry.name
+                entry.name, entry.key
             ));
         }
         match self.pools.get(entry.pool_key()) {
             Some(settings) => settings.clone(),
             // Not in the table: the linker dropped the entry, which the stub prevents.
-            None => Err(format!("`{}` is missing from the registry of offloaded functions", entry.display)),
+            None => Err(format!("`{}` is missing from the registry of offloaded functions", entry.name)),
         }
     }
 
     /// Identifies this build's set of entries; checked in the worker handshake.
     pub(crate) fn hash(&self) -> u64 {
         self.hash
+    }
+}
+
+/// Per-process state for each entry of the registry, kept by the layer that uses it: one
+/// slot per entry, made on first use, found by the entry's place in the table (no lookup by
+/// name, no lock once made).
+pub(crate) struct PerEntry<T> {
+    slots: OnceLock<Box<[OnceLock<T>]>>,
+}
+
+impl<T> PerEntry<T> {
+    pub(crate) const fn new() -> PerEntry<T> {
+        PerEntry { slots: OnceLock::new() }
+    }
+
+    fn slot(&self, entry: &'static Entry) -> Option<&OnceLock<T>> {
+        let registry = Registry::get();
+        let index = registry.index(entry)?;
+        let slots = self.slots.get_or_init(|| registry.entries.iter().map(|_| OnceLock::new()).collect());
+        slots.get(index)
+    }
+
+    /// `entry`'s state, made by `init` on first use; `None` for an entry that is not in the
+    /// registry.
+    pub(crate) fn get_or_init(&self, entry: &'static Entry, init: impl FnOnce() -> T) -> Option<&T> {
+        Some(self.slot(entry)?.get_or_init(init))
+    }
+
+    /// `entry`'s state, if it was made.
+    pub(crate) fn get(&self, entry: &'static Entry) -> Option<&T> {
+        self.slot(entry)?.get()
     }
 }
 
@@ -282,7 +318,7 @@ mod tests {
         assert_eq!(reg.options(&e[0]).unwrap().workers, Some(FOUR));
         assert_eq!(reg.options(&e[1]).unwrap().workers, Some(FOUR));
         assert_eq!(reg.options(&e[2]), Ok(PoolOptions::default()));
-        assert_eq!(reg.lookup("m::c#1").map(|x| x.display), Some("m::c"));
+        assert_eq!(reg.lookup("m::c#1").map(|x| x.name), Some("m::c"));
         assert!(reg.lookup("m::c").is_none());
     }
 

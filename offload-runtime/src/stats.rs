@@ -2,12 +2,37 @@
 //! Recorded with relaxed atomics on the call path; read by [`crate::stats`] as a snapshot.
 //! With the `metrics` feature the same figures also go to the `metrics` facade.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::breaker::BreakerState;
 use crate::error::ErrorKind;
 use crate::histogram::Histogram;
+
+/// The state of a circuit breaker, as [`crate::stats`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BreakerState {
+    /// Calls go through; this many worker-side failures in a row so far.
+    Closed {
+        /// Consecutive worker-side failures.
+        failures: u32,
+    },
+    /// Calls are refused with `Error::CircuitOpen` until the reset period ends.
+    Open,
+    /// The reset period ended: one trial call is (or may be) in flight.
+    HalfOpen,
+}
+
+impl fmt::Display for BreakerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BreakerState::Closed { .. } => f.write_str("closed"),
+            BreakerState::Open => f.write_str("open"),
+            BreakerState::HalfOpen => f.write_str("half-open"),
+        }
+    }
+}
 
 /// Why a worker was replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

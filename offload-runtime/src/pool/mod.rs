@@ -25,7 +25,7 @@ use self::supervisor::{Ending, ExitInfo, Worker, WorkerConfig};
 use crate::error::Error;
 use crate::limits::{Overload, PoolSettings};
 use crate::registry::{Entry, Registry};
-use crate::stats::{PoolMetrics, PoolShape, PoolStats, RestartCause};
+use crate::stats::{BreakerState, PoolMetrics, PoolShape, PoolStats, RestartCause};
 
 /// First pause after a worker failed to start; doubles with each failure in a row.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -39,23 +39,17 @@ const REAP_PATIENCE: Duration = Duration::from_secs(4);
 static POOLS: LazyLock<Mutex<HashMap<&'static str, Arc<Pool>>>> = LazyLock::new(Default::default);
 static SHUT_DOWN: AtomicBool = AtomicBool::new(false);
 
-/// The pool serving `entry`, started on the first call.
-pub(crate) fn for_entry(entry: &'static Entry) -> Result<&'static Arc<Pool>, String> {
-    entry
-        .pool_cell
-        .get_or_init(|| {
-            let options = Registry::get().options(entry)?;
-            let mut pools = lock(&POOLS);
-            if let Some(pool) = pools.get(entry.pool_key()) {
-                return Ok(Arc::clone(pool));
-            }
-            let settings = PoolSettings::resolve(entry.pool_label(), options)?;
-            let pool = Pool::start(entry.pool_label(), settings);
-            pools.insert(entry.pool_key(), Arc::clone(&pool));
-            Ok(pool)
-        })
-        .as_ref()
-        .map_err(Clone::clone)
+/// The pool serving `entry`, started if it is not running yet, or why it cannot be.
+pub(crate) fn for_entry(entry: &'static Entry) -> Result<Arc<Pool>, String> {
+    let options = Registry::get().options(entry)?;
+    let mut pools = lock(&POOLS);
+    if let Some(pool) = pools.get(entry.pool_key()) {
+        return Ok(Arc::clone(pool));
+    }
+    let settings = PoolSettings::resolve(entry.pool_label(), options)?;
+    let pool = Pool::start(entry.pool_label(), settings);
+    pools.insert(entry.pool_key(), Arc::clone(&pool));
+    Ok(pool)
 }
 
 /// Whether [`shutdown`] has begun.
@@ -149,35 +143,26 @@ impl AcquireError {
     }
 }
 
-/// A snapshot of every pool started so far, sorted by name.
-pub(crate) fn stats() -> Vec<PoolStats> {
+/// A snapshot of every pool started so far, sorted by name, with the breaker states that
+/// `breakers` gives for a pool's key.
+pub(crate) fn stats(breakers: impl Fn(&str) -> Vec<(&'static str, BreakerState)>) -> Vec<PoolStats> {
     let pools: Vec<(&'static str, Arc<Pool>)> =
         lock(&POOLS).iter().map(|(k, p)| (*k, Arc::clone(p))).collect();
-    let mut all: Vec<PoolStats> = pools
-        .iter()
-        .map(|(key, pool)| {
-            let breakers = Registry::get()
-                .entries()
-                .filter(|e| e.pool_key() == *key && e.breaker.is_some())
-                .map(|e| (e.display(), e.breaker_state.state()))
-                .collect();
-            pool.stats(breakers)
-        })
-        .collect();
+    let mut all: Vec<PoolStats> = pools.iter().map(|(key, pool)| pool.stats(breakers(key))).collect();
     all.sort_by_key(|s| s.name);
     all
 }
 
 /// Starts the workers of every pool in this binary and waits for their handshakes.
 pub(crate) async fn warm_up_all() -> Result<(), Error> {
-    let mut seen: Vec<&'static Arc<Pool>> = Vec::new();
+    let mut seen: Vec<Arc<Pool>> = Vec::new();
     for entry in Registry::get().entries() {
-        let pool = for_entry(entry).map_err(|message| Error::Config { entry: entry.display(), message })?;
-        if seen.iter().any(|p| Arc::ptr_eq(p, pool)) {
+        let pool = for_entry(entry).map_err(|message| Error::Config { entry: entry.name(), message })?;
+        if seen.iter().any(|p| Arc::ptr_eq(p, &pool)) {
             continue;
         }
+        pool.warm_up().await.map_err(|e| e.into_error(entry.name()))?;
         seen.push(pool);
-        pool.warm_up().await.map_err(|e| e.into_error(entry.display()))?;
     }
     Ok(())
 }
@@ -411,7 +396,7 @@ impl Pool {
     }
 
     /// A snapshot of this pool's figures.
-    fn stats(&self, breakers: Vec<(&'static str, crate::breaker::BreakerState)>) -> PoolStats {
+    fn stats(&self, breakers: Vec<(&'static str, BreakerState)>) -> PoolStats {
         let alive = lock(&self.slots).iter().filter(|s| matches!(s, Slot::Ready(_))).count();
         let busy = lock(&self.leased).len();
         let shape = PoolShape {

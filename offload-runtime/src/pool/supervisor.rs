@@ -22,10 +22,10 @@ use tokio::sync::{oneshot, watch};
 
 use crate::diagnostics::StderrTail;
 use crate::error::{ExitReason, Payload};
+use crate::protocol::env::{ENV, WorkerEnv};
 use crate::protocol::{self, FRAME_SLACK, Hello, PROTOCOL_VERSION, Tag};
 use crate::registry::Registry;
 use crate::transport::{Channel, TransportError};
-use crate::worker::{ENV, WorkerEnv};
 
 /// How long a new worker has to say hello. Generous: a loaded machine starts slowly.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -131,7 +131,7 @@ pub(crate) struct WorkerConfig {
 /// Starts a worker on the spawner thread. The receiver yields it after a good handshake.
 pub(crate) fn spawn(config: WorkerConfig) -> oneshot::Receiver<io::Result<Worker>> {
     let (tx, rx) = oneshot::channel();
-    if crate::worker::is_worker() {
+    if crate::role::is_worker() {
         // The last line of the fork-bomb guard: a worker never starts workers.
         let _ = tx.send(Err(io::Error::other("an offload worker cannot start workers of its own")));
         return rx;

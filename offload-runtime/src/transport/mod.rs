@@ -11,28 +11,18 @@
 //! the worker's sake.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use std::io::{IoSlice, IoSliceMut};
-use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-
-use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
-    SendFlags,
-};
+use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-pub(crate) mod shm;
-
 use crate::error::ProtocolError;
-use crate::protocol::{self, Attached, HEADER, Tag};
-
-/// Reply buffers above this size are released after the call rather than kept per worker.
-pub(crate) const KEEP_BUFFER: usize = 1 << 20;
+use crate::protocol::reader::{FrameReader, Next, fresh_bytes};
+use crate::protocol::{Attached, Tag};
+use crate::socket::{recv_with_fds, send_with_fds};
 
 /// Why a frame could not be exchanged.
 #[derive(Debug)]
@@ -69,14 +59,14 @@ pub(crate) struct Channel {
     /// Declared before `stream` so that it is dropped, and deregistered, first.
     registered: Option<Registered>,
     stream: UnixStream,
-    inbox: Inbox,
+    inbox: FrameReader,
     /// Longest frame accepted from the worker.
     max_frame: usize,
 }
 
 impl Channel {
     pub(crate) fn new(stream: UnixStream, max_frame: usize) -> Channel {
-        Channel { registered: None, stream, inbox: Inbox::default(), max_frame }
+        Channel { registered: None, stream, inbox: FrameReader::default(), max_frame }
     }
 
     /// Waits for one frame without a runtime, for the handshake on the supervisor thread.
@@ -86,7 +76,7 @@ impl Channel {
             match self.inbox.next(self.max_frame)? {
                 Some(Next::Frame(tag, range)) => {
                     self.stream.set_read_timeout(None)?;
-                    return Ok((tag, &self.inbox.buf[range]));
+                    return Ok((tag, self.inbox.frame(range)));
                 }
                 Some(Next::Bulk(_)) => {
                     return Err(ProtocolError::Invalid("a bulk frame before the handshake".into()).into());
@@ -101,16 +91,16 @@ impl Channel {
                 )));
             }
             self.stream.set_read_timeout(Some(left))?;
-            self.inbox.spare();
-            let Inbox { buf, filled, fds, .. } = &mut self.inbox;
-            let n = match recv_with_fds(&self.stream, &mut buf[*filled..], fds, RecvFlags::empty()) {
+            let (space, fds) = self.inbox.space();
+            let n = match recv_with_fds(&self.stream, space, fds, RecvFlags::empty()) {
+                Ok(0) => return Err(TransportError::Closed),
                 Ok(n) => n,
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {
                     continue;
                 }
                 Err(e) => return Err(e.into()),
             };
-            self.inbox.advance(n)?;
+            self.inbox.advance(n);
         }
     }
 
@@ -153,7 +143,7 @@ impl Channel {
     ) -> Result<Reply<'_>, TransportError> {
         let Channel { registered, stream, inbox, max_frame } = self;
         inbox.shrink();
-        inbox.fds.clear();
+        drop(inbox.take_fds());
         let mut written = sent;
         let total: usize = message.iter().map(|part| part.len()).sum();
         let fd = registration(registered, stream)?;
@@ -180,24 +170,31 @@ impl Channel {
                     }
                 };
                 if tag == Tag::Log {
-                    on_log(&inbox.buf[range]);
+                    on_log(inbox.frame(range));
                     continue;
                 }
-                let attached = Attached { fds: std::mem::take(&mut inbox.fds), bulk };
-                return Ok(Reply { tag, body: &inbox.buf[range.clone()], range, attached });
+                let attached = Attached { fds: inbox.take_fds(), bulk };
+                return Ok(Reply { tag, body: inbox.frame(range.clone()), range, attached });
             }
             let mut ready = fd.readable().await?;
-            inbox.spare();
-            let Inbox { buf, filled, fds, .. } = &mut *inbox;
-            let n = match ready
-                .try_io(|_| recv_with_fds(stream, &mut buf[*filled..], fds, RecvFlags::DONTWAIT))
-            {
+            let (space, fds) = inbox.space();
+            let n = match ready.try_io(|_| recv_with_fds(stream, space, fds, RecvFlags::DONTWAIT)) {
+                Ok(Ok(0)) => return Err(TransportError::Closed),
                 Ok(n) => n?,
                 Err(_would_block) => continue,
             };
-            inbox.advance(n)?;
+            inbox.advance(n);
             inbox.check_fds()?;
         }
+    }
+}
+
+impl Channel {
+    /// Takes the buffer that holds the reply last handed out (whose body is at the `range`
+    /// that [`Reply`] gave), so that it can be decoded elsewhere; the channel keeps any bytes
+    /// that followed the reply, and starts a new buffer.
+    pub(crate) fn take_reply(&mut self) -> Vec<u8> {
+        self.inbox.take_buffer()
     }
 }
 
@@ -230,7 +227,7 @@ pub(crate) struct Reply<'c> {
 async fn read_bulk(
     fd: &AsyncFd<RawFd>,
     stream: &UnixStream,
-    inbox: &mut Inbox,
+    inbox: &mut FrameReader,
     len: usize,
 ) -> Result<Vec<u8>, TransportError> {
     let mut bytes = fresh_bytes(len);
@@ -238,7 +235,7 @@ async fn read_bulk(
     while done < len {
         let mut ready = fd.readable().await?;
         let read =
-            ready.try_io(|_| recv_with_fds(stream, &mut bytes[done..], &mut inbox.fds, RecvFlags::DONTWAIT));
+            ready.try_io(|_| recv_with_fds(stream, &mut bytes[done..], inbox.fds_mut(), RecvFlags::DONTWAIT));
         match read {
             Ok(Ok(0)) => return Err(TransportError::Closed),
             Ok(n) => done += n?,
@@ -247,162 +244,6 @@ async fn read_bulk(
         inbox.check_fds()?;
     }
     Ok(bytes)
-}
-
-/// Grows a read buffer holding `filled` bytes to `len`. A large one is a fresh allocation
-/// with the bytes copied over: it comes from the system untouched (growing in place would
-/// first write zeros over all of it) and goes back to it when dropped, where a buffer grown
-/// in place can stay in the allocator's heap for the life of the process.
-pub(crate) fn grow(buf: &mut Vec<u8>, filled: usize, len: usize) {
-    if len <= KEEP_BUFFER {
-        buf.resize(len, 0);
-        return;
-    }
-    let mut fresh = fresh_bytes(len);
-    fresh[..filled].copy_from_slice(&buf[..filled]);
-    *buf = fresh;
-}
-
-/// A zeroed vector of `len` bytes to read into: fresh from the system and untouched (the
-/// read touches each page once), backed by transparent huge pages where the system allows,
-/// which makes filling a large one several times cheaper (32 page faults for 64 MiB instead
-/// of 16,384).
-pub(crate) fn fresh_bytes(len: usize) -> Vec<u8> {
-    let mut bytes = vec![0u8; len];
-    advise_huge_pages(&mut bytes);
-    bytes
-}
-
-#[cfg(target_os = "linux")]
-fn advise_huge_pages(bytes: &mut [u8]) {
-    const HUGE: usize = 2 << 20;
-    if bytes.len() < HUGE {
-        return;
-    }
-    let page = rustix::param::page_size();
-    let start = (bytes.as_ptr() as usize).next_multiple_of(page);
-    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
-    // SAFETY: the range lies within `bytes`, which this function borrows mutably, and the
-    // advice does not change its contents. A hint: nothing changes if it is not taken.
-    let _ = unsafe {
-        rustix::mm::madvise(start as *mut std::ffi::c_void, end - start, rustix::mm::Advice::LinuxHugepage)
-    };
-}
-
-#[cfg(not(target_os = "linux"))]
-fn advise_huge_pages(_: &mut [u8]) {}
-
-/// What comes next in an [`Inbox`].
-enum Next {
-    /// A whole frame: its tag, and where its body is in the buffer.
-    Frame(Tag, std::ops::Range<usize>),
-    /// The header of a bulk frame of this many bytes, which are read elsewhere.
-    Bulk(usize),
-}
-
-impl Channel {
-    /// Takes the buffer that holds the reply last handed out (whose body is at the `range`
-    /// that [`Reply`] gave), so that it can be decoded elsewhere; the channel keeps any bytes
-    /// that followed the reply, and starts a new buffer.
-    pub(crate) fn take_reply(&mut self) -> Vec<u8> {
-        let inbox = &mut self.inbox;
-        let rest = inbox.buf[inbox.consumed..inbox.filled].to_vec();
-        let buf = std::mem::take(&mut inbox.buf);
-        inbox.filled = rest.len();
-        inbox.consumed = 0;
-        inbox.buf = rest;
-        buf
-    }
-}
-
-/// Bytes read from the worker: whole frames, one at a time, and whatever follows them.
-#[derive(Default)]
-struct Inbox {
-    buf: Vec<u8>,
-    /// Descriptors received since the last reply.
-    fds: Vec<OwnedFd>,
-    /// Valid bytes in `buf`.
-    filled: usize,
-    /// Length of the frame last handed out, dropped from the front on the next read.
-    consumed: usize,
-}
-
-impl Inbox {
-    /// The next complete frame in the buffer, or the header of a bulk frame, which
-    /// [`Inbox::take_bulk`] then takes.
-    fn next(&mut self, max_frame: usize) -> Result<Option<Next>, ProtocolError> {
-        if self.consumed > 0 {
-            self.buf.copy_within(self.consumed..self.filled, 0);
-            self.filled -= self.consumed;
-            self.consumed = 0;
-        }
-        if self.filled < HEADER {
-            return Ok(None);
-        }
-        let header: [u8; HEADER] = self.buf[..HEADER].try_into().expect("header length");
-        let (len, tag) = protocol::parse_header(header, max_frame)?;
-        if tag == Tag::Bulk {
-            return Ok(Some(Next::Bulk(len)));
-        }
-        let total = HEADER + len;
-        if self.filled < total {
-            if self.buf.len() < total {
-                grow(&mut self.buf, self.filled, total);
-            }
-            return Ok(None);
-        }
-        self.consumed = total;
-        Ok(Some(Next::Frame(tag, HEADER..total)))
-    }
-
-    /// Takes the bulk frame whose header [`Inbox::next`] found: copies what the buffer holds
-    /// of its body into the start of `bytes`, and returns how much that was.
-    fn take_bulk(&mut self, bytes: &mut [u8]) -> usize {
-        let have = (self.filled - HEADER).min(bytes.len());
-        bytes[..have].copy_from_slice(&self.buf[HEADER..HEADER + have]);
-        self.consumed = HEADER + have;
-        have
-    }
-
-    /// Makes room for the next read, at `buf[filled..]`.
-    fn spare(&mut self) {
-        if self.buf.len() < 4096 {
-            self.buf.resize(4096, 0);
-        }
-    }
-
-    fn advance(&mut self, n: usize) -> Result<(), TransportError> {
-        if n == 0 {
-            return Err(TransportError::Closed);
-        }
-        self.filled += n;
-        Ok(())
-    }
-
-    /// Refuses more descriptors than one reply may carry, so that a worker cannot make the
-    /// caller hold an unbounded number of them until its reply.
-    fn check_fds(&self) -> Result<(), ProtocolError> {
-        if self.fds.len() > protocol::fds::MAX {
-            return Err(ProtocolError::Invalid(format!(
-                "the worker sent {} descriptors with one reply, over the {} one reply may carry",
-                self.fds.len(),
-                protocol::fds::MAX
-            )));
-        }
-        Ok(())
-    }
-
-    /// Whether bytes beyond the last frame handed out are waiting.
-    fn pending(&self) -> bool {
-        self.filled > self.consumed
-    }
-
-    /// Lets go of a large buffer between calls.
-    fn shrink(&mut self) {
-        if self.buf.len() > KEEP_BUFFER && !self.pending() {
-            *self = Inbox::default();
-        }
-    }
 }
 
 /// Clears a readable mark the previous reply left on the socket. The worker sends only what
@@ -445,129 +286,9 @@ struct Registered {
     fd: AsyncFd<RawFd>,
 }
 
-/// Sends `message` (its parts one after another) from byte `skip` on: all of it, unless
-/// `flags` has `DONTWAIT` and the socket fills up. `fds` go with the message's first byte,
-/// if `skip` is 0. Returns how many bytes were sent; `WouldBlock` if none could be. Never
-/// raises SIGPIPE.
-pub(crate) fn send_with_fds(
-    stream: &UnixStream,
-    message: &[&[u8]],
-    skip: usize,
-    fds: &[OwnedFd],
-    flags: SendFlags,
-) -> io::Result<usize> {
-    let flags = flags | SendFlags::NOSIGNAL;
-    let total: usize = message.iter().map(|part| part.len()).sum();
-    let mut sent = 0;
-    if skip == 0 && !fds.is_empty() && total > 0 {
-        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-        let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
-            return Err(io::Error::other("too many descriptors for one message"));
-        }
-        loop {
-            match rustix::net::sendmsg(stream, &io_slices(message, 0), &mut control, flags) {
-                Ok(n) => {
-                    sent = n;
-                    break;
-                }
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    while skip + sent < total {
-        let result = match message {
-            [frame] => rustix::net::send(stream, &frame[skip + sent..], flags),
-            _ => rustix::net::sendmsg(
-                stream,
-                &io_slices(message, skip + sent),
-                &mut SendAncillaryBuffer::default(),
-                flags,
-            ),
-        };
-        match result {
-            Ok(n) => sent += n,
-            Err(rustix::io::Errno::AGAIN) if sent > 0 => break,
-            Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(sent)
-}
-
-/// The parts of `message` from byte `skip` on, for one `sendmsg`.
-fn io_slices<'a>(message: &[&'a [u8]], mut skip: usize) -> Vec<IoSlice<'a>> {
-    let mut slices = Vec::with_capacity(message.len());
-    for part in message {
-        if skip >= part.len() {
-            skip -= part.len();
-            continue;
-        }
-        slices.push(IoSlice::new(&part[skip..]));
-        skip = 0;
-    }
-    slices
-}
-
-/// Receives into `buf`, appending any descriptors that came along to `fds`.
-///
-/// Descriptors the kernel had to drop for want of room (`MSG_CTRUNC`: more than one
-/// message may carry) are an `InvalidData` error: the data they came with would refer to
-/// buffers that are not there.
-pub(crate) fn recv_with_fds(
-    stream: &UnixStream,
-    buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-    flags: RecvFlags,
-) -> io::Result<usize> {
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(protocol::fds::MAX))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let received = loop {
-        match rustix::net::recvmsg(
-            stream,
-            &mut [IoSliceMut::new(buf)],
-            &mut control,
-            flags | RecvFlags::CMSG_CLOEXEC,
-        ) {
-            Err(rustix::io::Errno::INTR) => continue,
-            other => break other?,
-        }
-    };
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = message {
-            fds.extend(received);
-        }
-    }
-    if received.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "descriptors were dropped: more came with one message than the {} it may carry",
-                protocol::fds::MAX
-            ),
-        ));
-    }
-    Ok(received.bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn more_descriptors_than_one_reply_may_carry_are_refused() {
-        let null = std::fs::File::open("/dev/null").unwrap();
-        let fds = (0..protocol::fds::MAX).map(|_| OwnedFd::from(null.try_clone().unwrap())).collect();
-        let mut inbox = Inbox { fds, ..Inbox::default() };
-        assert!(inbox.check_fds().is_ok());
-        inbox.fds.push(OwnedFd::from(null.try_clone().unwrap()));
-        let error = inbox.check_fds().unwrap_err();
-        assert!(error.to_string().contains("254 descriptors"), "{error}");
-    }
 
     #[test]
     fn a_reply_over_its_budget_names_the_limit() {

@@ -11,6 +11,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Payload, ProtocolError};
 
+pub(crate) mod env;
+pub(crate) mod reader;
+
 /// Bumped whenever the frame layout or a message changes.
 pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
@@ -90,16 +93,51 @@ pub(crate) struct LogRecord {
     pub(crate) fields: String,
 }
 
-/// A `tracing` level filter as one byte: 0 = off, 1 = error .. 5 = trace.
-pub(crate) fn level_to_u8(level: tracing::level_filters::LevelFilter) -> u8 {
+pub(crate) mod level {
+    //! `tracing` levels on the wire: the one table both sides use. 0 is off; 1 to 5 are
+    //! error to trace.
+
+    use tracing::Level;
     use tracing::level_filters::LevelFilter;
-    match level {
-        LevelFilter::OFF => 0,
-        LevelFilter::ERROR => 1,
-        LevelFilter::WARN => 2,
-        LevelFilter::INFO => 3,
-        LevelFilter::DEBUG => 4,
-        _ => 5,
+
+    pub(crate) fn of_level(level: Level) -> u8 {
+        match level {
+            Level::ERROR => 1,
+            Level::WARN => 2,
+            Level::INFO => 3,
+            Level::DEBUG => 4,
+            Level::TRACE => 5,
+        }
+    }
+
+    /// The most verbose level `filter` lets through; 0 for none.
+    pub(crate) fn of_filter(filter: LevelFilter) -> u8 {
+        filter.into_level().map_or(0, of_level)
+    }
+
+    /// The level a wire value names; anything past debug is trace.
+    pub(crate) fn to_level(wire: u8) -> Level {
+        match wire {
+            0 | 1 => Level::ERROR,
+            2 => Level::WARN,
+            3 => Level::INFO,
+            4 => Level::DEBUG,
+            _ => Level::TRACE,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn levels_round_trip() {
+            for level in [Level::ERROR, Level::WARN, Level::INFO, Level::DEBUG, Level::TRACE] {
+                assert_eq!(to_level(of_level(level)), level);
+                assert_eq!(of_filter(LevelFilter::from_level(level)), of_level(level));
+            }
+            assert_eq!(of_filter(LevelFilter::OFF), 0);
+        }
     }
 }
 
@@ -155,7 +193,7 @@ pub(crate) fn parse_header(header: [u8; HEADER], max: usize) -> Result<(usize, T
 }
 
 /// A call frame for `name` with `args`; the worker forwards `tracing` events up to `log_level`
-/// (see [`level_to_u8`]). `size` is the arguments' encoded size if it is known already (see
+/// (see [`level`]). `size` is the arguments' encoded size if it is known already (see
 /// [`size_within`]). Arguments that encode to more than `max_payload` bytes, counting the
 /// `bulk` bytes that travel in frames of their own, are refused before the frame is
 /// allocated.

@@ -20,8 +20,10 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::OwnedFd;
+use std::sync::Mutex;
 
 use crate::protocol::{fds, refusal};
+use crate::role;
 
 /// A byte buffer in shared memory, to pass to or return from an `#[offload]` function
 /// without copying its contents through the socket.
@@ -108,12 +110,25 @@ impl Drop for SharedBytes {
         // In a worker, the buffer goes once the reply is sent: unmapping pages the function
         // touched, and freeing the memory if this was its last holder, would otherwise hold
         // the answer back by milliseconds for a large buffer.
-        if crate::worker::is_worker()
+        if role::is_worker()
             && let Some(map) = self.map.take()
         {
-            crate::worker::drop_after_reply(Box::new((map, self.fd.take())));
+            lock_deferred().push((map, self.fd.take()));
         }
     }
+}
+
+/// Buffers a worker's call let go of, unmapped once its reply is sent.
+static DEFERRED: Mutex<Vec<(memmap2::MmapMut, Option<OwnedFd>)>> = Mutex::new(Vec::new());
+
+fn lock_deferred() -> std::sync::MutexGuard<'static, Vec<(memmap2::MmapMut, Option<OwnedFd>)>> {
+    DEFERRED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Unmaps and closes the buffers the last call let go of: the worker calls this right after
+/// sending the reply.
+pub(crate) fn release_deferred() {
+    drop(std::mem::take(&mut *lock_deferred()));
 }
 
 impl Deref for SharedBytes {

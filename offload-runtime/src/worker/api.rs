@@ -1,0 +1,68 @@
+//! What `#[offload]` expansions call on the worker side: decode the arguments, encode the
+//! return value; and a fault-injection hook for tests. Not public API.
+
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Payload, ProtocolError};
+use crate::protocol::{self, SendBytes};
+
+use super::serve::{CHANNEL_FD, MAX_PAYLOAD, REPLY_BULK, REPLY_FDS};
+
+/// Decodes an entry's arguments. Not public API: the macro's worker-side code calls it.
+pub fn decode_args<T: DeserializeOwned>(input: &[u8]) -> Result<T, ProtocolError> {
+    protocol::decode(input, Payload::Arguments)
+}
+
+/// Encodes an entry's return value onto the reply, refusing one over the pool's
+/// `max_payload` before allocating for it. Not public API.
+pub fn encode_return<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let size = protocol::checked_size(value, Payload::ReturnValue, MAX_PAYLOAD.load(Ordering::Relaxed))?;
+    out.reserve(size);
+    let (appended, fds) = protocol::fds::collecting(|| protocol::append(out, value, Payload::ReturnValue));
+    appended?;
+    REPLY_FDS.with(|f| *f.borrow_mut() = fds);
+    Ok(())
+}
+
+/// Encodes a returned byte vector: in the reply if it is short, else in a bulk frame sent
+/// before it, from the vector as it is. Not public API.
+pub fn encode_return_bytes(value: Vec<u8>, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let bulk = protocol::bulk::is_bulk(value.len());
+    let max = MAX_PAYLOAD.load(Ordering::Relaxed);
+    if bulk && value.len() as u64 > max {
+        return Err(ProtocolError::PayloadTooLarge {
+            what: Payload::ReturnValue,
+            len: value.len() as u64,
+            max,
+        });
+    }
+    encode_return(&SendBytes(&value), out)?;
+    if bulk {
+        REPLY_BULK.with(|b| *b.borrow_mut() = Some(value));
+    }
+    Ok(())
+}
+
+/// Fault injection for tests: writes all of `bytes`, which need not be a frame, onto this worker's
+/// channel, as a buggy worker might. The parent then sees a protocol violation, kills the
+/// worker and fails the call with `Error::Protocol`. Does nothing outside a worker.
+/// Not public API.
+pub fn write_garbage_to_channel(bytes: &[u8]) {
+    let fd = CHANNEL_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: the worker's channel stays open for the whole life of the process.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match rustix::io::write(fd, rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(rustix::io::Errno::INTR) => {}
+                // The parent hung up (it saw the violation): nothing more to do.
+                Err(_) => return,
+            }
+        }
+    }
+}

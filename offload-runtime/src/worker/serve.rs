@@ -1,0 +1,279 @@
+//! The worker's life after its clean start: check the channel, say hello, then read a
+//! call, run it, send the reply, until the parent closes the channel.
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+use crate::error::{Payload, ProtocolError};
+use crate::protocol::env::WorkerEnv;
+use crate::protocol::reader::{FrameReader, KEEP_BUFFER, Next, fresh_bytes};
+use crate::protocol::{self, Attached, FrameBuf, Hello, MAX_FRAME, PROTOCOL_VERSION, PanicReport, Tag};
+use crate::registry::Registry;
+use crate::socket::{recv_with_fds, send_with_fds};
+
+use super::logs;
+
+/// Checks that descriptor `fd` is what the parent hands a worker before trusting it: an open
+/// Unix stream socket whose other end the parent process made.
+#[cfg(target_os = "linux")]
+fn check_channel(fd: RawFd, parent: u32) -> std::io::Result<()> {
+    let refuse = |why: String| {
+        std::io::Error::other(format!("descriptor {fd} is not a channel from the parent: {why}"))
+    };
+    // SAFETY: only asks whether the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(refuse("it is not open".into()));
+    }
+    // SAFETY: open, as just checked, and nothing closes it while it is borrowed here.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let domain =
+        rustix::net::sockopt::socket_domain(borrowed).map_err(|e| refuse(format!("not a socket ({e})")))?;
+    let kind =
+        rustix::net::sockopt::socket_type(borrowed).map_err(|e| refuse(format!("not a socket ({e})")))?;
+    if domain != rustix::net::AddressFamily::UNIX || kind != rustix::net::SocketType::STREAM {
+        return Err(refuse(format!("a {domain:?} {kind:?} socket, not a Unix stream socket")));
+    }
+    let peer =
+        rustix::net::sockopt::socket_peercred(borrowed).map_err(|e| refuse(format!("no peer ({e})")))?;
+    if peer.pid.as_raw_nonzero().get() as u32 != parent {
+        return Err(refuse(format!(
+            "its other end belongs to process {}, not {parent}",
+            peer.pid.as_raw_nonzero()
+        )));
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// Location of the last panic, recorded by the hook for the report.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+#[cfg(target_os = "linux")]
+pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
+    use rustix::io::{FdFlags, fcntl_setfd};
+
+    // The parent may have died between our fork and its death signal being armed.
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(env.parent) {
+        return Err(std::io::Error::other("the parent process is gone"));
+    }
+    check_channel(env.fd, env.parent)?;
+    MAX_PAYLOAD.store(env.max_payload, Ordering::Relaxed);
+    CHANNEL_FD.store(env.fd, Ordering::Relaxed);
+    // A process the function forks without exec must not hold the channel: if it did, the
+    // worker's death would not close it, and a crash would look like a hang to the parent.
+    // SAFETY: registers a handler that only makes an async-signal-safe `close`.
+    if unsafe { libc::pthread_atfork(None, None, Some(close_channel_in_child)) } != 0 {
+        return Err(std::io::Error::other("could not register the fork handler"));
+    }
+    // SAFETY: the parent created this descriptor for us and passed its number; nothing
+    // else in this fresh process owns it.
+    let stream = unsafe { UnixStream::from_raw_fd(env.fd) };
+    // Programs the user's function starts must not inherit the channel.
+    fcntl_setfd(&stream, FdFlags::CLOEXEC)?;
+
+    logs::install();
+    panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| l.to_string());
+        if cfg!(panic = "abort") {
+            // The process is about to die: leave the message for the crash report.
+            eprintln!("{info}");
+        }
+        PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
+    }));
+
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        secret: env.secret,
+        registry: Registry::get().hash(),
+    };
+    let mut frame = FrameBuf::new(Tag::Hello);
+    protocol::append(frame.body(), &hello, Payload::Message).map_err(std::io::Error::other)?;
+    (&stream).write_all(&frame.finish().map_err(std::io::Error::other)?)?;
+
+    let mut inbox = FrameReader::default();
+    let mut reply = Vec::new();
+    loop {
+        let Some((body, attached)) = next_call(&mut inbox, &stream)? else {
+            // The parent closed the channel: it is done with us, or gone.
+            return Ok(());
+        };
+        reply = answer(inbox.frame(body), attached, reply);
+        let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
+        let reply_bulk = REPLY_BULK.with(|b| b.borrow_mut().take());
+        let sent = match &reply_bulk {
+            None => send_with_fds(&stream, &[&reply], 0, &reply_fds, rustix::net::SendFlags::empty()),
+            Some(bytes) => {
+                let header = protocol::bulk_header(bytes.len()).map_err(std::io::Error::other)?;
+                send_with_fds(
+                    &stream,
+                    &[&header, bytes, &reply],
+                    0,
+                    &reply_fds,
+                    rustix::net::SendFlags::empty(),
+                )
+            }
+        };
+        match sent {
+            Ok(_) => {}
+            // The parent closed the channel while we worked (it gave up on the call, or is
+            // gone): nothing to report to anyone.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        drop(reply_fds);
+        drop(reply_bulk);
+        // A large call or reply leaves a buffer of its size behind: let it go rather than keep
+        // it resident for the rest of the worker's life.
+        inbox.shrink();
+        if reply.capacity() > KEEP_BUFFER {
+            reply = Vec::new();
+        }
+        // Unmapping and freeing large shared buffers takes milliseconds: done now, while the
+        // parent already has its answer.
+        crate::shm::release_deferred();
+        // What the function printed reaches the terminal now, not at some later call.
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// Reads the next call frame, and the bulk frames before it: where its body is in `inbox`,
+/// and what came with it. `None` at end of stream. The parent sends one call and waits for
+/// its reply, so nothing follows a call frame.
+fn next_call(
+    inbox: &mut FrameReader,
+    stream: &UnixStream,
+) -> std::io::Result<Option<(std::ops::Range<usize>, Attached)>> {
+    let mut bulk = Vec::new();
+    loop {
+        match inbox.next(MAX_FRAME).map_err(std::io::Error::other)? {
+            Some(Next::Frame(Tag::Call, body)) => {
+                return Ok(Some((body, Attached { fds: inbox.take_fds(), bulk })));
+            }
+            Some(Next::Frame(tag, _)) => {
+                return Err(std::io::Error::other(format!("expected a call frame, got {tag:?}")));
+            }
+            Some(Next::Bulk(len)) => {
+                let mut bytes = fresh_bytes(len);
+                let mut done = inbox.take_bulk(&mut bytes);
+                while done < len {
+                    match recv_with_fds(
+                        stream,
+                        &mut bytes[done..],
+                        inbox.fds_mut(),
+                        rustix::net::RecvFlags::empty(),
+                    )? {
+                        0 => return Ok(None),
+                        n => done += n,
+                    }
+                }
+                bulk.push(bytes);
+            }
+            None => {
+                let (space, fds) = inbox.space();
+                match recv_with_fds(stream, space, fds, rustix::net::RecvFlags::empty())? {
+                    0 => return Ok(None),
+                    n => inbox.advance(n),
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Descriptors of the shared buffers in the return value being sent.
+    pub(super) static REPLY_FDS: RefCell<Vec<OwnedFd>> = const { RefCell::new(Vec::new()) };
+    /// The returned byte vector, when it goes in a bulk frame before the reply.
+    pub(super) static REPLY_BULK: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn serve(_env: WorkerEnv) -> std::io::Result<()> {
+    Err(std::io::Error::other("offload workers are supported on Linux only"))
+}
+
+/// Runs one call and builds its reply in `buf`: a frame of forwarded log events if the
+/// function emitted any, then the reply frame. `attached` came with the call frame.
+fn answer(body: &[u8], attached: Attached, buf: Vec<u8>) -> Vec<u8> {
+    let result = protocol::split_call(body).and_then(|call| {
+        Registry::get().lookup(call.name).map(|entry| (entry.invoke, call)).ok_or_else(|| {
+            ProtocolError::Invalid(format!("no offloaded function is registered as `{}`", call.name))
+        })
+    });
+    let (invoke, call) = match result {
+        Ok(found) => found,
+        Err(fault) => return fault_frame(buf, &fault),
+    };
+    logs::start_call(call.log_level);
+    let reply = attached.supplying(|| run(invoke, call.args, buf));
+    match logs::finish_call() {
+        None => reply,
+        Some(mut log_frame) => {
+            log_frame.extend_from_slice(&reply);
+            log_frame
+        }
+    }
+}
+
+fn run(invoke: crate::registry::Invoke, args: &[u8], buf: Vec<u8>) -> Vec<u8> {
+    let mut frame = FrameBuf::reuse(buf, Tag::Return);
+    match panic::catch_unwind(AssertUnwindSafe(|| invoke(args, frame.body()))) {
+        Ok(Ok(())) => match frame.finish() {
+            Ok(bytes) => bytes,
+            Err(too_large) => fault_frame(Vec::new(), &too_large),
+        },
+        Ok(Err(fault)) => fault_frame(frame.into_inner(), &fault),
+        Err(payload) => {
+            let message = if let Some(s) = payload.downcast_ref::<&str>() {
+                (*s).to_owned()
+            } else if let Some(s) = payload.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "Box<dyn Any>".to_owned()
+            };
+            let location = PANIC_LOCATION.with(|slot| slot.borrow_mut().take());
+            // Dropping a panic payload can itself panic; don't let that kill the worker.
+            let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(payload)));
+            let mut frame = FrameBuf::reuse(frame.into_inner(), Tag::Panicked);
+            let report = PanicReport { message, location };
+            match protocol::append(frame.body(), &report, Payload::Message).and_then(|()| frame.finish()) {
+                Ok(bytes) => bytes,
+                Err(fault) => fault_frame(Vec::new(), &fault),
+            }
+        }
+    }
+}
+
+fn fault_frame(buf: Vec<u8>, fault: &ProtocolError) -> Vec<u8> {
+    let mut frame = FrameBuf::reuse(buf, Tag::Fault);
+    protocol::append(frame.body(), fault, Payload::Message).expect("a fault always encodes");
+    frame.finish().expect("a fault is small")
+}
+
+/// Runs in the child of a `fork` in a worker: that child is not the worker, so it gives up the
+/// channel (a reply it might try to send then fails instead of garbling the worker's).
+extern "C" fn close_channel_in_child() {
+    let fd = CHANNEL_FD.swap(-1, Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: `close` is async-signal-safe, and this process no longer uses the channel.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// The worker's end of its channel, for [`super::write_garbage_to_channel`]; -1 outside a worker.
+pub(super) static CHANNEL_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The pool's `max_payload`, from the worker's environment.
+pub(super) static MAX_PAYLOAD: AtomicU64 = AtomicU64::new(crate::limits::DEFAULT_MAX_PAYLOAD);
