@@ -13,7 +13,7 @@
 //! - `ping`: a thread sends the time every `BEAT` through a channel; a task on the runtime
 //!   records how long after the send it received it. This is how late the runtime reacts to
 //!   an outside event (a request arriving), with no timer in the way;
-//! - `LagMonitor`: offload's own monitor (`offload::diagnostics`), ticking every 1 ms. It
+//! - `LagMonitor`: offload's own monitor (`offload::lag`), ticking every 1 ms. It
 //!   sleeps on Tokio's timer, whose resolution is 1 ms, so even an idle runtime reads up to
 //!   about 1 ms: compare with its idle row.
 //!
@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use offload::diagnostics::{LagMonitor, LagStats};
+use offload::lag::{LagMonitor, LagStats};
 
 /// Heartbeat period.
 const BEAT: Duration = Duration::from_millis(1);

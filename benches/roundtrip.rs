@@ -92,7 +92,7 @@ fn latency_table(n: usize) {
                 sample(&mut traced, per_round, async |i| assert_eq!(trivial(i).await.unwrap(), i + 1)).await;
             }
             {
-                let _monitor = offload::diagnostics::LagMonitor::start();
+                let _monitor = offload::lag::LagMonitor::start();
                 sample(&mut monitored, per_round, async |i| assert_eq!(trivial(i).await.unwrap(), i + 1))
                     .await;
             }

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use offload::diagnostics::{LagMonitor, LagStats};
+use offload::lag::{LagMonitor, LagStats};
 
 const JOBS: usize = 6;
 const JOB: Duration = Duration::from_millis(120);
@@ -64,6 +64,6 @@ async fn main() {
     println!(
         "\ninline, each job holds the runtime's only thread for {JOB:?}: no other task runs, and the \
          probe wakes that late.\nWith a tracing subscriber installed, the monitor also logs a warning \
-         (target `offload_runtime::lag`)."
+         (target `offload::lag`)."
     );
 }

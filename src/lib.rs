@@ -10,7 +10,7 @@ pub use offload_runtime::{
 };
 
 #[doc(inline)]
-pub use offload_runtime::lag as diagnostics;
+pub use offload_runtime::lag;
 
 /// Not public API: what `#[offload]` expansions use. Anything here may change in any release.
 #[doc(hidden)]

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use offload::diagnostics::{LagMonitor, LagStats};
+use offload::lag::{LagMonitor, LagStats};
 
 /// Waits, yielding to the probe, until `done` holds for the monitor's stats; at most 10 s.
 async fn until(monitor: &LagMonitor, done: impl Fn(&LagStats) -> bool) -> LagStats {

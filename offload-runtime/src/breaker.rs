@@ -10,7 +10,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::limits::BreakerConfig;
+use crate::settings::BreakerConfig;
 use crate::stats::BreakerState;
 
 #[derive(Debug, Clone, Copy)]

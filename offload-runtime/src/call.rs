@@ -11,7 +11,6 @@ use std::future::Future;
 use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
@@ -22,22 +21,19 @@ use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use crate::breaker::{Admission, Breaker, Transition};
-use crate::error::{Error, ExitReason, Payload, ProtocolError};
-use crate::pool::supervisor::Ending;
-use crate::pool::{self, Pool};
+use crate::error::{Error, Payload, ProtocolError};
+use crate::executor::{self, Executor, Failure, Reply};
 use crate::protocol::{self, Attached, LogRecord, PanicReport, Tag};
 use crate::registry::{Entry, PerEntry, Registry};
-use crate::stats::{BreakerState, RestartCause};
-use crate::transport::{Reply, TransportError};
-use crate::worker;
+use crate::stats::BreakerState;
 
 /// Where each function's calls go, and its breaker: made on its first call.
 static ROUTES: PerEntry<Route> = PerEntry::new();
 
 /// What this process keeps for one offloaded function.
 struct Route {
-    /// The pool serving it, or why it cannot be served (bad settings).
-    pool: Result<Arc<Pool>, String>,
+    /// Where its calls run, or why they cannot (bad settings).
+    executor: Result<Executor, String>,
     breaker: Breaker,
 }
 
@@ -108,13 +104,13 @@ where
     A: Args,
     R: DeserializeOwned + Send + 'static,
 {
-    let (pool, breaker) = match preflight(entry) {
+    let (executor, breaker) = match preflight(entry) {
         Ok(found) => found,
         Err(error) => return (Err(error), keep.then_some(args)),
     };
     // Workers forward `tracing` events up to the level some subscriber here wants.
     let log_level = protocol::level::of_filter(tracing::level_filters::LevelFilter::current());
-    let max_payload = pool.settings.max_payload;
+    let max_payload = executor.settings().max_payload;
     let mut bulk = 0u64;
     args.for_each_bytes(&mut |bytes| {
         if protocol::bulk::is_bulk(bytes.len()) {
@@ -149,14 +145,16 @@ where
     };
     let mut returned = Returned::<R>(None);
     let result = match bulk_frames(args.as_ref()) {
-        Ok((_, bytes)) if bytes.is_empty() => run(entry, pool, breaker, &[&frame], &fds, &mut returned).await,
+        Ok((_, bytes)) if bytes.is_empty() => {
+            run(entry, executor, breaker, &[&frame], &fds, &mut returned).await
+        }
         Ok((headers, bytes)) => {
             let mut message: Vec<&[u8]> = Vec::with_capacity(2 * bytes.len() + 1);
             for (header, bytes) in headers.iter().zip(bytes) {
                 message.extend([&header[..], bytes]);
             }
             message.push(&frame);
-            run(entry, pool, breaker, &message, &fds, &mut returned).await
+            run(entry, executor, breaker, &message, &fds, &mut returned).await
         }
         Err(kind) => Err(protocol_error(entry, kind)),
     };
@@ -258,10 +256,10 @@ fn decode_return<R: DeserializeOwned>(body: &[u8], attached: Attached) -> Result
 
 /// What must hold before a call is encoded: this is not a worker, a Tokio runtime is
 /// running, offload is not shut down, and the function's pool has valid settings.
-fn preflight(entry: &'static Entry) -> Result<(&'static Arc<Pool>, &'static Breaker), Error> {
+fn preflight(entry: &'static Entry) -> Result<(&'static Executor, &'static Breaker), Error> {
     // Keep the pre-main hook in every binary that can call; it makes workers out of it.
     #[cfg(target_os = "linux")]
-    std::hint::black_box(&worker::ENTER_WORKER_MODE);
+    std::hint::black_box(&crate::worker::ENTER_WORKER_MODE);
 
     if crate::role::is_worker() {
         return Err(Error::Spawn {
@@ -278,17 +276,17 @@ fn preflight(entry: &'static Entry) -> Result<(&'static Arc<Pool>, &'static Brea
             message: "offloaded functions must be awaited inside a Tokio runtime".into(),
         });
     }
-    if pool::is_shut_down() {
+    if executor::is_shut_down() {
         return Err(Error::Shutdown { entry: entry.name() });
     }
     let route = ROUTES
-        .get_or_init(entry, || Route { pool: pool::for_entry(entry), breaker: Breaker::new() })
+        .get_or_init(entry, || Route { executor: executor::for_entry(entry), breaker: Breaker::new() })
         .ok_or_else(|| Error::Config {
             entry: entry.name(),
             message: format!("`{}` is missing from the registry of offloaded functions", entry.name()),
         })?;
-    match &route.pool {
-        Ok(pool) => Ok((pool, &route.breaker)),
+    match &route.executor {
+        Ok(executor) => Ok((executor, &route.breaker)),
         Err(message) => Err(Error::Config { entry: entry.name(), message: message.clone() }),
     }
 }
@@ -297,14 +295,14 @@ fn preflight(entry: &'static Entry) -> Result<(&'static Arc<Pool>, &'static Brea
 /// return value, which `decode` does.
 async fn run(
     entry: &'static Entry,
-    pool: &Arc<Pool>,
+    executor: &'static Executor,
     breaker: &'static Breaker,
     message: &[&[u8]],
     fds: &[OwnedFd],
     decode: &mut dyn Decode,
 ) -> Result<(), Error> {
     let task = NEXT_TASK.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::debug_span!(
+    let span = tracing::debug_span!(target: "offload::call",
         "offload",
         entry = entry.name(),
         task,
@@ -312,7 +310,7 @@ async fn run(
         queue_wait_us = tracing::field::Empty,
         run_us = tracing::field::Empty,
     );
-    let mut record = Record::start(entry, pool, breaker);
+    let mut record = Record::start(entry, executor, breaker);
     if let Some(config) = entry.breaker {
         let (admission, transition) = breaker.admit(config);
         log_transition(entry, transition);
@@ -324,7 +322,7 @@ async fn run(
         record.admission = Some(admission);
     }
     let result =
-        exchange(entry, pool, message, fds, decode, &mut record, &span).instrument(span.clone()).await;
+        exchange(entry, executor, message, fds, decode, &mut record, &span).instrument(span.clone()).await;
     record.finish(result.as_ref().map(|_| ()));
     result
 }
@@ -333,7 +331,7 @@ async fn run(
 /// future is dropped midway is still counted, and its breaker trial given back.
 struct Record {
     entry: &'static Entry,
-    pool: Arc<Pool>,
+    executor: &'static Executor,
     breaker: &'static Breaker,
     started: Instant,
     queue_wait: Option<Duration>,
@@ -343,11 +341,11 @@ struct Record {
 }
 
 impl Record {
-    fn start(entry: &'static Entry, pool: &Arc<Pool>, breaker: &'static Breaker) -> Record {
-        pool.metrics.submitted();
+    fn start(entry: &'static Entry, executor: &'static Executor, breaker: &'static Breaker) -> Record {
+        executor.metrics().submitted();
         Record {
             entry,
-            pool: Arc::clone(pool),
+            executor,
             breaker,
             started: Instant::now(),
             queue_wait: None,
@@ -359,7 +357,7 @@ impl Record {
 
     fn finish(&mut self, outcome: Result<(), &Error>) {
         self.finished = true;
-        self.pool.metrics.finished(
+        self.executor.metrics().finished(
             outcome.map_err(Error::kind),
             self.queue_wait,
             self.run_time,
@@ -379,7 +377,7 @@ impl Record {
 impl Drop for Record {
     fn drop(&mut self) {
         if !self.finished {
-            self.pool.metrics.cancelled();
+            self.executor.metrics().cancelled();
             if let (Some(config), Some(admission)) = (self.entry.breaker, self.admission) {
                 self.breaker.record(config, admission, None);
             }
@@ -389,80 +387,81 @@ impl Drop for Record {
 
 fn log_transition(entry: &Entry, transition: Option<Transition>) {
     match transition {
-        Some(Transition::Opened) => tracing::warn!(entry = entry.name(), "offload circuit breaker opened"),
-        Some(Transition::HalfOpened) => {
-            tracing::info!(entry = entry.name(), "offload circuit breaker half-open: trying one call")
+        Some(Transition::Opened) => {
+            tracing::warn!(target: "offload::call", entry = entry.name(), "offload circuit breaker opened")
         }
-        Some(Transition::Closed) => tracing::info!(entry = entry.name(), "offload circuit breaker closed"),
+        Some(Transition::HalfOpened) => {
+            tracing::info!(target: "offload::call", entry = entry.name(), "offload circuit breaker half-open: trying one call")
+        }
+        Some(Transition::Closed) => {
+            tracing::info!(target: "offload::call", entry = entry.name(), "offload circuit breaker closed")
+        }
         None => {}
     }
 }
 
-/// Takes a worker before the deadline, sends the call, and reads the reply.
+/// Takes a place to run before the deadline, sends the call, and reads the reply.
 async fn exchange(
     entry: &'static Entry,
-    pool: &Arc<Pool>,
+    executor: &Executor,
     message: &[&[u8]],
     fds: &[OwnedFd],
     decode: &mut dyn Decode,
     record: &mut Record,
     span: &tracing::Span,
 ) -> Result<(), Error> {
-    let timeout = pool.settings.timeout.unwrap_or(entry.timeout);
+    let timeout = executor.settings().timeout.unwrap_or(entry.timeout);
     let timed_out = |pid| Error::Timeout { entry: entry.name(), timeout, pid };
 
-    // One timer for the whole call: waiting for a worker and running.
+    // One timer for the whole call: waiting for a place and running.
     let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline(timeout)));
-    // A worker that died while idle is found when the call cannot be sent to it: then the
-    // call goes to another worker, as if it had waited in the queue a little longer.
-    let mut dead_idle = 0;
-    let (mut lease, sent) = loop {
-        let mut lease = match before(deadline.as_mut(), pool.acquire()).await {
-            Some(Ok(lease)) => lease,
+    // A place that was gone before the call came (a worker that died while idle) is found
+    // when the call cannot be sent to it: then the call goes to another, as if it had waited
+    // in the queue a little longer.
+    let mut unusable = 0;
+    let (mut place, sent) = loop {
+        let mut place = match before(deadline.as_mut(), executor.acquire()).await {
+            Some(Ok(place)) => place,
             Some(Err(e)) => {
-                tracing::debug!(error = ?e, "offload call got no worker");
+                tracing::debug!(target: "offload::call", error = ?e, "offload call got no worker");
                 return Err(e.into_error(entry.name()));
             }
             None => {
-                tracing::warn!(?timeout, "offload call timed out waiting for a worker");
+                tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
                 return Err(timed_out(None));
             }
         };
         if record.admission == Some(Admission::Pass)
             && let Some(retry_in) = record.breaker.opened_since()
         {
-            lease.release_unused();
+            place.give_back();
             return Err(Error::CircuitOpen { entry: entry.name(), retry_in });
         }
         if deadline.is_elapsed() {
-            // The worker came as the deadline passed: a call whose deadline passed in the queue
-            // is never started.
-            lease.release_unused();
+            // The place came as the deadline passed: a call whose deadline passed in the
+            // queue is never started.
+            place.give_back();
             return Err(timed_out(None));
         }
-        match lease.worker().channel().start_send(message, fds) {
-            Err(TransportError::NotSent) if dead_idle < pool.settings.workers.get() => {
-                dead_idle += 1;
-                tracing::warn!(pid = lease.worker().pid, "offload worker died while idle; replacing it");
-                drop(lease.end(Ending::Exited, RestartCause::DiedIdle));
+        match place.start(message, fds) {
+            Err(fault) if fault.nothing_sent() && unusable < executor.places() => {
+                unusable += 1;
+                place.discard_unused();
             }
-            Ok(sent) => break (lease, Ok(sent)),
-            Err(e) => break (lease, Err(e)),
+            sent => break (place, sent),
         }
     };
     let queue_wait = record.started.elapsed();
     record.queue_wait = Some(queue_wait);
-    let pid = lease.worker().pid;
+    let pid = place.id();
     span.record("pid", pid);
     span.record("queue_wait_us", queue_wait.as_micros() as u64);
-    tracing::debug!("dispatch");
+    tracing::debug!(target: "offload::call", "dispatch");
 
     let started = Instant::now();
     let outcome = match sent {
-        Ok(sent) => {
-            before(deadline, lease.worker().channel().round_trip(message, fds, sent, &mut forward_logs)).await
-        }
-        Err(e) => Some(Err(e)),
+        Ok(sent) => before(deadline, place.reply(message, fds, sent, &mut forward_logs)).await,
+        Err(fault) => Some(Err(fault)),
     };
     let run_time = started.elapsed();
     record.run_time = Some(run_time);
@@ -470,36 +469,27 @@ async fn exchange(
     let Reply { tag, body, range, attached } = match outcome {
         Some(Ok(reply)) => reply,
         None => {
-            let _ended = lease.end(Ending::Kill, RestartCause::Timeout).await;
-            tracing::warn!(?timeout, "offload call timed out; worker killed");
+            place.timed_out().await;
+            tracing::warn!(target: "offload::call", ?timeout, "offload call timed out; worker killed");
             return Err(timed_out(Some(pid)));
         }
-        // Killed by shutdown once its grace was over. (A worker that dies on its own during
-        // the grace period is a crash, reported as one below.)
-        Some(Err(_)) if pool.is_stopped() => {
-            drop(lease.end(Ending::Kill, RestartCause::Crashed));
-            return Err(Error::Shutdown { entry: entry.name() });
-        }
-        Some(Err(TransportError::Closed | TransportError::NotSent)) => {
-            return Err(crashed(entry, pool, lease, pid).await);
-        }
-        Some(Err(TransportError::Io(e))) => {
-            drop(lease.end(Ending::Kill, RestartCause::Protocol));
-            let kind = ProtocolError::Invalid(format!("the channel to worker {pid} failed: {e}"));
-            return Err(protocol_error(entry, kind));
-        }
-        Some(Err(TransportError::Protocol(kind))) => {
-            drop(lease.end(Ending::Kill, RestartCause::Protocol));
-            tracing::error!(%kind, "offload worker broke the protocol; killed");
-            return Err(protocol_error(entry, kind));
+        Some(Err(fault)) => {
+            return Err(match place.failed(fault).await {
+                Failure::Stopped => Error::Shutdown { entry: entry.name() },
+                Failure::Crashed { exit, stderr } => {
+                    Error::Crashed { entry: entry.name(), pid, exit, stderr }
+                }
+                Failure::MemoryLimit { limit } => Error::MemoryLimit { entry: entry.name(), pid, limit },
+                Failure::Broken(kind) => protocol_error(entry, kind),
+            });
         }
     };
 
     let result = match tag {
         Tag::Return if body.len() > INLINE_PAYLOAD => {
-            // Decoded off the runtime, while the worker takes its next call.
-            let frame = lease.worker().channel().take_reply();
-            lease.release();
+            // Decoded off the runtime, while the place takes its next call.
+            let frame = place.take_reply();
+            place.done();
             return decode
                 .decode_off_runtime(frame, range, attached)
                 .await
@@ -520,11 +510,11 @@ async fn exchange(
             protocol::decode::<ProtocolError>(body, Payload::Message).unwrap_or_else(|e| e),
         )),
         Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk => {
-            drop(lease.end(Ending::Kill, RestartCause::Protocol));
+            place.broke_protocol();
             return Err(protocol_error(entry, ProtocolError::Invalid(format!("unexpected {tag:?} frame"))));
         }
     };
-    lease.release();
+    place.done();
     result
 }
 
@@ -532,7 +522,7 @@ async fn exchange(
 /// function, task id and worker pid), under the target `offload::worker`.
 fn forward_logs(body: &[u8]) {
     let Ok(records) = protocol::decode::<Vec<LogRecord>>(body, Payload::Message) else {
-        tracing::warn!("offload worker sent an unreadable log frame");
+        tracing::warn!(target: "offload::call", "offload worker sent an unreadable log frame");
         return;
     };
     for r in records {
@@ -557,29 +547,6 @@ fn forward_logs(body: &[u8]) {
             tracing::Level::TRACE => emit!(tracing::Level::TRACE),
         }
     }
-}
-
-/// The worker's channel closed mid-call: wait for it to end and say how.
-async fn crashed(entry: &'static Entry, pool: &Pool, lease: pool::Lease, pid: u32) -> Error {
-    let memory = pool.settings.memory;
-    let ended = lease.end_crashed().await;
-    let (exit, stderr, out_of_memory) = match ended {
-        Ok(info) => {
-            let out_of_memory = info.ran_out_of_memory();
-            (info.reason, info.stderr, out_of_memory)
-        }
-        Err(_) => (ExitReason::Unknown, Vec::new(), false),
-    };
-    if let Some(limit) = memory
-        && out_of_memory
-    {
-        pool.metrics.restarted(RestartCause::MemoryLimit);
-        tracing::error!(limit, "offload worker ran out of memory");
-        return Error::MemoryLimit { entry: entry.name(), pid, limit };
-    }
-    pool.metrics.restarted(RestartCause::Crashed);
-    tracing::error!(%exit, "offload worker crashed");
-    Error::Crashed { entry: entry.name(), pid, exit, stderr }
 }
 
 /// Runs `future` until `deadline` fires; `None` if the deadline came first.

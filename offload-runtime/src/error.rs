@@ -385,6 +385,19 @@ fn tail(lines: &[String]) -> String {
     if lines.is_empty() { String::new() } else { format!("; last stderr lines:\n  {}", lines.join("\n  ")) }
 }
 
+/// How the place a call ran in (see `crate::executor`) failed it, once that place is ended.
+/// Internal: [`crate::call`] turns it into an [`Error`].
+pub(crate) enum Failure {
+    /// Shutdown stopped it once its grace was over.
+    Stopped,
+    /// It died while running the call.
+    Crashed { exit: ExitReason, stderr: Vec<String> },
+    /// It ran past its memory limit.
+    MemoryLimit { limit: u64 },
+    /// It broke the protocol, or the channel to it failed.
+    Broken(ProtocolError),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

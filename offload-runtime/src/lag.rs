@@ -6,10 +6,10 @@
 //! # Example
 //!
 //! ```
-//! # mod offload { pub use offload_runtime::lag as diagnostics; }
+//! # mod offload { pub use offload_runtime::lag; }
 //! use std::time::Duration;
 //!
-//! use offload::diagnostics::LagMonitor;
+//! use offload::lag::LagMonitor;
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! // Inside the runtime, once, at startup.
@@ -45,7 +45,7 @@
 //! # Finding code that blocks the runtime
 //!
 //! 1. Start a monitor at startup and keep its handle for the life of the service.
-//! 2. Install a `tracing` subscriber that shows the target `offload_runtime::lag` at `warn`.
+//! 2. Install a `tracing` subscriber that shows the target `offload::lag` at `warn`.
 //!    A tick later than the threshold logs a warning with the lag and the threshold (at most
 //!    one a second; the next one says how many were suppressed). The warning is logged when
 //!    the blocking code has *returned*, so the culprit is whatever ran on that thread during
@@ -215,7 +215,7 @@ impl LagMonitorBuilder {
     pub fn start_on(self, handle: &Handle) -> LagMonitor {
         let shared = Arc::new(Shared { lag: Histogram::new(), over_threshold: AtomicU64::new(0) });
         let (interval, threshold) = (self.interval, self.threshold);
-        tracing::debug!(?interval, ?threshold, "lag monitor started");
+        tracing::debug!(target: "offload::lag", ?interval, ?threshold, "lag monitor started");
         let probe = handle.spawn(probe(Arc::clone(&shared), interval, threshold)).abort_handle();
         LagMonitor { shared, probe, interval, threshold }
     }
@@ -256,7 +256,7 @@ async fn probe(shared: Arc<Shared>, interval: Duration, threshold: Duration) {
         if lag > threshold {
             shared.over_threshold.fetch_add(1, Ordering::Relaxed);
             if last_warning.is_none_or(|at| now.saturating_duration_since(at) >= WARN_EVERY) {
-                tracing::warn!(
+                tracing::warn!(target: "offload::lag",
                     ?lag,
                     ?threshold,
                     suppressed,
@@ -320,7 +320,7 @@ mod tests {
 
         fn event(&self, event: &Event<'_>) {
             let meta = event.metadata();
-            if *meta.level() == Level::WARN && meta.target() == "offload_runtime::lag" {
+            if *meta.level() == Level::WARN && meta.target() == "offload::lag" {
                 let mut visitor = Suppressed(None);
                 event.record(&mut visitor);
                 self.suppressed.lock().unwrap().push(visitor.0.expect("warning has `suppressed`"));

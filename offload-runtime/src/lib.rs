@@ -10,19 +10,20 @@
 
 mod breaker;
 mod call;
-mod diagnostics;
 mod error;
+mod executor;
 mod fallback;
 mod histogram;
 pub mod lag;
-mod limits;
 mod pool;
 mod protocol;
 mod registry;
 mod role;
+mod settings;
 mod shm;
 mod socket;
 mod stats;
+mod stderr_tail;
 mod transport;
 mod worker;
 
@@ -38,7 +39,7 @@ pub use stats::{BreakerState, Latency, PoolStats, RestartCause};
 /// and latency percentiles. Cheap enough to call from a metrics endpoint on every scrape.
 pub fn stats() -> Vec<PoolStats> {
     let breakers = call::breaker_states();
-    pool::stats(|pool| {
+    executor::stats(|pool| {
         breakers.iter().filter(|(key, ..)| *key == pool).map(|&(_, name, state)| (name, state)).collect()
     })
 }
@@ -50,7 +51,7 @@ pub fn stats() -> Vec<PoolStats> {
 ///
 /// Shutdown is for the whole process and final: pools do not start again.
 pub async fn shutdown(grace: std::time::Duration) {
-    pool::shutdown(grace).await
+    executor::shutdown(grace).await
 }
 
 /// Starts the workers of every pool in this binary now, instead of on first use, and waits
@@ -63,7 +64,7 @@ pub async fn shutdown(grace: std::time::Duration) {
 /// environment variable, conflicting settings in a shared pool), [`Error::Spawn`] for a
 /// worker that did not start.
 pub async fn warm_up() -> Result<(), Error> {
-    pool::warm_up_all().await
+    executor::warm_up_all().await
 }
 
 /// Whether this process is an offload worker. Workers run offloaded functions only; they

@@ -12,7 +12,7 @@ use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use crate::error::ProtocolError;
-use crate::limits::{BreakerConfig, Overload, PoolOptions, WorkersSpec};
+use crate::settings::{BreakerConfig, Overload, PoolOptions, WorkersSpec};
 
 /// The worker side of an entry: decode the arguments from `input`, run the user's function,
 /// append the encoded return value to `out`.

@@ -15,17 +15,18 @@ pub(crate) mod supervisor;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 
-use self::supervisor::{Ending, ExitInfo, Worker, WorkerConfig};
-use crate::error::Error;
-use crate::limits::{Overload, PoolSettings};
-use crate::registry::{Entry, Registry};
+use self::supervisor::{Cause, Ending, ExitInfo, Worker, WorkerConfig};
+use crate::error::{Error, ExitReason, Failure, ProtocolError};
+use crate::settings::{Overload, PoolSettings};
 use crate::stats::{BreakerState, PoolMetrics, PoolShape, PoolStats, RestartCause};
+use crate::transport::{Reply, TransportError};
 
 /// First pause after a worker failed to start; doubles with each failure in a row.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -39,17 +40,16 @@ const REAP_PATIENCE: Duration = Duration::from_secs(4);
 static POOLS: LazyLock<Mutex<HashMap<&'static str, Arc<Pool>>>> = LazyLock::new(Default::default);
 static SHUT_DOWN: AtomicBool = AtomicBool::new(false);
 
-/// The pool serving `entry`, started if it is not running yet, or why it cannot be.
-pub(crate) fn for_entry(entry: &'static Entry) -> Result<Arc<Pool>, String> {
-    let options = Registry::get().options(entry)?;
+/// The pool named `key`, started with `settings` (and named `label` for people) if it is not
+/// running yet.
+pub(crate) fn get_or_start(key: &'static str, label: &'static str, settings: PoolSettings) -> Arc<Pool> {
     let mut pools = lock(&POOLS);
-    if let Some(pool) = pools.get(entry.pool_key()) {
-        return Ok(Arc::clone(pool));
+    if let Some(pool) = pools.get(key) {
+        return Arc::clone(pool);
     }
-    let settings = PoolSettings::resolve(entry.pool_label(), options)?;
-    let pool = Pool::start(entry.pool_label(), settings);
-    pools.insert(entry.pool_key(), Arc::clone(&pool));
-    Ok(pool)
+    let pool = Pool::start(label, settings);
+    pools.insert(key, Arc::clone(&pool));
+    pool
 }
 
 /// Whether [`shutdown`] has begun.
@@ -62,7 +62,7 @@ pub(crate) fn is_shut_down() -> bool {
 pub(crate) async fn shutdown(grace: Duration) {
     SHUT_DOWN.store(true, Ordering::Release);
     let pools: Vec<Arc<Pool>> = lock(&POOLS).values().cloned().collect();
-    tracing::info!(pools = pools.len(), ?grace, "offload shutting down");
+    tracing::info!(target: "offload::pool", pools = pools.len(), ?grace, "offload shutting down");
     for pool in &pools {
         pool.close();
     }
@@ -81,13 +81,13 @@ pub(crate) async fn shutdown(grace: Duration) {
     // may have started since. Such a process stays a zombie until the call is dropped.
     if tokio::time::timeout(REAP_PATIENCE, supervisor::all_reaped()).await.is_err() {
         let killed = supervisor::kill_unreaped();
-        tracing::warn!(
+        tracing::warn!(target: "offload::pool",
             killed,
             "offload shutdown: workers held by calls that are no longer polled were not reaped \
              within {REAP_PATIENCE:?}; killed them"
         );
     }
-    tracing::info!("offload shut down");
+    tracing::info!(target: "offload::pool", "offload shut down");
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,20 +153,6 @@ pub(crate) fn stats(breakers: impl Fn(&str) -> Vec<(&'static str, BreakerState)>
     all
 }
 
-/// Starts the workers of every pool in this binary and waits for their handshakes.
-pub(crate) async fn warm_up_all() -> Result<(), Error> {
-    let mut seen: Vec<Arc<Pool>> = Vec::new();
-    for entry in Registry::get().entries() {
-        let pool = for_entry(entry).map_err(|message| Error::Config { entry: entry.name(), message })?;
-        if seen.iter().any(|p| Arc::ptr_eq(p, &pool)) {
-            continue;
-        }
-        pool.warm_up().await.map_err(|e| e.into_error(entry.name()))?;
-        seen.push(pool);
-    }
-    Ok(())
-}
-
 /// Consecutive failures to start a worker, and when to try again.
 #[derive(Default)]
 struct Backoff {
@@ -211,7 +197,7 @@ impl Pool {
             let permits = usize::try_from(queue).unwrap_or(usize::MAX).saturating_add(workers);
             Arc::new(Semaphore::new(permits.min(Semaphore::MAX_PERMITS)))
         });
-        tracing::info!(pool = name, %settings, "offload pool starting");
+        tracing::info!(target: "offload::pool", pool = name, %settings, "offload pool starting");
         let pool = Arc::new(Pool {
             name,
             admission,
@@ -281,7 +267,7 @@ impl Pool {
             let mut leased = lock(&self.leased);
             if self.is_closed() {
                 drop(leased);
-                drop(worker.end(Ending::Retire, "shutdown"));
+                drop(worker.end(Ending::Retire, Cause::Shutdown));
                 return Err(AcquireError::Shutdown);
             }
             leased.insert(worker.pid);
@@ -299,13 +285,13 @@ impl Pool {
                     let Some(Slot::Ready(dead)) = held.slot.replace(self.start_worker()) else {
                         unreachable!()
                     };
-                    tracing::warn!(
+                    tracing::warn!(target: "offload::pool",
                         pool = self.name,
                         pid = dead.pid,
                         "offload worker sent data nobody asked for; replacing it"
                     );
                     self.metrics.restarted(RestartCause::Protocol);
-                    drop(dead.end(Ending::Kill, "protocol"));
+                    drop(dead.end(Ending::Kill, Cause::Restart(RestartCause::Protocol)));
                 }
                 Slot::Starting(starting) => {
                     let started = starting
@@ -322,7 +308,7 @@ impl Pool {
                                 return Err(AcquireError::Shutdown);
                             }
                             lock(&self.backoff).failed(&e);
-                            tracing::error!(pool = self.name, error = %e, "offload worker failed to start");
+                            tracing::error!(target: "offload::pool", pool = self.name, error = %e, "offload worker failed to start");
                             return Err(AcquireError::Spawn(e));
                         }
                     }
@@ -388,7 +374,7 @@ impl Pool {
         for slot in std::mem::take(&mut *lock(&self.slots)) {
             match slot {
                 // Closing its channel tells an idle worker to exit.
-                Slot::Ready(worker) => drop(worker.end(Ending::Retire, "shutdown")),
+                Slot::Ready(worker) => drop(worker.end(Ending::Retire, Cause::Shutdown)),
                 // The spawner kills a worker nobody waits for.
                 Slot::Starting(_) | Slot::Empty => {}
             }
@@ -415,7 +401,7 @@ impl Pool {
         let mut slots = lock(&self.slots);
         if self.is_closed() {
             drop(slots);
-            drop(worker.end(Ending::Retire, "shutdown"));
+            drop(worker.end(Ending::Retire, Cause::Shutdown));
         } else {
             slots.push(Slot::Ready(worker));
         }
@@ -476,8 +462,94 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    pub(crate) fn worker(&mut self) -> &mut Worker {
+    fn worker(&mut self) -> &mut Worker {
         self.worker.as_mut().expect("present until the lease ends")
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.worker.as_ref().expect("present until the lease ends").pid
+    }
+
+    /// Sends as much of `message` as the socket takes now.
+    pub(crate) fn start(&mut self, message: &[&[u8]], fds: &[OwnedFd]) -> Result<usize, TransportError> {
+        self.worker().channel().start_send(message, fds)
+    }
+
+    /// Sends the rest of `message` and waits for the reply.
+    pub(crate) async fn reply(
+        &mut self,
+        message: &[&[u8]],
+        fds: &[OwnedFd],
+        sent: usize,
+        on_log: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<Reply<'_>, TransportError> {
+        self.worker().channel().round_trip(message, fds, sent, on_log).await
+    }
+
+    /// The buffer that holds the last reply.
+    pub(crate) fn take_reply(&mut self) -> Vec<u8> {
+        self.worker().channel().take_reply()
+    }
+
+    /// The worker was found dead when the call was to be sent: replace it.
+    pub(crate) fn died_idle(self) {
+        tracing::warn!(target: "offload::pool", pid = self.pid(), "offload worker died while idle; replacing it");
+        drop(self.end(Ending::Exited, RestartCause::DiedIdle));
+    }
+
+    /// The call ran past its deadline: kill the worker and replace it.
+    pub(crate) async fn timed_out(self) {
+        let _ended = self.end(Ending::Kill, RestartCause::Timeout).await;
+    }
+
+    /// The worker sent a frame the protocol does not allow here: kill it and replace it.
+    pub(crate) fn broke_protocol(self) {
+        drop(self.end(Ending::Kill, RestartCause::Protocol));
+    }
+
+    /// Ends the worker after the exchange failed with `error`, and says how it failed.
+    pub(crate) async fn failed(self, error: TransportError) -> Failure {
+        let pid = self.pid();
+        if self.pool.is_stopped() {
+            // Killed by shutdown once its grace was over. (A worker that dies on its own
+            // during the grace period is a crash, reported as one below.)
+            drop(self.end(Ending::Kill, RestartCause::Crashed));
+            return Failure::Stopped;
+        }
+        match error {
+            TransportError::Closed | TransportError::NotSent => self.crashed().await,
+            TransportError::Io(e) => {
+                drop(self.end(Ending::Kill, RestartCause::Protocol));
+                Failure::Broken(ProtocolError::Invalid(format!("the channel to worker {pid} failed: {e}")))
+            }
+            TransportError::Protocol(kind) => {
+                drop(self.end(Ending::Kill, RestartCause::Protocol));
+                tracing::error!(target: "offload::pool", %kind, "offload worker broke the protocol; killed");
+                Failure::Broken(kind)
+            }
+        }
+    }
+
+    /// The worker's channel closed mid-call: wait for it to end and say how.
+    async fn crashed(self) -> Failure {
+        let pool = Arc::clone(&self.pool);
+        let (exit, stderr, out_of_memory) = match self.end_crashed().await {
+            Ok(info) => {
+                let out_of_memory = info.ran_out_of_memory();
+                (info.reason, info.stderr, out_of_memory)
+            }
+            Err(_) => (ExitReason::Unknown, Vec::new(), false),
+        };
+        if let Some(limit) = pool.settings.memory
+            && out_of_memory
+        {
+            pool.metrics.restarted(RestartCause::MemoryLimit);
+            tracing::error!(target: "offload::pool", limit, "offload worker ran out of memory");
+            return Failure::MemoryLimit { limit };
+        }
+        pool.metrics.restarted(RestartCause::Crashed);
+        tracing::error!(target: "offload::pool", %exit, "offload worker crashed");
+        Failure::Crashed { exit, stderr }
     }
 
     /// The call went well: the worker goes back to the pool, or is replaced if it has served
@@ -491,7 +563,7 @@ impl Lease {
         let bloated =
             settings.max_rss.is_some_and(|max| worker.resident_bytes().is_some_and(|rss| rss > max));
         if (worn_out || bloated) && !self.pool.is_closed() {
-            tracing::info!(
+            tracing::info!(target: "offload::pool",
                 pool = self.pool.name,
                 pid = worker.pid,
                 calls = worker.calls,
@@ -500,7 +572,7 @@ impl Lease {
             );
             self.pool.metrics.restarted(RestartCause::Recycled);
             lock(&self.pool.slots).push(self.pool.start_worker());
-            drop(worker.end(Ending::Retire, "recycled"));
+            drop(worker.end(Ending::Retire, Cause::Restart(RestartCause::Recycled)));
         } else {
             self.pool.put_back(worker);
         }
@@ -519,21 +591,21 @@ impl Lease {
 
     /// The worker must go: end it as `how` says, count the restart, and start its
     /// replacement.
-    pub(crate) fn end(self, how: Ending, cause: RestartCause) -> oneshot::Receiver<ExitInfo> {
+    fn end(self, how: Ending, cause: RestartCause) -> oneshot::Receiver<ExitInfo> {
         if !self.pool.is_closed() {
             self.pool.metrics.restarted(cause);
         }
-        self.replace(how, cause.as_str())
+        self.replace(how, Cause::Restart(cause))
     }
 
     /// The worker's channel closed mid-call: wait for it to exit and start its replacement.
     /// The caller counts the restart once it knows from the exit whether it was a crash or
     /// the memory limit.
-    pub(crate) fn end_crashed(self) -> oneshot::Receiver<ExitInfo> {
-        self.replace(Ending::Exited, "crashed")
+    fn end_crashed(self) -> oneshot::Receiver<ExitInfo> {
+        self.replace(Ending::Exited, Cause::Restart(RestartCause::Crashed))
     }
 
-    fn replace(mut self, how: Ending, cause: &'static str) -> oneshot::Receiver<ExitInfo> {
+    fn replace(mut self, how: Ending, cause: Cause) -> oneshot::Receiver<ExitInfo> {
         let worker = self.worker.take().expect("present until the lease ends");
         let pid = worker.pid;
         lock(&self.pool.slots).push(self.pool.start_worker());
@@ -546,7 +618,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(worker) = self.worker.take() {
-            tracing::warn!(
+            tracing::warn!(target: "offload::pool",
                 pool = self.pool.name,
                 pid = worker.pid,
                 "offload call abandoned; killing its worker"
@@ -554,7 +626,7 @@ impl Drop for Lease {
             let pid = worker.pid;
             self.pool.metrics.restarted(RestartCause::Abandoned);
             lock(&self.pool.slots).push(self.pool.start_worker());
-            drop(worker.end(Ending::Kill, RestartCause::Abandoned.as_str()));
+            drop(worker.end(Ending::Kill, Cause::Restart(RestartCause::Abandoned)));
             self.pool.unlease(pid);
         }
     }

@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
-use crate::diagnostics::StderrTail;
 use crate::error::{ExitReason, Payload};
 use crate::protocol::env::{ENV, WorkerEnv};
 use crate::protocol::{self, FRAME_SLACK, Hello, PROTOCOL_VERSION, Tag};
 use crate::registry::Registry;
+use crate::stats::RestartCause;
+use crate::stderr_tail::StderrTail;
 use crate::transport::{Channel, TransportError};
 
 /// How long a new worker has to say hello. Generous: a loaded machine starts slowly.
@@ -57,6 +58,27 @@ pub(crate) enum Ending {
     /// It is done (recycled, or the pool stops): closing its channel makes it exit; wait for
     /// it, then kill if it lingers.
     Retire,
+}
+
+/// Why a worker is ended, for the log line of its exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// It is replaced, for this reason.
+    Restart(RestartCause),
+    /// Its pool stops.
+    Shutdown,
+    /// Nobody ended it explicitly: the call or pool that held it went away.
+    Dropped,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::Restart(cause) => cause.as_str(),
+            Cause::Shutdown => "shutdown",
+            Cause::Dropped => "dropped",
+        }
+    }
 }
 
 /// How a worker ended, for the caller's error.
@@ -95,7 +117,7 @@ impl Worker {
 
     /// Hands the worker to the reaper, which logs its exit with `cause`; the receiver says
     /// how it ended.
-    pub(crate) fn end(mut self, how: Ending, cause: &'static str) -> oneshot::Receiver<ExitInfo> {
+    pub(crate) fn end(mut self, how: Ending, cause: Cause) -> oneshot::Receiver<ExitInfo> {
         let (tx, rx) = oneshot::channel();
         self.channel = None;
         if let Some(child) = self.child.take() {
@@ -112,7 +134,7 @@ impl Drop for Worker {
         self.channel = None;
         if let Some(child) = self.child.take() {
             let stderr = Arc::clone(&self.stderr);
-            supervisor().reap(Reap { child, how: Ending::Kill, cause: "dropped", stderr, reply: None });
+            supervisor().reap(Reap { child, how: Ending::Kill, cause: Cause::Dropped, stderr, reply: None });
         }
     }
 }
@@ -198,7 +220,7 @@ struct Reap {
     child: Child,
     how: Ending,
     /// Why it ends, for the log.
-    cause: &'static str,
+    cause: Cause,
     stderr: Arc<StderrTail>,
     reply: Option<oneshot::Sender<ExitInfo>>,
 }
@@ -207,8 +229,13 @@ struct Reap {
 fn finish(job: Reap) {
     let pid = job.child.id();
     let info = reap(job.child, job.how, &job.stderr);
-    let cause = if job.cause == "crashed" && info.ran_out_of_memory() { "memory_limit" } else { job.cause };
-    tracing::info!(pid, exit = %info.reason, cause, "offload worker exited");
+    let cause = match job.cause {
+        Cause::Restart(RestartCause::Crashed) if info.ran_out_of_memory() => {
+            Cause::Restart(RestartCause::MemoryLimit)
+        }
+        cause => cause,
+    };
+    tracing::info!(target: "offload::supervisor", pid, exit = %info.reason, cause = cause.as_str(), "offload worker exited");
     LIVE.send_modify(|n| *n -= 1);
     if let Some(reply) = job.reply {
         let _ = reply.send(info);
@@ -349,7 +376,7 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
     let mut worker = Worker { pid, channel: Some(channel), calls: 0, child: Some(child), stderr };
     match handshake(worker.channel(), secret, pid) {
         Ok(()) => {
-            tracing::info!(pid, "offload worker started");
+            tracing::info!(target: "offload::supervisor", pid, "offload worker started");
             Ok(worker)
         }
         Err(message) => {

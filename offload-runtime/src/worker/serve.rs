@@ -276,4 +276,4 @@ extern "C" fn close_channel_in_child() {
 pub(super) static CHANNEL_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// The pool's `max_payload`, from the worker's environment.
-pub(super) static MAX_PAYLOAD: AtomicU64 = AtomicU64::new(crate::limits::DEFAULT_MAX_PAYLOAD);
+pub(super) static MAX_PAYLOAD: AtomicU64 = AtomicU64::new(crate::settings::DEFAULT_MAX_PAYLOAD);

@@ -92,6 +92,16 @@ pub(crate) struct PoolSettings {
     pub(crate) max_rss: Option<u64>,
     /// Largest encoded arguments or return value, in bytes.
     pub(crate) max_payload: u64,
+    /// Where the pool's calls run.
+    pub(crate) placement: Placement,
+}
+
+/// Where a pool's calls run: which executor serves it (see `crate::executor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Placement {
+    /// Worker processes this process starts.
+    #[default]
+    Local,
 }
 
 /// The default `max_payload`: 1 GiB.
@@ -165,6 +175,7 @@ fn resolve_with(
             .or(options.max_payload)
             .unwrap_or(DEFAULT_MAX_PAYLOAD)
             .min(MAX_MAX_PAYLOAD),
+        placement: Placement::Local,
     })
 }
 

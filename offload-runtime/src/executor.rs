@@ -1,0 +1,194 @@
+//! The seam between what a call is and where it runs.
+//!
+//! [`crate::call`] owns what a call is: its encoding, deadline, breaker, fallback, figures,
+//! span, and the errors its caller sees. An [`Executor`] owns where it runs: it finds a
+//! [`Place`] for the call (today a worker process of a local pool: [`crate::pool`]), carries
+//! the frames there and back, and, when the place fails, ends it and says how
+//! ([`Failure`]). Which executor serves a pool is a matter of its settings
+//! ([`Placement`]).
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::pool::{self, Lease, Pool};
+use crate::registry::{Entry, Registry};
+use crate::settings::{Placement, PoolSettings};
+use crate::stats::{BreakerState, PoolMetrics, PoolStats};
+
+pub(crate) use crate::error::Failure;
+pub(crate) use crate::pool::AcquireError;
+pub(crate) use crate::transport::Reply;
+
+/// Where one pool's calls run.
+pub(crate) enum Executor {
+    /// Worker processes of this process.
+    Local(Arc<Pool>),
+}
+
+/// The executor serving `entry`, started if it is not running yet, or why it cannot be (its
+/// settings are bad or conflict with another function's in a shared pool).
+pub(crate) fn for_entry(entry: &'static Entry) -> Result<Executor, String> {
+    let options = Registry::get().options(entry)?;
+    let settings = PoolSettings::resolve(entry.pool_label(), options)?;
+    match settings.placement {
+        Placement::Local => {
+            Ok(Executor::Local(pool::get_or_start(entry.pool_key(), entry.pool_label(), settings)))
+        }
+    }
+}
+
+/// Whether [`shutdown`] has begun.
+pub(crate) fn is_shut_down() -> bool {
+    pool::is_shut_down()
+}
+
+/// Stops every executor; see [`crate::shutdown`].
+pub(crate) async fn shutdown(grace: Duration) {
+    pool::shutdown(grace).await
+}
+
+/// Starts every executor's workers now; see [`crate::warm_up`].
+pub(crate) async fn warm_up_all() -> Result<(), Error> {
+    let mut seen: Vec<Arc<Pool>> = Vec::new();
+    for entry in Registry::get().entries() {
+        let Executor::Local(pool) =
+            for_entry(entry).map_err(|message| Error::Config { entry: entry.name(), message })?;
+        if seen.iter().any(|p| Arc::ptr_eq(p, &pool)) {
+            continue;
+        }
+        pool.warm_up().await.map_err(|e| e.into_error(entry.name()))?;
+        seen.push(pool);
+    }
+    Ok(())
+}
+
+/// Every executor's figures; see [`crate::stats`].
+pub(crate) fn stats(breakers: impl Fn(&str) -> Vec<(&'static str, BreakerState)>) -> Vec<PoolStats> {
+    pool::stats(breakers)
+}
+
+impl Executor {
+    pub(crate) fn settings(&self) -> &PoolSettings {
+        match self {
+            Executor::Local(pool) => &pool.settings,
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> &PoolMetrics {
+        match self {
+            Executor::Local(pool) => &pool.metrics,
+        }
+    }
+
+    /// How many places a call may find unusable before it gives up looking: every worker
+    /// may have died while idle.
+    pub(crate) fn places(&self) -> usize {
+        self.settings().workers.get()
+    }
+
+    /// Waits for a place to run a call: admission to the queue, then a free worker.
+    /// Cancel-safe.
+    pub(crate) async fn acquire(&self) -> Result<Place, AcquireError> {
+        match self {
+            Executor::Local(pool) => pool.acquire().await.map(Place::Local),
+        }
+    }
+}
+
+/// Where one call runs: a worker lent to it. Dropped without [`Place::done`] or one of the
+/// ways to end it (the call's future was dropped midway), it is killed and replaced.
+pub(crate) enum Place {
+    Local(Lease),
+}
+
+/// Why frames could not be exchanged with a [`Place`]; [`Place::failed`] says what it means.
+pub(crate) struct Fault(crate::transport::TransportError);
+
+impl Fault {
+    /// Nothing of the call reached the place: it was gone before the call came (a worker
+    /// that died while idle), and another may take the call.
+    pub(crate) fn nothing_sent(&self) -> bool {
+        matches!(self.0, crate::transport::TransportError::NotSent)
+    }
+}
+
+impl Place {
+    /// The worker's pid, for the call's span and errors.
+    pub(crate) fn id(&self) -> u32 {
+        match self {
+            Place::Local(lease) => lease.pid(),
+        }
+    }
+
+    /// Gives the place back unused: the call will not run.
+    pub(crate) fn give_back(self) {
+        match self {
+            Place::Local(lease) => lease.release_unused(),
+        }
+    }
+
+    /// Sends as much of the call as can go at once; how many bytes that was.
+    pub(crate) fn start(&mut self, message: &[&[u8]], fds: &[OwnedFd]) -> Result<usize, Fault> {
+        match self {
+            Place::Local(lease) => lease.start(message, fds).map_err(Fault),
+        }
+    }
+
+    /// Sends the rest of the call and waits for its reply; log frames before it go to
+    /// `on_log`.
+    pub(crate) async fn reply(
+        &mut self,
+        message: &[&[u8]],
+        fds: &[OwnedFd],
+        sent: usize,
+        on_log: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<Reply<'_>, Fault> {
+        match self {
+            Place::Local(lease) => lease.reply(message, fds, sent, on_log).await.map_err(Fault),
+        }
+    }
+
+    /// Takes the buffer that holds the last reply, to decode it elsewhere.
+    pub(crate) fn take_reply(&mut self) -> Vec<u8> {
+        match self {
+            Place::Local(lease) => lease.take_reply(),
+        }
+    }
+
+    /// The call is answered: the place serves the next one.
+    pub(crate) fn done(self) {
+        match self {
+            Place::Local(lease) => lease.release(),
+        }
+    }
+
+    /// The place was gone before the call reached it ([`Fault::nothing_sent`]).
+    pub(crate) fn discard_unused(self) {
+        match self {
+            Place::Local(lease) => lease.died_idle(),
+        }
+    }
+
+    /// The call's deadline passed while it ran: the place is ended.
+    pub(crate) async fn timed_out(self) {
+        match self {
+            Place::Local(lease) => lease.timed_out().await,
+        }
+    }
+
+    /// The place sent something the protocol does not allow here: it is ended.
+    pub(crate) fn broke_protocol(self) {
+        match self {
+            Place::Local(lease) => lease.broke_protocol(),
+        }
+    }
+
+    /// Ends a place whose exchange failed with `fault`, and says how it failed.
+    pub(crate) async fn failed(self, fault: Fault) -> Failure {
+        match self {
+            Place::Local(lease) => lease.failed(fault.0).await,
+        }
+    }
+}
