@@ -14,17 +14,17 @@ use offload_spec::{Overload, WorkersSpec};
 
 use crate::args::OffloadArgs;
 use crate::paths::Runtime;
-use crate::{fallback, signature};
+use crate::{recovery, signature};
 
 /// The whole macro, on `proc_macro2` streams.
 pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
     let (args, args_error) = OffloadArgs::parse(args);
     let function: ItemFn = match syn::parse2(item.clone()) {
         Ok(function) => function,
-        Err(_) => return fallback::not_a_function(item, args_error),
+        Err(_) => return recovery::not_a_function(item, args_error),
     };
     if let Err(err) = signature::check(&function) {
-        return fallback::unsupported(item, args_error, err);
+        return recovery::unsupported(item, args_error, err);
     }
     let mut expanded = expand(&args, &function);
     if let Some(err) = args_error {

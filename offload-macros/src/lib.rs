@@ -5,8 +5,8 @@
 
 mod args;
 mod expand;
-mod fallback;
 mod paths;
+mod recovery;
 mod signature;
 
 use proc_macro::TokenStream;
