@@ -8,20 +8,22 @@ use proc_macro2::{Literal, Span, TokenStream};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::spanned::Spanned;
-use syn::{ExprPath, FnArg, Ident, ItemFn, Pat, ReturnType, Type};
+use syn::{ExprPath, FnArg, Ident, Pat, ReturnType, Type};
 
 use offload_spec::{Overload, WorkersSpec};
 
 use crate::args::OffloadArgs;
+use crate::ast::Function;
 use crate::paths::Runtime;
 use crate::{recovery, signature};
 
 /// The whole macro, on `proc_macro2` streams.
 pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
     let (args, args_error) = OffloadArgs::parse(args);
-    let function: ItemFn = match syn::parse2(item.clone()) {
+    // Attributes, visibility and signature; the body stays tokens (see `ast`).
+    let function: Function = match syn::parse2(item.clone()) {
         Ok(function) => function,
-        Err(_) => return recovery::not_a_function(item, args_error),
+        Err(err) => return recovery::unsupported(item, args_error, err),
     };
     if let Err(err) = signature::check(&function) {
         return recovery::unsupported(item, args_error, err);
@@ -46,7 +48,7 @@ struct Argument<'a> {
 /// What every part of the expansion needs to know about the function.
 struct Context<'a> {
     runtime: Runtime,
-    function: &'a ItemFn,
+    function: &'a Function,
     /// `__offload_impl_<name>`: the user's body, as a plain fn.
     impl_name: Ident,
     arguments: Vec<Argument<'a>>,
@@ -58,7 +60,7 @@ struct Context<'a> {
 }
 
 /// The expansion of a function that [`signature::check`] accepted.
-fn expand(args: &OffloadArgs, function: &ItemFn) -> TokenStream {
+fn expand(args: &OffloadArgs, function: &Function) -> TokenStream {
     let sig = &function.sig;
     let arguments = sig
         .inputs
@@ -88,7 +90,7 @@ fn expand(args: &OffloadArgs, function: &ItemFn) -> TokenStream {
     let registration = cx.registration(args);
     let call = cx.call();
 
-    let ItemFn { attrs, vis, sig, .. } = function;
+    let Function { attrs, vis, sig, .. } = function;
     let name = &sig.ident;
     let stub_args = cx.arguments.iter().map(|Argument { name, ty, .. }| quote!(#name: #ty));
     let return_ty = cx.return_ty_tokens();
@@ -126,16 +128,17 @@ impl Context<'_> {
         quote_spanned!(ty.span()=> #assert::<#ty>();)
     }
 
-    /// The user's function, unchanged but for its name. It sits inside the stub, so its name
-    /// cannot clash with anything and the stub can be an associated function.
+    /// The user's function, unchanged but for its name: the body is the tokens as written,
+    /// inner attributes included. It sits inside the stub, so its name cannot clash with
+    /// anything and the stub can be an associated function.
     fn impl_fn(&self) -> TokenStream {
-        let ItemFn { sig, block, .. } = self.function;
+        let Function { sig, body, .. } = self.function;
         let impl_name = &self.impl_name;
         let inputs = &sig.inputs;
         let output = &sig.output;
         quote! {
             #[allow(non_snake_case, clippy::too_many_arguments, clippy::needless_pass_by_value)]
-            fn #impl_name(#inputs) #output #block
+            fn #impl_name(#inputs) #output #body
         }
     }
 
@@ -646,6 +649,24 @@ mod tests {
         );
         assert!(out.contains("::core::concat!(::core::module_path!(),\"::digest#"), "{out}");
         assert!(out.contains("::core::concat!(::core::module_path!(),\"::digest\"),"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn body_is_kept_as_written() {
+        // Not valid Rust: the macro does not parse the body, the compiler reports it.
+        let out = expand(
+            quote!(),
+            quote! {
+                fn half(x: u32) -> u32 {
+                    #![allow(unused)]
+                    let y = x / 2
+                    y
+                }
+            },
+        );
+        assert!(out.starts_with("asyncfnhalf(x:u32)->"), "{out}");
+        assert!(out.contains("fn__offload_impl_half(x:u32)->u32{#![allow(unused)]lety=x/2y}"), "{out}");
         assert!(!out.contains("compile_error"), "{out}");
     }
 

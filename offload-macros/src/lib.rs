@@ -4,6 +4,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod args;
+mod ast;
 mod expand;
 mod paths;
 mod recovery;
@@ -176,7 +177,8 @@ use proc_macro::TokenStream;
 /// sent, and a `fallback` whose arguments or return type are not the function's. All of them
 /// are reported at once. When only the attribute's arguments are wrong, the function is still expanded with
 /// the defaults, so its callers compile; when the function itself cannot be offloaded, it is
-/// left as written.
+/// left as written. The body is not parsed: a syntax error in it is the compiler's own error,
+/// once, as without the attribute, and the function is still expanded.
 #[proc_macro_attribute]
 pub fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::offload(args.into(), item.into()).into()

@@ -7,14 +7,16 @@
 //! checks that [`crate::expand`] emits.
 
 use quote::ToTokens;
-use syn::{Attribute, FnArg, GenericArgument, GenericParam, ItemFn, PathArguments, ReturnType, Type};
+use syn::{Attribute, FnArg, GenericArgument, GenericParam, PathArguments, ReturnType, Type};
 
 use crate::Errors;
+use crate::ast::Function;
 
-/// Checks that `item` can be offloaded; every reason it cannot, at once.
-pub(crate) fn check(item: &ItemFn) -> syn::Result<()> {
+/// Checks that `function` can be offloaded; every reason it cannot, at once. Only the
+/// signature is looked at: the body is the user's, and the compiler checks it.
+pub(crate) fn check(function: &Function) -> syn::Result<()> {
     let mut errors = Errors::default();
-    let sig = &item.sig;
+    let sig = &function.sig;
 
     if let Some(token) = &sig.constness {
         errors.push(syn::Error::new_spanned(
@@ -202,11 +204,12 @@ fn check_type(ty: &Type, position: Position, top_level: bool, errors: &mut Error
 
 #[cfg(test)]
 mod tests {
-    use syn::{ItemFn, parse_quote};
+    use syn::parse_quote;
 
     use super::check;
+    use crate::ast::Function;
 
-    fn errors(item: ItemFn) -> Vec<String> {
+    fn errors(item: Function) -> Vec<String> {
         match check(&item) {
             Ok(()) => Vec::new(),
             Err(err) => err.into_iter().map(|e| e.to_string()).collect(),
@@ -214,7 +217,7 @@ mod tests {
     }
 
     #[track_caller]
-    fn assert_one_error(item: ItemFn, expected_start: &str) {
+    fn assert_one_error(item: Function, expected_start: &str) {
         let errors = errors(item);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].starts_with(expected_start), "{errors:?}");
@@ -222,7 +225,7 @@ mod tests {
 
     #[test]
     fn accepts_plain_functions() {
-        let accepted: [ItemFn; 9] = [
+        let accepted: [Function; 9] = [
             parse_quote!(
                 fn f() {}
             ),
