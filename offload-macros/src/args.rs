@@ -79,7 +79,9 @@ trait Keys: Copy + PartialEq + 'static {
     /// What a key of this set is called in messages: "argument", "`breaker` argument".
     const WHAT: &'static str;
 
-    /// Likely guesses and misspellings that edit distance does not catch.
+    /// Other names for a key that edit distance cannot tell: synonyms, abbreviations and
+    /// what other tools call the setting. Misspellings (`timout`) and a key with words
+    /// around it (`timeout_ms`, `max_queue`) are found without them, by [`suggest`].
     const ALIASES: &'static [(&'static str, Self)];
 
     fn name(self) -> &'static str;
@@ -124,65 +126,44 @@ impl Keys for Key {
     const WHAT: &'static str = "argument";
 
     const ALIASES: &'static [(&'static str, Key)] = &[
-        ("timeout_ms", Key::Timeout),
-        ("timeout_s", Key::Timeout),
-        ("timeout_secs", Key::Timeout),
-        ("time_out", Key::Timeout),
-        ("time_limit", Key::Timeout),
         ("deadline", Key::Timeout),
-        ("duration", Key::Timeout),
-        ("worker", Key::Workers),
-        ("num_workers", Key::Workers),
+        // Celery's name.
+        ("time_limit", Key::Timeout),
         ("threads", Key::Workers),
+        // `multiprocessing.Pool(processes=)`.
         ("processes", Key::Workers),
-        ("procs", Key::Workers),
+        // `make -j`, joblib's `n_jobs`.
         ("jobs", Key::Workers),
+        // Celery's name.
         ("concurrency", Key::Workers),
         ("parallelism", Key::Workers),
+        // Not `pool`: the size of a pool is its number of workers.
         ("pool_size", Key::Workers),
         ("mem", Key::Memory),
-        ("mem_limit", Key::Memory),
-        ("memory_limit", Key::Memory),
-        ("max_mem", Key::Memory),
+        // What `memory` sets: `RLIMIT_AS`, the address space.
         ("rlimit", Key::Memory),
-        ("rlimit_as", Key::Memory),
         ("address_space", Key::Memory),
-        ("queue_size", Key::Queue),
-        ("queue_len", Key::Queue),
-        ("queue_length", Key::Queue),
-        ("queue_depth", Key::Queue),
-        ("max_queue", Key::Queue),
         ("backlog", Key::Queue),
-        ("on_overload", Key::Overload),
-        ("overload_policy", Key::Overload),
-        ("policy", Key::Overload),
-        ("on_full", Key::Overload),
         ("backpressure", Key::Overload),
-        ("max_tasks_per_child", Key::MaxTasks),
+        ("policy", Key::Overload),
+        // `multiprocessing.Pool(maxtasksperchild=)`.
         ("maxtasksperchild", Key::MaxTasks),
-        ("max_tasks_per_worker", Key::MaxTasks),
         ("max_calls", Key::MaxTasks),
+        // gunicorn's name.
         ("max_requests", Key::MaxTasks),
         ("recycle", Key::MaxTasks),
-        ("recycle_after", Key::MaxTasks),
         ("rss", Key::MaxRss),
-        ("max_size", Key::MaxPayload),
-        ("max_frame", Key::MaxPayload),
-        ("payload_limit", Key::MaxPayload),
-        ("rss_limit", Key::MaxRss),
+        // Celery's `max_memory_per_child`, which replaces a worker as `max_rss` does.
         ("max_memory", Key::MaxRss),
-        ("pool_name", Key::Pool),
-        ("circuit_breaker", Key::Breaker),
+        ("payload", Key::MaxPayload),
+        ("max_size", Key::MaxPayload),
+        // gRPC's name.
+        ("max_message_size", Key::MaxPayload),
         ("circuit", Key::Breaker),
-        ("circuitbreaker", Key::Breaker),
         ("on_error", Key::Fallback),
         ("on_failure", Key::Fallback),
-        ("fallback_fn", Key::Fallback),
-        ("default", Key::Fallback),
         ("or_else", Key::Fallback),
-        ("krate", Key::Crate),
-        ("crate_name", Key::Crate),
-        ("crate_path", Key::Crate),
+        ("default", Key::Fallback),
     ];
 
     fn name(self) -> &'static str {
@@ -234,15 +215,11 @@ impl Keys for BreakerKey {
 
     const ALIASES: &'static [(&'static str, BreakerKey)] = &[
         ("threshold", BreakerKey::Failures),
-        ("failure_threshold", BreakerKey::Failures),
-        ("max_failures", BreakerKey::Failures),
-        ("errors", BreakerKey::Failures),
-        ("reset_after", BreakerKey::Reset),
-        ("reset_timeout", BreakerKey::Reset),
+        // pybreaker's name.
+        ("fail_max", BreakerKey::Failures),
         ("cooldown", BreakerKey::Reset),
+        // pybreaker's `reset_timeout`.
         ("timeout", BreakerKey::Reset),
-        ("duration", BreakerKey::Reset),
-        ("open_for", BreakerKey::Reset),
     ];
 
     fn name(self) -> &'static str {
@@ -532,13 +509,29 @@ fn unknown_key<K: Keys>(path: &Path) -> syn::Error {
     syn::Error::new_spanned(path, message)
 }
 
-/// The key a misspelt or guessed name most likely meant.
+/// The key a misspelt or guessed name most likely meant: the key or alias closest to the
+/// name, or to a run of its `_`-separated words, so that a key with words around it
+/// (`timeout_ms`, `max_queue`, `pool_name`) is found as a misspelt one (`timout`) is. Close
+/// means at most one edit per three letters of what is compared, as rustc's own suggestions
+/// allow; the closest wins, and between equally close ones, the longer run of words.
 fn suggest<K: Keys>(unknown: &str) -> Option<K> {
     let unknown = unknown.to_ascii_lowercase();
-    if let Some(&(_, key)) = K::ALIASES.iter().find(|(alias, _)| *alias == unknown) {
-        return Some(key);
+    let words: Vec<&str> = unknown.split('_').collect();
+    let candidates = K::ALL.iter().map(|&key| (key.name(), key)).chain(K::ALIASES.iter().copied());
+    let mut best: Option<(usize, K)> = None;
+    for len in (1..=words.len()).rev() {
+        for run in words.windows(len) {
+            let run = run.join("_");
+            let limit = run.chars().count().max(3) / 3;
+            for (name, key) in candidates.clone() {
+                let distance = edit_distance(&run, name);
+                if distance <= limit && best.is_none_or(|(closest, _)| distance < closest) {
+                    best = Some((distance, key));
+                }
+            }
+        }
     }
-    K::ALL.iter().copied().find(|key| edit_distance(&unknown, key.name()) <= 2)
+    best.map(|(_, key)| key)
 }
 
 /// Levenshtein distance, for the "did you mean" hint.
@@ -643,49 +636,64 @@ mod tests {
     #[test]
     fn misspellings_get_a_hint() {
         let cases = [
-            (quote!(timeout_ms = 500), "timeout"),
-            (quote!(time_out = "1s"), "timeout"),
-            (quote!(deadline = "1s"), "timeout"),
+            // Misspellings.
             (quote!(timout = "1s"), "timeout"),
             (quote!(Timeout = "1s"), "timeout"),
+            (quote!(time_out = "1s"), "timeout"),
             (quote!(worker = "4"), "workers"),
-            (quote!(threads = "4"), "workers"),
-            (quote!(processes = "4"), "workers"),
-            (quote!(mem = "1GiB"), "memory"),
-            (quote!(memory_limit = "1GiB"), "memory"),
-            (quote!(rlimit = "1GiB"), "memory"),
             (quote!(memroy = "1GiB"), "memory"),
-            (quote!(queue_size = 4), "queue"),
-            (quote!(max_queue = 4), "queue"),
-            (quote!(backlog = 4), "queue"),
             (quote!(queues = 4), "queue"),
-            (quote!(on_overload = "reject"), "overload"),
-            (quote!(policy = "reject"), "overload"),
             (quote!(overloaded = "reject"), "overload"),
-            (quote!(max_tasks_per_child = 10), "max_tasks"),
-            (quote!(maxtasksperchild = 10), "max_tasks"),
-            (quote!(max_calls = 10), "max_tasks"),
-            (quote!(recycle = 10), "max_tasks"),
             (quote!(max_task = 10), "max_tasks"),
-            (quote!(rss = "1GiB"), "max_rss"),
-            (quote!(max_memory = "1GiB"), "max_rss"),
             (quote!(max_rs = "1GiB"), "max_rss"),
             (quote!(pools = "a"), "pool"),
             (quote!(krate = "a"), "crate"),
-            (quote!(circuit_breaker(failures = 3)), "breaker"),
-            (quote!(circuit), "breaker"),
             (quote!(braeker), "breaker"),
-            (quote!(on_error = f), "fallback"),
-            (quote!(fallback_fn = f), "fallback"),
-            (quote!(default = f), "fallback"),
             (quote!(fallbak = f), "fallback"),
+            // A key with words around it.
+            (quote!(timeout_ms = 500), "timeout"),
+            (quote!(timeout_secs = 5), "timeout"),
+            (quote!(num_workers = "4"), "workers"),
+            (quote!(memory_limit = "1GiB"), "memory"),
+            (quote!(queue_size = 4), "queue"),
+            (quote!(max_queue = 4), "queue"),
+            (quote!(on_overload = "reject"), "overload"),
+            (quote!(max_tasks_per_child = 10), "max_tasks"),
+            (quote!(pool_name = "a"), "pool"),
+            (quote!(circuit_breaker(failures = 3)), "breaker"),
+            (quote!(fallback_fn = f), "fallback"),
+            (quote!(crate_path = "a"), "crate"),
+            // Other names, maybe with words around them or misspelt.
+            (quote!(deadline = "1s"), "timeout"),
+            (quote!(threads = "4"), "workers"),
+            (quote!(worker_threads = "4"), "workers"),
+            (quote!(processes = "4"), "workers"),
+            (quote!(n_jobs = "4"), "workers"),
+            (quote!(pool_size = "4"), "workers"),
+            (quote!(mem = "1GiB"), "memory"),
+            (quote!(mem_limit = "1GiB"), "memory"),
+            (quote!(rlimit = "1GiB"), "memory"),
+            (quote!(backlog = 4), "queue"),
+            (quote!(policy = "reject"), "overload"),
+            (quote!(maxtasksperchild = 10), "max_tasks"),
+            (quote!(max_calls = 10), "max_tasks"),
+            (quote!(recycle_after = 10), "max_tasks"),
+            (quote!(rss = "1GiB"), "max_rss"),
+            (quote!(max_memory = "1GiB"), "max_rss"),
+            (quote!(max_memory_per_child = "1GiB"), "max_rss"),
+            (quote!(payload_limit = "1GiB"), "max_payload"),
+            (quote!(circuit), "breaker"),
+            (quote!(on_error = f), "fallback"),
+            (quote!(default = f), "fallback"),
         ];
         for (tokens, key) in cases {
             let errors = errors(tokens);
             assert_eq!(errors.len(), 1);
             assert!(errors[0].ends_with(&format!("; did you mean `{key}`?")), "{}", errors[0]);
         }
-        assert!(!errors(quote!(retries = "3"))[0].contains("did you mean"));
+        for unrelated in [quote!(retries = "3"), quote!(colour = "red"), quote!(a::b = 1)] {
+            assert!(!errors(unrelated)[0].contains("did you mean"));
+        }
     }
 
     #[test]
@@ -838,6 +846,12 @@ mod tests {
             errors(quote!(breaker(cooldown = "1s"))),
             [
                 "unknown `breaker` argument `cooldown`; expected one of `failures`, `reset`; did you mean `reset`?"
+            ]
+        );
+        assert_eq!(
+            errors(quote!(breaker(reset_timeout = "1s"))),
+            [
+                "unknown `breaker` argument `reset_timeout`; expected one of `failures`, `reset`; did you mean `reset`?"
             ]
         );
         assert_eq!(
