@@ -8,7 +8,7 @@
 //! key (unknown, duplicate, missing value). Parsing goes on past a bad argument so that all
 //! of them are reported at once.
 
-use offload_spec::{Overload, WorkersSpec};
+use offload_spec::{Grammar, SETTINGS, Setting, Value};
 use proc_macro2::{Delimiter, Span, TokenStream};
 use quote::ToTokens;
 use syn::meta::ParseNestedMeta;
@@ -29,22 +29,9 @@ pub(crate) struct Spanned<T> {
 /// (and an error was reported).
 #[derive(Default)]
 pub(crate) struct OffloadArgs {
-    /// `timeout = "..."` in milliseconds, never zero.
-    pub(crate) timeout_ms: Option<Spanned<u64>>,
-    /// `workers = "..."`.
-    pub(crate) workers: Option<Spanned<WorkersSpec>>,
-    /// `memory = "..."` in bytes, never zero.
-    pub(crate) memory: Option<Spanned<u64>>,
-    /// `queue = N`, maybe zero.
-    pub(crate) queue: Option<Spanned<u64>>,
-    /// `overload = "..."`.
-    pub(crate) overload: Option<Spanned<Overload>>,
-    /// `max_tasks = N`, never zero.
-    pub(crate) max_tasks: Option<Spanned<u64>>,
-    /// `max_rss = "..."` in bytes, never zero.
-    pub(crate) max_rss: Option<Spanned<u64>>,
-    /// `max_payload = "..."` in bytes, never zero.
-    pub(crate) max_payload: Option<Spanned<u64>>,
+    /// The settings with plain values (`timeout`, `workers`, ...: see
+    /// [`offload_spec::SETTINGS`]), each checked, in the order given, spanned at the literal.
+    pub(crate) values: Vec<Spanned<(&'static str, Value)>>,
     /// `pool = "..."`, never empty.
     pub(crate) pool: Option<LitStr>,
     /// `breaker(...)`, spanned at the key.
@@ -65,8 +52,11 @@ pub(crate) struct Breaker {
 }
 
 impl Breaker {
-    /// `breaker` without `failures` or `reset`: 5 failures, `"30s"`.
-    const DEFAULT: Breaker = Breaker { failures: 5, reset_ms: 30_000 };
+    /// `breaker` without `failures` or `reset`.
+    const DEFAULT: Breaker = Breaker {
+        failures: offload_spec::defaults::BREAKER_FAILURES,
+        reset_ms: offload_spec::defaults::BREAKER_RESET_MS,
+    };
 }
 
 /// A set of accepted keys: the attribute's ([`Key`]) or those of `breaker(...)`
@@ -90,114 +80,103 @@ trait Keys: Copy + PartialEq + 'static {
     fn example(self) -> &'static str;
 }
 
-/// The accepted keys.
+/// An accepted key: a setting of [`offload_spec::SETTINGS`], by its place there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Key {
-    Timeout,
-    Workers,
-    Memory,
-    Queue,
-    Overload,
-    MaxTasks,
-    MaxRss,
-    MaxPayload,
-    Pool,
-    Breaker,
-    Fallback,
-    Crate,
+struct Key(usize);
+
+impl Key {
+    /// The key of the setting `name`; a compile error of this crate for a name that is not
+    /// a setting.
+    const fn named(name: &str) -> Key {
+        let mut i = 0;
+        while i < SETTINGS.len() {
+            if eq(SETTINGS[i].name.as_bytes(), name.as_bytes()) {
+                return Key(i);
+            }
+            i += 1;
+        }
+        panic!("not a setting")
+    }
+
+    fn setting(self) -> &'static Setting {
+        &SETTINGS[self.0]
+    }
+}
+
+const fn eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 impl Keys for Key {
-    const ALL: &'static [Key] = &[
-        Key::Timeout,
-        Key::Workers,
-        Key::Memory,
-        Key::Queue,
-        Key::Overload,
-        Key::MaxTasks,
-        Key::MaxRss,
-        Key::MaxPayload,
-        Key::Pool,
-        Key::Breaker,
-        Key::Fallback,
-        Key::Crate,
-    ];
+    const ALL: &'static [Key] = &{
+        let mut all = [Key(0); SETTINGS.len()];
+        let mut i = 0;
+        while i < all.len() {
+            all[i] = Key(i);
+            i += 1;
+        }
+        all
+    };
 
     const WHAT: &'static str = "argument";
 
     const ALIASES: &'static [(&'static str, Key)] = &[
-        ("deadline", Key::Timeout),
+        ("deadline", Key::named("timeout")),
         // Celery's name.
-        ("time_limit", Key::Timeout),
-        ("threads", Key::Workers),
+        ("time_limit", Key::named("timeout")),
+        ("threads", Key::named("workers")),
         // `multiprocessing.Pool(processes=)`.
-        ("processes", Key::Workers),
+        ("processes", Key::named("workers")),
         // `make -j`, joblib's `n_jobs`.
-        ("jobs", Key::Workers),
+        ("jobs", Key::named("workers")),
         // Celery's name.
-        ("concurrency", Key::Workers),
-        ("parallelism", Key::Workers),
+        ("concurrency", Key::named("workers")),
+        ("parallelism", Key::named("workers")),
         // Not `pool`: the size of a pool is its number of workers.
-        ("pool_size", Key::Workers),
-        ("mem", Key::Memory),
+        ("pool_size", Key::named("workers")),
+        ("mem", Key::named("memory")),
         // What `memory` sets: `RLIMIT_AS`, the address space.
-        ("rlimit", Key::Memory),
-        ("address_space", Key::Memory),
-        ("backlog", Key::Queue),
-        ("backpressure", Key::Overload),
-        ("policy", Key::Overload),
+        ("rlimit", Key::named("memory")),
+        ("address_space", Key::named("memory")),
+        ("backlog", Key::named("queue")),
+        ("backpressure", Key::named("overload")),
+        ("policy", Key::named("overload")),
         // `multiprocessing.Pool(maxtasksperchild=)`.
-        ("maxtasksperchild", Key::MaxTasks),
-        ("max_calls", Key::MaxTasks),
+        ("maxtasksperchild", Key::named("max_tasks")),
+        ("max_calls", Key::named("max_tasks")),
         // gunicorn's name.
-        ("max_requests", Key::MaxTasks),
-        ("recycle", Key::MaxTasks),
-        ("rss", Key::MaxRss),
+        ("max_requests", Key::named("max_tasks")),
+        ("recycle", Key::named("max_tasks")),
+        ("rss", Key::named("max_rss")),
         // Celery's `max_memory_per_child`, which replaces a worker as `max_rss` does.
-        ("max_memory", Key::MaxRss),
-        ("payload", Key::MaxPayload),
-        ("max_size", Key::MaxPayload),
+        ("max_memory", Key::named("max_rss")),
+        ("payload", Key::named("max_payload")),
+        ("max_size", Key::named("max_payload")),
         // gRPC's name.
-        ("max_message_size", Key::MaxPayload),
-        ("circuit", Key::Breaker),
-        ("on_error", Key::Fallback),
-        ("on_failure", Key::Fallback),
-        ("or_else", Key::Fallback),
-        ("default", Key::Fallback),
+        ("max_message_size", Key::named("max_payload")),
+        ("circuit", Key::named("breaker")),
+        ("on_error", Key::named("fallback")),
+        ("on_failure", Key::named("fallback")),
+        ("or_else", Key::named("fallback")),
+        ("default", Key::named("fallback")),
     ];
 
     fn name(self) -> &'static str {
-        match self {
-            Key::Timeout => "timeout",
-            Key::Workers => "workers",
-            Key::Memory => "memory",
-            Key::Queue => "queue",
-            Key::Overload => "overload",
-            Key::MaxTasks => "max_tasks",
-            Key::MaxRss => "max_rss",
-            Key::MaxPayload => "max_payload",
-            Key::Pool => "pool",
-            Key::Breaker => "breaker",
-            Key::Fallback => "fallback",
-            Key::Crate => "crate",
-        }
+        self.setting().name
     }
 
     fn example(self) -> &'static str {
-        match self {
-            Key::Timeout => "`timeout = \"30s\"`",
-            Key::Workers => "`workers = \"4\"`",
-            Key::Memory => "`memory = \"512MiB\"`",
-            Key::Queue => "`queue = 64`",
-            Key::Overload => "`overload = \"reject\"`",
-            Key::MaxTasks => "`max_tasks = 1000`",
-            Key::MaxRss => "`max_rss = \"1GiB\"`",
-            Key::MaxPayload => "`max_payload = \"256MiB\"`",
-            Key::Pool => "`pool = \"name\"`",
-            Key::Breaker => "`breaker(failures = 5, reset = \"30s\")`",
-            Key::Fallback => "`fallback = path::to::function`",
-            Key::Crate => "`crate = \"::offload\"`",
-        }
+        self.setting().example
     }
 }
 
@@ -260,7 +239,7 @@ impl OffloadArgs {
         errors: &mut Errors,
     ) -> syn::Result<()> {
         let Some(key) = accepted_key(meta, seen, errors)? else { return Ok(()) };
-        if key == Key::Breaker && !meta.input.peek(Token![=]) {
+        if key.setting().grammar == Grammar::Breaker && !meta.input.peek(Token![=]) {
             self.breaker = parse_breaker(meta, errors)?;
             return Ok(());
         }
@@ -276,41 +255,25 @@ impl OffloadArgs {
 
     /// Checks a value and stores it.
     fn set(&mut self, key: Key, value: &Expr) -> syn::Result<()> {
-        let what = key.name();
-        match key {
-            Key::Timeout => {
-                self.timeout_ms = Some(parse_str(key, value, |text| offload_spec::parse_millis(text, what))?);
-            }
-            Key::Workers => self.workers = Some(parse_str(key, value, offload_spec::parse_workers)?),
-            Key::Memory => {
-                self.memory = Some(parse_str(key, value, |text| offload_spec::parse_size(text, what))?);
-            }
-            Key::Queue => self.queue = Some(parse_count(key, value, 0)?),
-            Key::Overload => self.overload = Some(parse_str(key, value, offload_spec::parse_overload)?),
-            Key::MaxTasks => self.max_tasks = Some(parse_count(key, value, 1)?),
-            Key::MaxRss => {
-                self.max_rss = Some(parse_str(key, value, |text| offload_spec::parse_size(text, what))?);
-            }
-            Key::MaxPayload => {
-                self.max_payload = Some(parse_str(key, value, |text| offload_spec::parse_size(text, what))?);
-            }
-            Key::Pool => {
+        let name = key.name();
+        match key.setting().grammar {
+            Grammar::Name => {
                 let lit = string(key, value)?;
                 if lit.value().trim().is_empty() {
                     return Err(syn::Error::new(
                         lit.span(),
-                        "pool name must not be empty, e.g. `pool = \"images\"`",
+                        format!("{name} name must not be empty, e.g. `{name} = \"images\"`"),
                     ));
                 }
                 self.pool = Some(lit);
             }
             // `breaker(...)` and `breaker` are parsed by `parse_breaker`: this is `breaker = ..`.
-            Key::Breaker => {
+            Grammar::Breaker => {
                 let message = format!("expected a parenthesised list, e.g. {}", key.example());
                 return Err(syn::Error::new_spanned(value, message));
             }
-            Key::Fallback => self.fallback = Some(function_path(key, value)?),
-            Key::Crate => {
+            Grammar::FunctionPath => self.fallback = Some(function_path(key, value)?),
+            Grammar::CratePath => {
                 let lit = string(key, value)?;
                 let path = lit.parse_with(Path::parse_mod_style).map_err(|_| {
                     let message = format!(
@@ -322,8 +285,24 @@ impl OffloadArgs {
                 })?;
                 self.krate = Some(path);
             }
+            Grammar::Count { min } => {
+                let count = parse_count(key, value, min)?;
+                self.values.push(Spanned { value: (name, Value::Count(count.value)), span: count.span });
+            }
+            grammar => {
+                let parsed = parse_str(key, value, |text| {
+                    grammar.parse(name, text).expect("a grammar of plain values")
+                })?;
+                self.values.push(Spanned { value: (name, parsed.value), span: parsed.span });
+            }
         }
         Ok(())
+    }
+
+    /// The value given for the setting `name`, if one was.
+    #[cfg(test)]
+    fn value(&self, name: &str) -> Option<Value> {
+        self.values.iter().find(|v| v.value.0 == name).map(|v| v.value.1)
     }
 }
 
@@ -555,7 +534,9 @@ mod tests {
 
     use std::num::NonZeroUsize;
 
-    use super::{Breaker, OffloadArgs, Overload, WorkersSpec, edit_distance};
+    use offload_spec::{Overload, Value, WorkersSpec};
+
+    use super::{Breaker, OffloadArgs, edit_distance};
 
     const EXPECTED: &str = "expected one of `timeout`, `workers`, `memory`, `queue`, `overload`, \
                             `max_tasks`, `max_rss`, `max_payload`, `pool`, `breaker`, `fallback`, `crate`";
@@ -576,13 +557,7 @@ mod tests {
     #[test]
     fn empty_means_defaults() {
         let args = parse_ok(quote!());
-        assert!(args.timeout_ms.is_none());
-        assert!(args.workers.is_none());
-        assert!(args.memory.is_none());
-        assert!(args.queue.is_none());
-        assert!(args.overload.is_none());
-        assert!(args.max_tasks.is_none());
-        assert!(args.max_rss.is_none());
+        assert!(args.values.is_empty());
         assert!(args.pool.is_none());
         assert!(args.breaker.is_none());
         assert!(args.fallback.is_none());
@@ -604,13 +579,16 @@ mod tests {
             fallback = super::cached,
             crate = "my_crate::offload",
         ));
-        assert_eq!(args.timeout_ms.map(|t| t.value), Some(90_000));
-        assert_eq!(args.workers.map(|w| w.value), Some(WorkersSpec::CpusDiv(NonZeroUsize::new(2).unwrap())));
-        assert_eq!(args.memory.map(|m| m.value), Some(512 << 20));
-        assert_eq!(args.queue.map(|q| q.value), Some(64));
-        assert_eq!(args.overload.map(|o| o.value), Some(Overload::Reject));
-        assert_eq!(args.max_tasks.map(|t| t.value), Some(1000));
-        assert_eq!(args.max_rss.map(|r| r.value), Some(1_000_000_000));
+        assert_eq!(args.value("timeout"), Some(Value::Millis(90_000)));
+        assert_eq!(
+            args.value("workers"),
+            Some(Value::Workers(WorkersSpec::CpusDiv(NonZeroUsize::new(2).unwrap())))
+        );
+        assert_eq!(args.value("memory"), Some(Value::Bytes(512 << 20)));
+        assert_eq!(args.value("queue"), Some(Value::Count(64)));
+        assert_eq!(args.value("overload"), Some(Value::Overload(Overload::Reject)));
+        assert_eq!(args.value("max_tasks"), Some(Value::Count(1000)));
+        assert_eq!(args.value("max_rss"), Some(Value::Bytes(1_000_000_000)));
         assert_eq!(args.pool.map(|p| p.value()).as_deref(), Some("images"));
         assert_eq!(args.breaker.map(|b| b.value), Some(Breaker { failures: 3, reset_ms: 60_000 }));
         let fallback = args.fallback.unwrap();
@@ -740,10 +718,10 @@ mod tests {
 
     #[test]
     fn counts() {
-        assert_eq!(parse_ok(quote!(queue = 0)).queue.map(|q| q.value), Some(0));
-        assert_eq!(parse_ok(quote!(queue = 0x10)).queue.map(|q| q.value), Some(16));
-        assert_eq!(parse_ok(quote!(max_tasks = 1)).max_tasks.map(|t| t.value), Some(1));
-        assert_eq!(parse_ok(quote!(max_tasks = 7u64)).max_tasks.map(|t| t.value), Some(7));
+        assert_eq!(parse_ok(quote!(queue = 0)).value("queue"), Some(Value::Count(0)));
+        assert_eq!(parse_ok(quote!(queue = 0x10)).value("queue"), Some(Value::Count(16)));
+        assert_eq!(parse_ok(quote!(max_tasks = 1)).value("max_tasks"), Some(Value::Count(1)));
+        assert_eq!(parse_ok(quote!(max_tasks = 7u64)).value("max_tasks"), Some(Value::Count(7)));
         assert_eq!(errors(quote!(max_tasks = 0)), ["max_tasks must be at least 1"]);
         assert_eq!(errors(quote!(max_tasks = -3)), ["max_tasks must be at least 1"]);
         assert_eq!(errors(quote!(queue = -1)), ["queue must be at least 0"]);
@@ -756,9 +734,12 @@ mod tests {
 
     #[test]
     fn sizes_and_policies() {
-        assert_eq!(parse_ok(quote!(memory = "64KiB")).memory.map(|m| m.value), Some(65_536));
-        assert_eq!(parse_ok(quote!(max_rss = "2 GiB")).max_rss.map(|r| r.value), Some(2 << 30));
-        assert_eq!(parse_ok(quote!(overload = "wait")).overload.map(|o| o.value), Some(Overload::Wait));
+        assert_eq!(parse_ok(quote!(memory = "64KiB")).value("memory"), Some(Value::Bytes(65_536)));
+        assert_eq!(parse_ok(quote!(max_rss = "2 GiB")).value("max_rss"), Some(Value::Bytes(2 << 30)));
+        assert_eq!(
+            parse_ok(quote!(overload = "wait")).value("overload"),
+            Some(Value::Overload(Overload::Wait))
+        );
         assert_eq!(errors(quote!(memory = "0MiB")), ["memory must be greater than zero"]);
         assert_eq!(errors(quote!(max_rss = "0GiB")), ["max_rss must be greater than zero"]);
         assert!(errors(quote!(memory = "512"))[0].starts_with("invalid size `512`"));
@@ -907,8 +888,11 @@ mod tests {
     fn a_bad_value_keeps_the_others() {
         let (args, err) = OffloadArgs::parse(quote!(timeout = "0s", workers = "3"));
         assert!(err.is_some());
-        assert!(args.timeout_ms.is_none());
-        assert_eq!(args.workers.map(|w| w.value), Some(WorkersSpec::Fixed(NonZeroUsize::new(3).unwrap())));
+        assert!(args.value("timeout").is_none());
+        assert_eq!(
+            args.value("workers"),
+            Some(Value::Workers(WorkersSpec::Fixed(NonZeroUsize::new(3).unwrap())))
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{ExprPath, FnArg, Ident, Pat, ReturnType, Type};
 
-use offload_spec::{Overload, WorkersSpec};
+use offload_spec::{Overload, Value, WorkersSpec};
 
 use crate::args::OffloadArgs;
 use crate::ast::Function;
@@ -353,33 +353,33 @@ impl Context<'_> {
         let column = quote_spanned!(ident.span()=> ::core::column!());
 
         let mut settings = TokenStream::new();
-        // The settings that are a plain number, each set by the builder method named here.
-        let numbers = [
-            ("with_timeout_ms", &args.timeout_ms),
-            ("with_memory", &args.memory),
-            ("with_queue", &args.queue),
-            ("with_max_tasks", &args.max_tasks),
-            ("with_max_payload", &args.max_payload),
-            ("with_max_rss", &args.max_rss),
-        ];
-        for (method, setting) in numbers {
-            if let Some(setting) = setting {
-                let method = Ident::new(method, setting.span);
-                let value = Literal::u64_unsuffixed(setting.value);
-                settings.extend(quote_spanned!(setting.span=> .#method(#value)));
-            }
-        }
-        if let Some(workers) = &args.workers {
-            let spec = workers_spec(rt, workers.value);
-            settings.extend(quote_spanned!(workers.span=> .with_workers(#spec)));
-        }
-        if let Some(overload) = &args.overload {
-            let path = rt.overload();
-            let policy = match overload.value {
-                Overload::Wait => quote!(#path::Wait),
-                Overload::Reject => quote!(#path::Reject),
-            };
-            settings.extend(quote_spanned!(overload.span=> .with_overload(#policy)));
+        // The settings with plain values, as fields of one `Options` constant, each spanned
+        // at the literal it came from.
+        let fields: Vec<TokenStream> = args
+            .values
+            .iter()
+            .map(|setting| {
+                let (name, value) = setting.value;
+                let field = Ident::new(name, setting.span);
+                let value = match value {
+                    Value::Millis(n) | Value::Bytes(n) | Value::Count(n) => {
+                        Literal::u64_unsuffixed(n).into_token_stream()
+                    }
+                    Value::Workers(spec) => workers_spec(rt, spec),
+                    Value::Overload(policy) => {
+                        let path = rt.overload();
+                        match policy {
+                            Overload::Wait => quote!(#path::Wait),
+                            Overload::Reject => quote!(#path::Reject),
+                        }
+                    }
+                };
+                quote_spanned!(setting.span=> #field: ::core::option::Option::Some(#value))
+            })
+            .collect();
+        if !fields.is_empty() {
+            let options = rt.options();
+            settings.extend(quote!(.with_options(#options { #(#fields,)* ..#options::EMPTY })));
         }
         if let Some(pool) = &args.pool {
             settings.extend(quote_spanned!(pool.span()=> .with_pool(#pool)));
@@ -686,7 +686,13 @@ mod tests {
                 fn f() {}
             ),
         );
-        assert!(out.contains(".with_timeout_ms(60000).with_pool(\"p\");"), "{out}");
+        assert!(
+            out.contains(
+                ".with_options(::offload::__private::Options{timeout:::core::option::Option::Some(60000),\
+                 ..::offload::__private::Options::EMPTY}).with_pool(\"p\");"
+            ),
+            "{out}"
+        );
 
         let out = expand(
             quote!(
@@ -705,14 +711,15 @@ mod tests {
         );
         assert!(
             out.contains(
-                ".with_timeout_ms(1000)\
-                 .with_memory(2048)\
-                 .with_queue(0)\
-                 .with_max_tasks(7)\
-                 .with_max_rss(1000)\
-                 .with_workers(::offload::__private::WorkersSpec::Cpus)\
-                 .with_overload(::offload::__private::Overload::Reject)\
-                 .with_pool(\"p\");"
+                ".with_options(::offload::__private::Options{\
+                 max_rss:::core::option::Option::Some(1000),\
+                 max_tasks:::core::option::Option::Some(7),\
+                 overload:::core::option::Option::Some(::offload::__private::Overload::Reject),\
+                 queue:::core::option::Option::Some(0),\
+                 memory:::core::option::Option::Some(2048),\
+                 workers:::core::option::Option::Some(::offload::__private::WorkersSpec::Cpus),\
+                 timeout:::core::option::Option::Some(1000),\
+                 ..::offload::__private::Options::EMPTY}).with_pool(\"p\");"
             ),
             "{out}"
         );
@@ -796,7 +803,9 @@ mod tests {
                 ),
             );
             assert!(
-                out.contains(&format!(".with_overload(my::offload::__private::Overload::{variant})")),
+                out.contains(&format!(
+                    "overload:::core::option::Option::Some(my::offload::__private::Overload::{variant})"
+                )),
                 "{out}"
             );
         }
@@ -832,7 +841,12 @@ mod tests {
                     fn f() {}
                 ),
             );
-            assert!(out.contains(&format!(".with_workers(::offload::__private::{expected}")), "{out}");
+            assert!(
+                out.contains(&format!(
+                    "workers:::core::option::Option::Some(::offload::__private::{expected}"
+                )),
+                "{out}"
+            );
         }
     }
 

@@ -39,6 +39,11 @@ impl Runtime {
         self.item("Entry")
     }
 
+    /// The `Options` struct of `offload_spec`: what an attribute says about plain settings.
+    pub(crate) fn options(&self) -> TokenStream {
+        self.item("Options")
+    }
+
     pub(crate) fn workers_spec(&self) -> TokenStream {
         self.item("WorkersSpec")
     }

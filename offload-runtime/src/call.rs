@@ -410,7 +410,7 @@ async fn exchange(
     record: &mut Record,
     span: &tracing::Span,
 ) -> Result<(), Error> {
-    let timeout = executor.settings().timeout.unwrap_or(entry.timeout);
+    let timeout = executor.settings().timeout.unwrap_or_else(|| entry.timeout());
     let timed_out = |pid| Error::Timeout { entry: entry.name(), timeout, pid };
 
     // One timer for the whole call: waiting for a place and running.

@@ -86,7 +86,7 @@ pub mod __private {
     pub use crate::protocol::{RecvBytes, SendBytes};
     pub use crate::registry::{ENTRIES, Entry, Invoke};
     pub use crate::worker::{decode_args, encode_return, encode_return_bytes, write_garbage_to_channel};
-    pub use offload_spec::{Overload, WorkersSpec};
+    pub use offload_spec::{Options, Overload, WorkersSpec};
 
     /// What an argument or return type of an `#[offload]` function needs.
     #[diagnostic::on_unimplemented(

@@ -12,7 +12,7 @@ use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use crate::error::ProtocolError;
-use crate::settings::{BreakerConfig, Overload, PoolOptions, WorkersSpec};
+use crate::settings::{BreakerConfig, PoolOptions};
 
 /// The worker side of an entry: decode the arguments from `input`, run the user's function,
 /// append the encoded return value to `out`.
@@ -34,39 +34,26 @@ pub struct Entry {
     /// `module::path::fn_name`, for people: messages, logs, figures.
     pub(crate) name: &'static str,
     pub(crate) invoke: Invoke,
-    pub(crate) timeout: Duration,
     /// The shared pool this function names, or `None` for a pool of its own.
     pub(crate) pool: Option<&'static str>,
-    /// What the attribute says about the pool; a shared pool merges its members' options.
+    /// What the attribute says about the pool and the function; a shared pool merges its
+    /// members' pool settings.
     pub(crate) options: PoolOptions,
     /// `breaker(failures = N, reset = "...")`, if given.
     pub(crate) breaker: Option<BreakerConfig>,
 }
 
 impl Entry {
-    /// The deadline of a call when the attribute gives none.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-
     /// An entry with default settings: `key` is what the worker dispatches on, `name` what
     /// people read.
     pub const fn new(key: &'static str, name: &'static str, invoke: Invoke) -> Entry {
-        Entry {
-            key,
-            name,
-            invoke,
-            timeout: Entry::DEFAULT_TIMEOUT,
-            pool: None,
-            options: PoolOptions {
-                workers: None,
-                memory: None,
-                queue: None,
-                overload: None,
-                max_tasks: None,
-                max_rss: None,
-                max_payload: None,
-            },
-            breaker: None,
-        }
+        Entry { key, name, invoke, pool: None, options: PoolOptions::EMPTY, breaker: None }
+    }
+
+    /// What the attribute says about the settings with plain values, checked by the macro.
+    pub const fn with_options(mut self, options: PoolOptions) -> Entry {
+        self.options = options;
+        self
     }
 
     /// `breaker(failures = N, reset = "...")`: open after `failures` worker-side failures
@@ -76,58 +63,18 @@ impl Entry {
         self
     }
 
-    /// `timeout = "..."`, already parsed to milliseconds (never zero).
-    pub const fn with_timeout_ms(mut self, ms: u64) -> Entry {
-        self.timeout = Duration::from_millis(ms);
-        self
-    }
-
-    /// `workers = "..."`.
-    pub const fn with_workers(mut self, workers: WorkersSpec) -> Entry {
-        self.options.workers = Some(workers);
-        self
-    }
-
-    /// `memory = "..."`, in bytes.
-    pub const fn with_memory(mut self, bytes: u64) -> Entry {
-        self.options.memory = Some(bytes);
-        self
-    }
-
-    /// `queue = N`.
-    pub const fn with_queue(mut self, queue: u64) -> Entry {
-        self.options.queue = Some(queue);
-        self
-    }
-
-    /// `overload = "..."`.
-    pub const fn with_overload(mut self, overload: Overload) -> Entry {
-        self.options.overload = Some(overload);
-        self
-    }
-
-    /// `max_tasks = N`.
-    pub const fn with_max_tasks(mut self, tasks: u64) -> Entry {
-        self.options.max_tasks = Some(tasks);
-        self
-    }
-
-    /// `max_payload = "..."`, in bytes.
-    pub const fn with_max_payload(mut self, bytes: u64) -> Entry {
-        self.options.max_payload = Some(bytes);
-        self
-    }
-
-    /// `max_rss = "..."`, in bytes.
-    pub const fn with_max_rss(mut self, bytes: u64) -> Entry {
-        self.options.max_rss = Some(bytes);
-        self
-    }
-
     /// `pool = "..."`.
     pub const fn with_pool(mut self, pool: &'static str) -> Entry {
         self.pool = Some(pool);
         self
+    }
+
+    /// The deadline of a call, as the attribute gives it or by default.
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_millis(match self.options.timeout {
+            Some(ms) => ms,
+            None => offload_spec::defaults::TIMEOUT_MS,
+        })
     }
 
     /// The name of the pool serving this entry: the named pool, or the entry's own.
@@ -177,7 +124,7 @@ impl Registry {
 
         let mut pools: HashMap<&'static str, Result<PoolOptions, String>> = HashMap::new();
         for entry in entries {
-            let merged = pools.entry(entry.pool_key()).or_insert(Ok(PoolOptions::default()));
+            let merged = pools.entry(entry.pool_key()).or_insert(Ok(PoolOptions::EMPTY));
             let Ok(options) = merged else { continue };
             if let Err(conflict) = options.merge(&entry.options) {
                 // Name a function that gave the value this one disagrees with.
@@ -296,6 +243,7 @@ mod tests {
     use std::num::NonZeroUsize;
 
     use super::*;
+    use offload_spec::WorkersSpec;
 
     fn noop(_: &[u8], _: &mut Vec<u8>) -> Result<(), ProtocolError> {
         Ok(())
@@ -308,16 +256,20 @@ mod tests {
 
     const FOUR: WorkersSpec = WorkersSpec::Fixed(NonZeroUsize::new(4).unwrap());
 
+    fn workers(spec: WorkersSpec) -> PoolOptions {
+        PoolOptions { workers: Some(spec), ..PoolOptions::EMPTY }
+    }
+
     #[test]
     fn shared_pool_takes_the_one_setting_given() {
         let (e, reg) = table(vec![
             Entry::new("m::a#1", "m::a", noop).with_pool("p"),
-            Entry::new("m::b#1", "m::b", noop).with_pool("p").with_workers(FOUR),
+            Entry::new("m::b#1", "m::b", noop).with_pool("p").with_options(workers(FOUR)),
             Entry::new("m::c#1", "m::c", noop),
         ]);
         assert_eq!(reg.options(&e[0]).unwrap().workers, Some(FOUR));
         assert_eq!(reg.options(&e[1]).unwrap().workers, Some(FOUR));
-        assert_eq!(reg.options(&e[2]), Ok(PoolOptions::default()));
+        assert_eq!(reg.options(&e[2]), Ok(PoolOptions::EMPTY));
         assert_eq!(reg.lookup("m::c#1").map(|x| x.name), Some("m::c"));
         assert!(reg.lookup("m::c").is_none());
     }
@@ -325,8 +277,8 @@ mod tests {
     #[test]
     fn conflicting_settings_name_both_functions() {
         let (e, reg) = table(vec![
-            Entry::new("m::a#1", "m::a", noop).with_pool("p").with_workers(WorkersSpec::Cpus),
-            Entry::new("m::b#1", "m::b", noop).with_pool("p").with_workers(FOUR),
+            Entry::new("m::a#1", "m::a", noop).with_pool("p").with_options(workers(WorkersSpec::Cpus)),
+            Entry::new("m::b#1", "m::b", noop).with_pool("p").with_options(workers(FOUR)),
         ]);
         let message = reg.options(&e[1]).unwrap_err();
         assert!(message.contains("`m::a` says workers = \"cpus\""), "{message}");

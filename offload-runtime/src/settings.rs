@@ -6,7 +6,8 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-pub(crate) use offload_spec::{Overload, WorkersSpec};
+pub(crate) use offload_spec::Overload;
+use offload_spec::defaults;
 
 /// What `breaker(failures = N, reset = "...")` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,64 +16,12 @@ pub(crate) struct BreakerConfig {
     pub(crate) reset: Duration,
 }
 
-/// The pool settings one `#[offload]` attribute gives; `None` where it gives none.
-/// Not public API: the macro fills it in through the `Entry` builder.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct PoolOptions {
-    pub(crate) workers: Option<WorkersSpec>,
-    pub(crate) memory: Option<u64>,
-    pub(crate) queue: Option<u64>,
-    pub(crate) overload: Option<Overload>,
-    pub(crate) max_tasks: Option<u64>,
-    pub(crate) max_rss: Option<u64>,
-    pub(crate) max_payload: Option<u64>,
-}
-
-/// Two functions in one pool gave one setting different values.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Conflict {
-    pub(crate) setting: &'static str,
-    pub(crate) ours: String,
-    pub(crate) theirs: String,
-}
-
-impl PoolOptions {
-    /// Takes the settings `other` gives that `self` does not; fails on the first setting
-    /// both give with different values.
-    pub(crate) fn merge(&mut self, other: &PoolOptions) -> Result<(), Conflict> {
-        fn one<T: PartialEq + Copy>(
-            setting: &'static str,
-            ours: &mut Option<T>,
-            theirs: Option<T>,
-            show: impl Fn(T) -> String,
-        ) -> Result<(), Conflict> {
-            match (*ours, theirs) {
-                (Some(a), Some(b)) if a != b => Err(Conflict { setting, ours: show(a), theirs: show(b) }),
-                (None, Some(b)) => {
-                    *ours = Some(b);
-                    Ok(())
-                }
-                _ => Ok(()),
-            }
-        }
-        one("workers", &mut self.workers, other.workers, |w| w.to_string())?;
-        one("memory", &mut self.memory, other.memory, bytes)?;
-        one("queue", &mut self.queue, other.queue, |n| n.to_string())?;
-        one("overload", &mut self.overload, other.overload, |o| o.to_string())?;
-        one("max_tasks", &mut self.max_tasks, other.max_tasks, |n| n.to_string())?;
-        one("max_rss", &mut self.max_rss, other.max_rss, bytes)?;
-        one("max_payload", &mut self.max_payload, other.max_payload, bytes)
-    }
-}
+/// What one `#[offload]` attribute gives; see [`offload_spec::SETTINGS`].
+pub(crate) use offload_spec::Options as PoolOptions;
 
 /// A size for messages: exact bytes, with the binary unit when it divides evenly.
 fn bytes(n: u64) -> String {
-    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n >= size && n.is_multiple_of(size) {
-            return format!("\"{}{unit}\"", n / size);
-        }
-    }
-    format!("\"{n}B\"")
+    offload_spec::Value::Bytes(n).to_string()
 }
 
 /// A pool's settings once defaults and environment overrides are applied.
@@ -105,7 +54,7 @@ pub(crate) enum Placement {
 }
 
 /// The default `max_payload`: 1 GiB.
-pub(crate) const DEFAULT_MAX_PAYLOAD: u64 = 1 << 30;
+pub(crate) const DEFAULT_MAX_PAYLOAD: u64 = offload_spec::defaults::MAX_PAYLOAD;
 
 /// The largest `max_payload`: what a frame's 32-bit length can carry, less room for the
 /// frame's own bytes.
@@ -143,38 +92,19 @@ fn resolve_with(
     env: impl Fn(&str) -> Option<(String, String)>,
     cpus: NonZeroUsize,
 ) -> Result<PoolSettings, String> {
-    // Parses the override of `key` if one is set, naming the variable in any error.
-    fn over<T>(
-        env: &impl Fn(&str) -> Option<(String, String)>,
-        key: &str,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<Option<T>, String> {
-        match env(key) {
-            None => Ok(None),
-            Some((var, value)) => {
-                parse(&value).map(Some).map_err(|e| format!("environment variable {var}: {e}"))
-            }
-        }
-    }
-    let workers = over(&env, "WORKERS", offload_spec::parse_workers)?
-        .or(options.workers)
-        .unwrap_or(WorkersSpec::DEFAULT);
+    let overrides = PoolOptions::from_env(env)?;
+    // The pool's options carry no function setting; a `timeout` here is an override, which
+    // replaces the deadline of every function in the pool.
+    let given = overrides.or(options);
     Ok(PoolSettings {
-        workers: workers.resolve_with(cpus),
-        timeout: over(&env, "TIMEOUT", |v| offload_spec::parse_millis(v, "timeout"))?
-            .map(Duration::from_millis),
-        memory: over(&env, "MEMORY", |v| offload_spec::parse_size(v, "memory"))?.or(options.memory),
-        queue: over(&env, "QUEUE", |v| offload_spec::parse_count(v, "queue", 0))?.or(options.queue),
-        overload: over(&env, "OVERLOAD", offload_spec::parse_overload)?
-            .or(options.overload)
-            .unwrap_or_default(),
-        max_tasks: over(&env, "MAX_TASKS", |v| offload_spec::parse_count(v, "max_tasks", 1))?
-            .or(options.max_tasks),
-        max_rss: over(&env, "MAX_RSS", |v| offload_spec::parse_size(v, "max_rss"))?.or(options.max_rss),
-        max_payload: over(&env, "MAX_PAYLOAD", |v| offload_spec::parse_size(v, "max_payload"))?
-            .or(options.max_payload)
-            .unwrap_or(DEFAULT_MAX_PAYLOAD)
-            .min(MAX_MAX_PAYLOAD),
+        workers: given.workers.unwrap_or(defaults::WORKERS).resolve_with(cpus),
+        timeout: overrides.timeout.map(Duration::from_millis),
+        memory: given.memory,
+        queue: given.queue,
+        overload: given.overload.unwrap_or(defaults::OVERLOAD),
+        max_tasks: given.max_tasks,
+        max_rss: given.max_rss,
+        max_payload: given.max_payload.unwrap_or(defaults::MAX_PAYLOAD).min(MAX_MAX_PAYLOAD),
         placement: Placement::Local,
     })
 }
@@ -203,6 +133,8 @@ impl fmt::Display for PoolSettings {
 mod tests {
     use std::collections::HashMap;
 
+    use offload_spec::{Conflict, WorkersSpec};
+
     use super::*;
 
     fn nz(n: usize) -> NonZeroUsize {
@@ -217,7 +149,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let s = resolve_in(&[], "p", PoolOptions::default()).unwrap();
+        let s = resolve_in(&[], "p", PoolOptions::EMPTY).unwrap();
         assert_eq!(s.workers, nz(6), "cpus-2 of 8");
         assert_eq!((s.timeout, s.memory, s.queue, s.overload), (None, None, None, Overload::Wait));
         assert_eq!(s.to_string(), "6 workers, unbounded queue");
@@ -225,7 +157,7 @@ mod tests {
 
     #[test]
     fn pool_variable_beats_global_beats_attribute() {
-        let options = PoolOptions { workers: Some(WorkersSpec::Cpus), queue: Some(4), ..Default::default() };
+        let options = PoolOptions { workers: Some(WorkersSpec::Cpus), queue: Some(4), ..PoolOptions::EMPTY };
         let vars =
             [("OFFLOAD_WORKERS", "2"), ("OFFLOAD_POOL_APP__DIGEST_WORKERS", "3"), ("OFFLOAD_QUEUE", "9")];
         let s = resolve_in(&vars, "app::digest", options).unwrap();
@@ -245,7 +177,7 @@ mod tests {
             ("OFFLOAD_POOL_P_MAX_TASKS", "10"),
             ("OFFLOAD_POOL_P_MAX_RSS", "1GiB"),
         ];
-        let s = resolve_in(&vars, "p", PoolOptions::default()).unwrap();
+        let s = resolve_in(&vars, "p", PoolOptions::EMPTY).unwrap();
         assert_eq!(s.timeout, Some(Duration::from_secs(2)));
         assert_eq!(s.memory, Some(64 << 20));
         assert_eq!(s.overload, Overload::Reject);
@@ -255,21 +187,25 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_its_variable() {
-        let err = resolve_in(&[("OFFLOAD_POOL_P_MEMORY", "lots")], "p", PoolOptions::default()).unwrap_err();
+        let err = resolve_in(&[("OFFLOAD_POOL_P_MEMORY", "lots")], "p", PoolOptions::EMPTY).unwrap_err();
         assert!(err.starts_with("environment variable OFFLOAD_POOL_P_MEMORY: invalid size `lots`"), "{err}");
-        let err = resolve_in(&[("OFFLOAD_WORKERS", "0")], "p", PoolOptions::default()).unwrap_err();
+        let err = resolve_in(&[("OFFLOAD_WORKERS", "0")], "p", PoolOptions::EMPTY).unwrap_err();
         assert_eq!(err, "environment variable OFFLOAD_WORKERS: workers must be at least 1");
     }
 
     #[test]
     fn merge_fills_gaps_and_reports_conflicts() {
-        let mut a = PoolOptions { memory: Some(1 << 20), ..Default::default() };
-        a.merge(&PoolOptions { queue: Some(3), memory: Some(1 << 20), ..Default::default() }).unwrap();
+        let mut a = PoolOptions { memory: Some(1 << 20), ..PoolOptions::EMPTY };
+        a.merge(&PoolOptions { queue: Some(3), memory: Some(1 << 20), ..PoolOptions::EMPTY }).unwrap();
         assert_eq!((a.memory, a.queue), (Some(1 << 20), Some(3)));
-        let conflict = a.merge(&PoolOptions { memory: Some(2 << 20), ..Default::default() }).unwrap_err();
+        let conflict = a.merge(&PoolOptions { memory: Some(2 << 20), ..PoolOptions::EMPTY }).unwrap_err();
         assert_eq!(
             conflict,
-            Conflict { setting: "memory", ours: "\"1MiB\"".into(), theirs: "\"2MiB\"".into() }
+            Conflict {
+                setting: "memory",
+                ours: offload_spec::Value::Bytes(1 << 20),
+                theirs: offload_spec::Value::Bytes(2 << 20)
+            }
         );
     }
 }

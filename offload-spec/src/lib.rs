@@ -7,6 +7,10 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+mod schema;
+
+pub use schema::{Conflict, Grammar, Options, SETTINGS, Scope, Setting, Value, defaults, setting};
+
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -26,9 +30,6 @@ pub enum WorkersSpec {
 }
 
 impl WorkersSpec {
-    /// The default, `"cpus-2"`: leave a core for the async runtime and one for the rest.
-    pub const DEFAULT: WorkersSpec = WorkersSpec::CpusMinus(2);
-
     /// The worker count on a machine with `cpus` available cores; never below 1.
     pub fn resolve_with(self, cpus: NonZeroUsize) -> NonZeroUsize {
         let n = match self {
@@ -142,10 +143,9 @@ pub fn parse_size(text: &str, what: &str) -> Result<u64, String> {
 }
 
 /// What a call does when the pool's queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overload {
     /// `"wait"`: the caller waits for room in the queue (backpressure). The default.
-    #[default]
     Wait,
     /// `"reject"`: the call fails at once with `Error::Overloaded` (load shedding).
     Reject,
