@@ -6,7 +6,7 @@
 pub use offload_macros::offload;
 pub use offload_runtime::{
     BreakerState, Error, ErrorKind, ExitReason, Latency, Payload, PoolStats, ProtocolError, RestartCause,
-    SharedBytes, SharedSlice, bytemuck, is_worker, shutdown, stats, warm_up,
+    SharedBytes, SharedSlice, Transferable, bytemuck, is_worker, shutdown, stats, warm_up,
 };
 
 #[doc(inline)]
@@ -14,8 +14,8 @@ pub use offload_runtime::lag;
 
 /// Not public API: what `#[offload]` expansions use. Anything here may change in any release.
 #[doc(hidden)]
-pub mod __private {
-    pub use offload_runtime::__private::*;
+pub mod __private_v1 {
+    pub use offload_runtime::__private_v1::*;
 }
 
 // Lets `#[offload]` in this crate's own unit tests name the crate as users do.

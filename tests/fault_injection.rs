@@ -43,7 +43,7 @@ fn work(fault: Fault, x: u64, victims: String) -> Vec<u8> {
             let bomb = vec![1u8; 2 << 30];
             std::hint::black_box(&bomb);
         }
-        Fault::Garbage => offload::__private::write_garbage_to_channel(&[0xff, 0xff, 0xff, 0x7f, 0x63]),
+        Fault::Garbage => offload::__private_v1::write_garbage_to_channel(&[0xff, 0xff, 0xff, 0x7f, 0x63]),
         Fault::HugeResult => return vec![7; 128 << 10],
         Fault::Victim => {
             std::fs::write(Path::new(&victims).join(std::process::id().to_string()), b"").unwrap();

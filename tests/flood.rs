@@ -23,7 +23,7 @@ fn bulk_flood() -> u32 {
     frame.push(7); // the bulk frame's tag
     frame.resize(5 + PIECE, 0xab);
     for _ in 0..FLOOD / PIECE {
-        offload::__private::write_garbage_to_channel(&frame);
+        offload::__private_v1::write_garbage_to_channel(&frame);
     }
     1
 }

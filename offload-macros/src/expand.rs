@@ -94,7 +94,8 @@ fn expand(args: &OffloadArgs, function: &Function) -> TokenStream {
     let name = &sig.ident;
     let stub_args = cx.arguments.iter().map(|Argument { name, ty, .. }| quote!(#name: #ty));
     let return_ty = cx.return_ty_tokens();
-    let error = cx.runtime.error();
+    let error = cx.runtime.public_error();
+    let import = cx.runtime.import();
     let async_token = quote_spanned!(sig.fn_token.span=> async);
     let fn_token = &sig.fn_token;
     quote! {
@@ -102,6 +103,7 @@ fn expand(args: &OffloadArgs, function: &Function) -> TokenStream {
         #vis #async_token #fn_token #name(#(#stub_args),*)
             -> ::core::result::Result<#return_ty, #error>
         {
+            #import
             #impl_fn
             #invoke_fn
             #registration
@@ -439,9 +441,14 @@ impl Context<'_> {
             Some(fallback) => self.fall_back(fallback, result),
             None => result,
         };
+        let hook = rt.worker_hook();
         quote! {
             #args_struct
             #returned
+            // Keeps the worker's pre-`main` hook in every binary that can call: it is what
+            // makes a worker of the binary.
+            #[cfg(target_os = "linux")]
+            ::core::hint::black_box(&#hook);
             #result
         }
     }
@@ -642,7 +649,7 @@ mod tests {
                 pub(crate) fn digest(data: Vec<u8>, (a, b): (u32, u32)) -> [u8; 32] { body() }
             },
         );
-        assert!(out.starts_with("#[doc=r\"docs\"]#[inline]pub(crate)asyncfndigest(data:Vec<u8>,__arg1:(u32,u32))->::core::result::Result<[u8;32],::offload::__private::Error>{"), "{out}");
+        assert!(out.starts_with("#[doc=r\"docs\"]#[inline]pub(crate)asyncfndigest(data:Vec<u8>,__arg1:(u32,u32))->::core::result::Result<[u8;32],::offload::Error>{use::offload::__private_v1as__offload_rt;"), "{out}");
         assert!(
             out.contains("fn__offload_impl_digest(data:Vec<u8>,(a,b):(u32,u32))->[u8;32]{body()}"),
             "{out}"
@@ -688,8 +695,8 @@ mod tests {
         );
         assert!(
             out.contains(
-                ".with_options(::offload::__private::Options{timeout:::core::option::Option::Some(60000),\
-                 ..::offload::__private::Options::EMPTY}).with_pool(\"p\");"
+                ".with_options(__offload_rt::Options{timeout:::core::option::Option::Some(60000),\
+                 ..__offload_rt::Options::EMPTY}).with_pool(\"p\");"
             ),
             "{out}"
         );
@@ -711,15 +718,15 @@ mod tests {
         );
         assert!(
             out.contains(
-                ".with_options(::offload::__private::Options{\
+                ".with_options(__offload_rt::Options{\
                  max_rss:::core::option::Option::Some(1000),\
                  max_tasks:::core::option::Option::Some(7),\
-                 overload:::core::option::Option::Some(::offload::__private::Overload::Reject),\
+                 overload:::core::option::Option::Some(__offload_rt::Overload::Reject),\
                  queue:::core::option::Option::Some(0),\
                  memory:::core::option::Option::Some(2048),\
-                 workers:::core::option::Option::Some(::offload::__private::WorkersSpec::Cpus),\
+                 workers:::core::option::Option::Some(__offload_rt::WorkersSpec::Cpus),\
                  timeout:::core::option::Option::Some(1000),\
-                 ..::offload::__private::Options::EMPTY}).with_pool(\"p\");"
+                 ..__offload_rt::Options::EMPTY}).with_pool(\"p\");"
             ),
             "{out}"
         );
@@ -757,15 +764,15 @@ mod tests {
         assert!(
             out.contains(
                 "letresult:::core::result::Result<Vec<u8>,\
-                 (::offload::__private::Error,::core::option::Option<__OffloadArgs>),>=\
-                 ::offload::__private::call_keeping_args::<__OffloadArgs,::offload::__private::RecvBytes>\
+                 (__offload_rt::Error,::core::option::Option<__OffloadArgs>),>=\
+                 __offload_rt::call_keeping_args::<__OffloadArgs,__offload_rt::RecvBytes>\
                  (&__OFFLOAD_ENTRY,__OffloadArgs(data,__arg1)).await\
-                 .map(::offload::__private::RecvBytes::into_vec);\
+                 .map(__offload_rt::RecvBytes::into_vec);\
                  matchresult{\
                  ::core::result::Result::Ok(value)=>::core::result::Result::Ok(value),\
                  ::core::result::Result::Err((error,::core::option::Option::Some(__OffloadArgs(data,__arg1))))\
-                 if::offload::__private::Error::should_fall_back(&error)=>{\
-                 ::core::result::Result::Ok(::offload::__private::fallback::<_,(Vec<u8>,(u32,u32),),Vec<u8>,_>\
+                 if__offload_rt::Error::should_fall_back(&error)=>{\
+                 ::core::result::Result::Ok(__offload_rt::fallback::<_,(Vec<u8>,(u32,u32),),Vec<u8>,_>\
                  (cache::get,(data,__arg1,)).await)}\
                  ::core::result::Result::Err((error,_))=>::core::result::Result::Err(error),}}"
             ),
@@ -778,7 +785,7 @@ mod tests {
                 fn f() {}
             ),
         );
-        assert!(out.contains("::offload::__private::fallback::<_,(),(),_>(g,()).await"), "{out}");
+        assert!(out.contains("__offload_rt::fallback::<_,(),(),_>(g,()).await"), "{out}");
         assert!(
             out.contains("::core::result::Result::Err((error,::core::option::Option::Some(())))if"),
             "{out}"
@@ -804,7 +811,7 @@ mod tests {
             );
             assert!(
                 out.contains(&format!(
-                    "overload:::core::option::Option::Some(my::offload::__private::Overload::{variant})"
+                    "overload:::core::option::Option::Some(__offload_rt::Overload::{variant})"
                 )),
                 "{out}"
             );
@@ -842,9 +849,7 @@ mod tests {
                 ),
             );
             assert!(
-                out.contains(&format!(
-                    "workers:::core::option::Option::Some(::offload::__private::{expected}"
-                )),
+                out.contains(&format!("workers:::core::option::Option::Some(__offload_rt::{expected}")),
                 "{out}"
             );
         }
@@ -861,7 +866,8 @@ mod tests {
             ),
         );
         assert!(!out.contains("::offload::"), "{out}");
-        assert!(out.contains("my::reexport::__private::call::<"), "{out}");
+        assert!(out.contains("usemy::reexport::__private_v1as__offload_rt;"), "{out}");
+        assert!(out.contains("->::core::result::Result<u32,my::reexport::Error>"), "{out}");
     }
 
     #[test]
@@ -874,13 +880,13 @@ mod tests {
                 }
             ),
         );
-        assert!(out.contains("&::offload::__private::SendBytes(&self.0)"), "{out}");
-        assert!(out.contains("next_element::<::offload::__private::RecvBytes>"), "{out}");
-        assert!(out.contains("impl::offload::__private::Argsfor__OffloadArgs{fnfor_each_bytes"), "{out}");
+        assert!(out.contains("&__offload_rt::SendBytes(&self.0)"), "{out}");
+        assert!(out.contains("next_element::<__offload_rt::RecvBytes>"), "{out}");
+        assert!(out.contains("impl__offload_rt::Argsfor__OffloadArgs{fnfor_each_bytes"), "{out}");
         assert!(out.contains("{f(&self.0);}"), "{out}");
         assert!(out.contains("__offload_impl_f(arg0.into_vec())"), "{out}");
-        assert!(out.contains("::offload::__private::encode_return_bytes(ret,out)"), "{out}");
-        assert!(out.contains(".map(::offload::__private::RecvBytes::into_vec)"), "{out}");
+        assert!(out.contains("__offload_rt::encode_return_bytes(ret,out)"), "{out}");
+        assert!(out.contains(".map(__offload_rt::RecvBytes::into_vec)"), "{out}");
     }
 
     #[test]

@@ -116,7 +116,7 @@ use proc_macro::TokenStream;
 /// # How it works
 ///
 /// `#[offload] pub fn digest(data: Vec<u8>, rounds: u32) -> [u8; 32] { ... }` expands to
-/// code equivalent to this (abridged; `__private` is not public API):
+/// code equivalent to this (abridged; `__private_v1` is not public API):
 ///
 /// ```ignore
 /// pub async fn digest(data: Vec<u8>, rounds: u32)
@@ -127,14 +127,14 @@ use proc_macro::TokenStream;
 ///
 ///     // Runs in the worker: decode the arguments, call the body, encode the result.
 ///     fn __offload_invoke(input: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
-///         let (data, rounds): (ByteBuf, u32) = ::offload::__private::decode_args(input)?;
+///         let (data, rounds): (ByteBuf, u32) = ::offload::__private_v1::decode_args(input)?;
 ///         let ret = __offload_impl_digest(data.into_vec(), rounds);
-///         ::offload::__private::encode_return(&ret, out)
+///         ::offload::__private_v1::encode_return(&ret, out)
 ///     }
 ///
 ///     // Registered at link time under a name that is the same in every process: the
 ///     // path, a hash of the signature, and where `digest` is written in the source.
-///     #[distributed_slice(::offload::__private::ENTRIES)]
+///     #[distributed_slice(::offload::__private_v1::ENTRIES)]
 ///     static __OFFLOAD_ENTRY: Entry = Entry::new(
 ///         concat!(module_path!(), "::digest#<hash of the signature>@", line!(), ":", column!()),
 ///         concat!(module_path!(), "::digest"),
@@ -144,7 +144,7 @@ use proc_macro::TokenStream;
 ///
 ///     // Runs in the caller: send the arguments to a worker of the pool, await the result.
 ///     // The arguments are moved into the call (large ones are encoded on a blocking thread).
-///     ::offload::__private::call::<_, [u8; 32]>(&__OFFLOAD_ENTRY, __OffloadArgs(data, rounds))
+///     ::offload::__private_v1::call::<_, [u8; 32]>(&__OFFLOAD_ENTRY, __OffloadArgs(data, rounds))
 ///         .await
 /// }
 /// ```
@@ -152,7 +152,7 @@ use proc_macro::TokenStream;
 /// With `fallback = placeholder`, the stub's last expression becomes:
 ///
 /// ```ignore
-///     match ::offload::__private::call_keeping_args::<_, Vec<u8>>(&__OFFLOAD_ENTRY, __OffloadArgs(image, width))
+///     match ::offload::__private_v1::call_keeping_args::<_, Vec<u8>>(&__OFFLOAD_ENTRY, __OffloadArgs(image, width))
 ///         .await
 ///     {
 ///         Ok(value) => Ok(value),

@@ -1,19 +1,35 @@
-//! The one place that spells `<crate>::__private::...`: every path into the runtime that an
+//! The one place that spells `<crate>::__private_v1::...`: every path into the runtime that an
 //! expansion uses. `<crate>` is `::offload` unless the attribute says `crate = "..."`.
 
 use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote};
 use syn::Path;
 
-/// Paths into the runtime's `__private` module, as seen from the expansion.
+/// Paths into the runtime's `__private_v1` module, as seen from the expansion: through one
+/// `use` of it at the top of the stub's body ([`Runtime::import`]), so that a runtime without
+/// that module (one of another release) is one error, on that `use`, and nothing else.
 pub(crate) struct Runtime {
+    krate: TokenStream,
     private: TokenStream,
 }
 
 impl Runtime {
     pub(crate) fn new(krate: Option<&Path>) -> Runtime {
         let krate = krate.map_or_else(|| quote!(::offload), ToTokens::to_token_stream);
-        Runtime { private: quote!(#krate::__private) }
+        Runtime { krate, private: quote!(__offload_rt) }
+    }
+
+    /// The `use` that every other path here goes through; first in the stub's body.
+    pub(crate) fn import(&self) -> TokenStream {
+        let (krate, private) = (&self.krate, &self.private);
+        quote!(use #krate::__private_v1 as #private;)
+    }
+
+    /// The error type of every offloaded call, by its public path: it is in the stub's
+    /// signature, outside the body that imports the rest.
+    pub(crate) fn public_error(&self) -> TokenStream {
+        let krate = &self.krate;
+        quote!(#krate::Error)
     }
 
     /// The error type of every offloaded call.
@@ -33,6 +49,11 @@ impl Runtime {
     /// The distributed slice every entry is added to.
     pub(crate) fn entries(&self) -> TokenStream {
         self.item("ENTRIES")
+    }
+
+    /// The worker's pre-`main` hook, which each stub references to keep it linked.
+    pub(crate) fn worker_hook(&self) -> TokenStream {
+        self.item("ENTER_WORKER_MODE")
     }
 
     pub(crate) fn entry(&self) -> TokenStream {
@@ -144,17 +165,19 @@ mod tests {
     #[test]
     fn defaults_to_offload() {
         let runtime = Runtime::new(None);
-        assert_eq!(runtime.call().to_string(), ":: offload :: __private :: call");
-        assert_eq!(runtime.send_bytes().to_string(), ":: offload :: __private :: SendBytes");
+        assert_eq!(runtime.import().to_string(), "use :: offload :: __private_v1 as __offload_rt ;");
+        assert_eq!(runtime.call().to_string(), "__offload_rt :: call");
+        assert_eq!(runtime.send_bytes().to_string(), "__offload_rt :: SendBytes");
     }
 
     #[test]
     fn honours_crate_path() {
         let runtime = Runtime::new(Some(&parse_quote!(my_crate::offload)));
-        assert_eq!(runtime.error().to_string(), "my_crate :: offload :: __private :: Error");
+        assert_eq!(runtime.import().to_string(), "use my_crate :: offload :: __private_v1 as __offload_rt ;");
+        assert_eq!(runtime.public_error().to_string(), "my_crate :: offload :: Error");
         assert_eq!(
             runtime.assert_transferable(Span::call_site()).to_string(),
-            "my_crate :: offload :: __private :: assert_transferable"
+            "__offload_rt :: assert_transferable"
         );
     }
 }

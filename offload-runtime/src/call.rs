@@ -257,10 +257,6 @@ fn decode_return<R: DeserializeOwned>(body: &[u8], attached: Attached) -> Result
 /// What must hold before a call is encoded: this is not a worker, a Tokio runtime is
 /// running, offload is not shut down, and the function's pool has valid settings.
 fn preflight(entry: &'static Entry) -> Result<(&'static Executor, &'static Breaker), Error> {
-    // Keep the pre-main hook in every binary that can call; it makes workers out of it.
-    #[cfg(target_os = "linux")]
-    std::hint::black_box(&crate::worker::ENTER_WORKER_MODE);
-
     if crate::role::is_worker() {
         return Err(Error::Spawn {
             entry: entry.name(),
@@ -507,7 +503,8 @@ async fn exchange(
         }),
         Tag::Fault => Err(protocol_error(
             entry,
-            protocol::decode::<ProtocolError>(body, Payload::Message).unwrap_or_else(|e| e),
+            protocol::decode::<protocol::Fault>(body, Payload::Message)
+                .map_or_else(|e| e, ProtocolError::from),
         )),
         Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk => {
             place.broke_protocol();

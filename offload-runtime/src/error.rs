@@ -95,7 +95,8 @@ pub enum Error {
     },
 
     /// The call's data or the conversation with the worker went wrong: a value that does
-    /// not encode or decode, a frame over the maximum size, a failed handshake.
+    /// not encode or decode, a frame over the maximum size, a worker that broke the protocol.
+    /// (A worker that fails its handshake is [`Error::Spawn`].)
     #[error("`{entry}`: {kind}")]
     Protocol {
         /// The offloaded function.
@@ -256,7 +257,7 @@ impl ErrorKind {
 }
 
 /// What went wrong in the conversation with a worker.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProtocolError {
     /// An argument or the return value could not be encoded.
@@ -294,16 +295,13 @@ pub enum ProtocolError {
         /// The maximum.
         max: u64,
     },
-    /// The worker did not prove it belongs to this pool and this build.
-    #[error("worker handshake failed: {0}")]
-    Handshake(String),
     /// The worker sent something that is not a valid reply.
     #[error("worker sent an invalid message: {0}")]
     Invalid(String),
 }
 
 /// Which payload a [`ProtocolError`] is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Payload {
     /// The function's arguments.

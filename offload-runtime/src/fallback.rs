@@ -6,14 +6,14 @@ use std::future::{Future, Ready, ready};
 
 /// Selects the impl for a fallback that returns the value itself.
 #[doc(hidden)]
-pub enum Sync {}
+pub enum ReturnsValue {}
 
 /// Selects the impl for a fallback that returns a future of the value (an `async fn`).
 #[doc(hidden)]
-pub enum Async {}
+pub enum ReturnsFuture {}
 
 /// A function that can stand in for an offloaded one: same arguments (`Args`, a tuple), same
-/// return type `R`, directly (`Kind = Sync`) or as a future (`Kind = Async`).
+/// return type `R`, directly (`Kind = ReturnsValue`) or as a future (`Kind = ReturnsFuture`).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be the fallback of this `#[offload]` function",
     label = "the fallback must take the offloaded function's arguments and return its return type",
@@ -30,7 +30,7 @@ pub trait Fallback<Args, R, Kind> {
 
 macro_rules! fallbacks {
     ($($arg:ident),*) => {
-        impl<F, R, $($arg,)*> Fallback<($($arg,)*), R, Sync> for F
+        impl<F, R, $($arg,)*> Fallback<($($arg,)*), R, ReturnsValue> for F
         where
             F: FnOnce($($arg),*) -> R,
         {
@@ -42,7 +42,7 @@ macro_rules! fallbacks {
             }
         }
 
-        impl<F, Fut, R, $($arg,)*> Fallback<($($arg,)*), R, Async> for F
+        impl<F, Fut, R, $($arg,)*> Fallback<($($arg,)*), R, ReturnsFuture> for F
         where
             F: FnOnce($($arg),*) -> Fut,
             Fut: Future<Output = R>,

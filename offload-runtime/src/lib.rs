@@ -2,9 +2,29 @@
 //! behind `#[offload]`. Depend on the `offload` crate instead; this crate's API is the
 //! facade's.
 //!
-//! Data flows one way:
-//! `call` (what the stub awaits) → `pool` (slots and queue) → `transport` (frames over an
-//! inherited socket) → `worker` (the child side) → `registry` → the user's function.
+//! Data flows one way, and each module uses only those below it:
+//!
+//! ```text
+//! caller's process                               worker process
+//!
+//! the #[offload] stub                            worker      pre-main hook, clean start
+//!   -> call       what a call is: encoding,        -> serve  handshake, read a call,
+//!                 deadline, breaker, fallback,               run it, send the reply
+//!                 figures, span, errors            -> logs, api (what the stub's
+//!   -> executor   the seam: where calls run                  worker side calls)
+//!   -> pool       local workers: slots, queue,
+//!                 leases, recycling, shutdown
+//!   -> supervisor spawn and reap  | transport: one worker's channel
+//!
+//! used by call: breaker, fallback. On their own: lag (the lag monitor), histogram.
+//! Below both sides: socket (send and receive with descriptors), shm (shared buffers),
+//! protocol (frames, their reader, the codec, the worker's environment), registry (the
+//! entries, plain static data), settings, stats, stderr_tail, role, error
+//! ```
+//!
+//! Per-process state that goes with an entry (its executor, its breaker) is kept by
+//! `call` in a `registry::PerEntry` table; the registry itself holds only what the macro
+//! wrote.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -73,37 +93,47 @@ pub fn is_worker() -> bool {
     crate::role::is_worker()
 }
 
+/// What an argument or return type of an `#[offload]` function must be: it is sent to or
+/// from a worker process with serde, so `Serialize + DeserializeOwned + Send + 'static`.
+/// Every such type is `Transferable`; there is nothing to implement. A type that is not is
+/// a compile error at the type, naming this trait.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot cross the process boundary of an `#[offload]` function",
+    label = "this type must be `Serialize + DeserializeOwned + Send + 'static`",
+    note = "arguments and return values of `#[offload]` functions are sent to and from a \
+            worker process with serde: derive `serde::Serialize` and `serde::Deserialize` \
+            for `{Self}`, and own its data (no borrowed references): see `offload::Transferable`"
+)]
+pub trait Transferable: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
+
+// `do_not_recommend` makes rustc report the unmet `Transferable` bound, with the message
+// above, instead of each serde bound behind it.
+#[diagnostic::do_not_recommend]
+impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> Transferable for T {}
+
 /// Not public API: what `#[offload]` expansions use. Anything here may change in any release.
+///
+/// Versioned: the macro of one release names the module of its own release, so an
+/// `offload-macros` paired with an `offload-runtime` it was not made for fails to compile
+/// (cannot find `__private_v1`) instead of misbehaving. Bump the number, here and in the
+/// macro's `paths.rs`, whenever what is in here changes.
 #[doc(hidden)]
-pub mod __private {
+pub mod __private_v1 {
     pub use linkme;
     pub use serde;
     pub use serde_bytes;
 
     pub use crate::call::{Args, call, call_keeping_args};
     pub use crate::error::{Error, ProtocolError};
-    pub use crate::fallback::{Async, Fallback, Sync, fallback};
+    pub use crate::fallback::{Fallback, ReturnsFuture, ReturnsValue, fallback};
     pub use crate::protocol::{RecvBytes, SendBytes};
     pub use crate::registry::{ENTRIES, Entry, Invoke};
+    #[cfg(target_os = "linux")]
+    pub use crate::worker::ENTER_WORKER_MODE;
     pub use crate::worker::{decode_args, encode_return, encode_return_bytes, write_garbage_to_channel};
     pub use offload_spec::{Options, Overload, WorkersSpec};
 
-    /// What an argument or return type of an `#[offload]` function needs.
-    #[diagnostic::on_unimplemented(
-        message = "`{Self}` cannot cross the process boundary of an `#[offload]` function",
-        label = "this type must be `Serialize + DeserializeOwned + Send + 'static`",
-        note = "arguments and return values of `#[offload]` functions are sent to and from a \
-                worker process with serde: derive `serde::Serialize` and `serde::Deserialize` \
-                for `{Self}`, and own its data (no borrowed references)"
-    )]
-    pub trait Transferable: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
-
-    // `do_not_recommend` makes rustc report the unmet `Transferable` bound, with the message
-    // above, instead of each serde bound behind it.
-    #[diagnostic::do_not_recommend]
-    impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> Transferable for T {}
-
     /// Compile-time check that `T` can be an argument or return type; spanned at the type.
     #[inline(always)]
-    pub const fn assert_transferable<T: Transferable>() {}
+    pub const fn assert_transferable<T: crate::Transferable>() {}
 }

@@ -141,6 +141,63 @@ pub(crate) mod level {
     }
 }
 
+/// A [`Tag::Fault`] frame's body: a [`ProtocolError`] as it crosses the boundary, apart from
+/// the public type, so that the two can change on their own.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Fault {
+    Encode { what: u8, message: String },
+    Decode { what: u8, message: String },
+    PayloadTooLarge { what: u8, len: u64, max: u64 },
+    FrameTooLarge { len: u64, max: u64 },
+    Invalid(String),
+}
+
+impl Fault {
+    fn payload(what: Payload) -> u8 {
+        match what {
+            Payload::Arguments => 0,
+            Payload::ReturnValue => 1,
+            Payload::Message => 2,
+        }
+    }
+
+    fn what(wire: u8) -> Payload {
+        match wire {
+            0 => Payload::Arguments,
+            1 => Payload::ReturnValue,
+            _ => Payload::Message,
+        }
+    }
+}
+
+impl From<&ProtocolError> for Fault {
+    fn from(error: &ProtocolError) -> Fault {
+        match error.clone() {
+            ProtocolError::Encode { what, message } => Fault::Encode { what: Fault::payload(what), message },
+            ProtocolError::Decode { what, message } => Fault::Decode { what: Fault::payload(what), message },
+            ProtocolError::PayloadTooLarge { what, len, max } => {
+                Fault::PayloadTooLarge { what: Fault::payload(what), len, max }
+            }
+            ProtocolError::FrameTooLarge { len, max } => Fault::FrameTooLarge { len, max },
+            ProtocolError::Invalid(message) => Fault::Invalid(message),
+        }
+    }
+}
+
+impl From<Fault> for ProtocolError {
+    fn from(fault: Fault) -> ProtocolError {
+        match fault {
+            Fault::Encode { what, message } => ProtocolError::Encode { what: Fault::what(what), message },
+            Fault::Decode { what, message } => ProtocolError::Decode { what: Fault::what(what), message },
+            Fault::PayloadTooLarge { what, len, max } => {
+                ProtocolError::PayloadTooLarge { what: Fault::what(what), len, max }
+            }
+            Fault::FrameTooLarge { len, max } => ProtocolError::FrameTooLarge { len, max },
+            Fault::Invalid(message) => ProtocolError::Invalid(message),
+        }
+    }
+}
+
 /// A frame being built: header space reserved, body appended, length filled in by
 /// [`FrameBuf::finish`].
 pub(crate) struct FrameBuf(Vec<u8>);
@@ -772,5 +829,27 @@ mod refusal_tests {
     fn a_users_custom_error_says_its_text_was_dropped() {
         let error = append(&mut Vec::new(), &Refuses, Payload::Arguments).unwrap_err();
         assert!(error.to_string().contains("does not keep its message"), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    #[test]
+    fn every_protocol_error_crosses_as_a_fault_and_back() {
+        let errors = [
+            ProtocolError::Encode { what: Payload::Arguments, message: "a".into() },
+            ProtocolError::Decode { what: Payload::ReturnValue, message: "b".into() },
+            ProtocolError::PayloadTooLarge { what: Payload::Message, len: 3, max: 2 },
+            ProtocolError::FrameTooLarge { len: 5, max: 4 },
+            ProtocolError::Invalid("c".into()),
+        ];
+        for error in errors {
+            let mut body = Vec::new();
+            append(&mut body, &Fault::from(&error), Payload::Message).unwrap();
+            let back: Fault = decode(&body, Payload::Message).unwrap();
+            assert_eq!(ProtocolError::from(back), error);
+        }
     }
 }

@@ -29,12 +29,12 @@ use crate::protocol::env::{ENV, WorkerEnv};
 /// Exit status of a worker that could not start serving (bad environment, failed hello).
 const EXIT_SETUP_FAILED: i32 = 70;
 
-/// The pre-`main` hook. Referenced from [`crate::call`] so the linker keeps the object
-/// file that holds it in every binary that can make a call.
+/// The pre-`main` hook. Every `#[offload]` stub references it, so the linker keeps the
+/// object file that holds it in every binary that can make a call. Not public API.
 #[cfg(target_os = "linux")]
 #[used]
 #[unsafe(link_section = ".init_array")]
-pub(crate) static ENTER_WORKER_MODE: extern "C" fn() = enter_worker_mode;
+pub static ENTER_WORKER_MODE: extern "C" fn() = enter_worker_mode;
 
 #[cfg(target_os = "linux")]
 extern "C" fn enter_worker_mode() {

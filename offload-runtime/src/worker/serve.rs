@@ -258,7 +258,8 @@ fn run(invoke: crate::registry::Invoke, args: &[u8], buf: Vec<u8>) -> Vec<u8> {
 
 fn fault_frame(buf: Vec<u8>, fault: &ProtocolError) -> Vec<u8> {
     let mut frame = FrameBuf::reuse(buf, Tag::Fault);
-    protocol::append(frame.body(), fault, Payload::Message).expect("a fault always encodes");
+    protocol::append(frame.body(), &protocol::Fault::from(fault), Payload::Message)
+        .expect("a fault always encodes");
     frame.finish().expect("a fault is small")
 }
 
