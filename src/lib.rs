@@ -5,8 +5,9 @@
 #[doc(inline)]
 pub use offload_macros::offload;
 pub use offload_runtime::{
-    BreakerState, Error, ErrorKind, ExitReason, Latency, Payload, PoolStats, ProtocolError, RestartCause,
-    SharedBytes, SharedSlice, Transferable, bytemuck, is_worker, shutdown, stats, warm_up,
+    BreakerState, Deadline, Error, ErrorKind, ExitReason, Latency, Payload, PoolStats, ProtocolError,
+    RestartCause, SharedBytes, SharedSlice, Transferable, bytemuck, is_worker, shutdown, stats, warm_up,
+    with_deadline, with_timeout,
 };
 
 #[doc(inline)]

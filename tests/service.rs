@@ -204,7 +204,12 @@ fn offload_errors_map_to_statuses() {
     use axum::http::StatusCode;
     use offload::Error;
     let entry = "service::app::derive_key";
-    let timeout = Error::Timeout { entry, timeout: Duration::from_secs(2), pid: Some(1) };
+    let timeout = Error::Timeout {
+        entry,
+        timeout: Duration::from_secs(2),
+        by: offload::Deadline::Function,
+        pid: Some(1),
+    };
     assert_eq!(app::status_of(&timeout), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(app::status_of(&Error::Overloaded { entry, queue: 64 }), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(app::status_of(&Error::Shutdown { entry }), StatusCode::SERVICE_UNAVAILABLE);

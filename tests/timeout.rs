@@ -54,8 +54,9 @@ async fn sleeping_call_is_killed_at_its_deadline() {
     std::fs::remove_dir_all(&dir).unwrap();
 
     match err {
-        Error::Timeout { entry, timeout, pid } => {
+        Error::Timeout { entry, timeout, by, pid } => {
             assert_eq!(entry, "timeout::hang");
+            assert_eq!(by, offload::Deadline::Function);
             assert_eq!(timeout, Duration::from_millis(300));
             assert_eq!(pid, Some(reported), "the error names the worker that ran the call");
         }

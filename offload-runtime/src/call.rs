@@ -406,11 +406,16 @@ async fn exchange(
     record: &mut Record,
     span: &tracing::Span,
 ) -> Result<(), Error> {
-    let timeout = executor.settings().timeout.unwrap_or_else(|| entry.timeout());
-    let timed_out = |pid| Error::Timeout { entry: entry.name(), timeout, pid };
+    let function_timeout = executor.settings().timeout.unwrap_or_else(|| entry.timeout());
+    let (end, timeout, by) = crate::deadline::for_call(function_timeout);
+    let timed_out = |pid| Error::Timeout { entry: entry.name(), timeout, by, pid };
 
+    if Instant::now() >= end {
+        // Its scope's deadline passed before it began.
+        return Err(timed_out(None));
+    }
     // One timer for the whole call: waiting for a place and running.
-    let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline(timeout)));
+    let mut deadline = std::pin::pin!(tokio::time::sleep_until(end));
     // A place that was gone before the call came (a worker that died while idle) is found
     // when the call cannot be sent to it: then the call goes to another, as if it had waited
     // in the queue a little longer.
@@ -433,7 +438,7 @@ async fn exchange(
             place.give_back();
             return Err(Error::CircuitOpen { entry: entry.name(), retry_in });
         }
-        if deadline.is_elapsed() {
+        if Instant::now() >= end {
             // The place came as the deadline passed: a call whose deadline passed in the
             // queue is never started.
             place.give_back();
@@ -556,12 +561,6 @@ async fn before<F: Future>(mut deadline: Pin<&mut Sleep>, future: F) -> Option<F
         deadline.as_mut().poll(cx).map(|()| None)
     })
     .await
-}
-
-fn deadline(timeout: Duration) -> Instant {
-    let now = Instant::now();
-    // A timeout too large to add is as good as none: about thirty years.
-    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600))
 }
 
 fn protocol_error(entry: &Entry, kind: ProtocolError) -> Error {

@@ -14,12 +14,14 @@ use std::time::Duration;
 pub enum Error {
     /// The call did not finish before its deadline. The deadline covers waiting for a
     /// worker and running; a worker that was running the call was killed and replaced.
-    #[error("`{entry}` timed out after {}{}", humantime_ms(*timeout), killed(*pid))]
+    #[error("`{entry}` timed out after {} ({by}){}", humantime_ms(*timeout), killed(*pid))]
     Timeout {
         /// The offloaded function.
         entry: &'static str,
-        /// The deadline the call had.
+        /// How long the call had, from its start to its deadline.
         timeout: Duration,
+        /// Which deadline it was.
+        by: crate::deadline::Deadline,
         /// The worker that was killed, or `None` when the call was still waiting for one.
         pid: Option<u32>,
     },
@@ -370,7 +372,7 @@ fn humantime_ms(d: Duration) -> String {
 
 fn killed(pid: Option<u32>) -> String {
     match pid {
-        Some(pid) => format!(" (worker {pid} was killed)"),
+        Some(pid) => format!(", and worker {pid} was killed"),
         None => " while waiting for a worker".to_owned(),
     }
 }
@@ -402,10 +404,19 @@ mod tests {
 
     #[test]
     fn messages_read_well() {
-        let e = Error::Timeout { entry: "app::digest", timeout: Duration::from_millis(1500), pid: Some(7) };
-        assert_eq!(e.to_string(), "`app::digest` timed out after 1500ms (worker 7 was killed)");
-        let e = Error::Timeout { entry: "app::digest", timeout: Duration::from_secs(30), pid: None };
-        assert_eq!(e.to_string(), "`app::digest` timed out after 30s while waiting for a worker");
+        let by = crate::Deadline::Function;
+        let e =
+            Error::Timeout { entry: "app::digest", timeout: Duration::from_millis(1500), by, pid: Some(7) };
+        assert_eq!(
+            e.to_string(),
+            "`app::digest` timed out after 1500ms (the function's timeout), and worker 7 was killed"
+        );
+        let by = crate::Deadline::Scope;
+        let e = Error::Timeout { entry: "app::digest", timeout: Duration::from_secs(30), by, pid: None };
+        assert_eq!(
+            e.to_string(),
+            "`app::digest` timed out after 30s (the scope's deadline) while waiting for a worker"
+        );
         let e = Error::Crashed {
             entry: "app::digest",
             pid: 9,

@@ -30,6 +30,7 @@
 
 mod breaker;
 mod call;
+mod deadline;
 mod error;
 mod executor;
 mod fallback;
@@ -50,6 +51,7 @@ mod worker;
 /// For [`SharedSlice`]'s element types: `#[derive(bytemuck::Pod, bytemuck::Zeroable)]`
 /// needs bytemuck's `derive` feature in your own dependency on it.
 pub use bytemuck;
+pub use deadline::{Deadline, with_deadline, with_timeout};
 pub use error::{Error, ErrorKind, ExitReason, Payload, ProtocolError};
 pub use shm::{SharedBytes, SharedSlice};
 pub use stats::{BreakerState, Latency, PoolStats, RestartCause};
