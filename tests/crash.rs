@@ -61,7 +61,7 @@ fn idle_pid() -> u32 {
 
 async fn crash(how: Death) -> (u32, ExitReason, Vec<String>) {
     match die(how).await {
-        Err(Error::Crashed { entry, pid, exit, stderr }) => {
+        Err(Error::Crashed { entry, pid, exit, stderr, .. }) => {
             assert_eq!(entry, "crash::die");
             (pid, exit, stderr)
         }

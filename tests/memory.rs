@@ -31,7 +31,7 @@ async fn memory_bomb_fails_with_memory_limit_and_the_pool_recovers() {
 
     let (bomb, other) = tokio::join!(allocate(4096), unlimited(300));
     match bomb {
-        Err(Error::MemoryLimit { entry, pid, limit }) => {
+        Err(Error::MemoryLimit { entry, pid, limit, .. }) => {
             assert_eq!(entry, "memory::allocate");
             assert_eq!(pid, before, "the worker that ran the call is named");
             assert_eq!(limit, LIMIT);

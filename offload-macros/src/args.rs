@@ -539,7 +539,7 @@ mod tests {
     use super::{Breaker, OffloadArgs, edit_distance};
 
     const EXPECTED: &str = "expected one of `timeout`, `workers`, `memory`, `queue`, `overload`, \
-                            `max_tasks`, `max_rss`, `max_payload`, `pool`, `breaker`, `fallback`, `crate`";
+                            `max_tasks`, `max_rss`, `max_payload`, `retries`, `pool`, `breaker`, `fallback`, `crate`";
 
     fn parse_ok(tokens: proc_macro2::TokenStream) -> OffloadArgs {
         let (args, err) = OffloadArgs::parse(tokens);
@@ -607,7 +607,7 @@ mod tests {
 
     #[test]
     fn unknown_key_lists_the_accepted_ones() {
-        assert_eq!(errors(quote!(retries = "3")), [format!("unknown argument `retries`; {EXPECTED}")]);
+        assert_eq!(errors(quote!(priority = "3")), [format!("unknown argument `priority`; {EXPECTED}")]);
         assert_eq!(errors(quote!(a::b = "3")), [format!("unknown argument `a::b`; {EXPECTED}")]);
     }
 
@@ -669,7 +669,7 @@ mod tests {
             assert_eq!(errors.len(), 1);
             assert!(errors[0].ends_with(&format!("; did you mean `{key}`?")), "{}", errors[0]);
         }
-        for unrelated in [quote!(retries = "3"), quote!(colour = "red"), quote!(a::b = 1)] {
+        for unrelated in [quote!(priority = "3"), quote!(colour = "red"), quote!(a::b = 1)] {
             assert!(!errors(unrelated)[0].contains("did you mean"));
         }
     }
@@ -820,8 +820,8 @@ mod tests {
     #[test]
     fn breaker_keys() {
         assert_eq!(
-            errors(quote!(breaker(failures = 3, retries = 2))),
-            ["unknown `breaker` argument `retries`; expected one of `failures`, `reset`"]
+            errors(quote!(breaker(failures = 3, priority = 2))),
+            ["unknown `breaker` argument `priority`; expected one of `failures`, `reset`"]
         );
         assert_eq!(
             errors(quote!(breaker(cooldown = "1s"))),

@@ -59,6 +59,7 @@ use proc_macro::TokenStream;
 /// | `max_tasks` | an integer: `1000`; at least 1 | none | replace a worker after it has run this many calls |
 /// | `max_rss` | a size, as `memory`: `"1GiB"` | none | replace a worker after a call that left its resident memory above this |
 /// | `max_payload` | a size, as `memory`: `"256MiB"` | `"1GiB"` | the largest encoded arguments or return value; over it a call fails with `Error::PayloadTooLarge` before anything is copied |
+/// | `retries` | an integer: `2`; `0` allowed | none | run a call whose worker died (`Error::Crashed`, `Error::MemoryLimit`) again on a fresh worker, up to this many more times, within the call's deadline; a panic or a timeout is never retried; the final error lists the earlier attempts in `earlier_attempts`; only for functions that are safe to run more than once |
 /// | `pool` | a name: `"images"` | a pool per function | share a pool of workers with every function that names the same pool |
 /// | `breaker` | `breaker(failures = N, reset = "...")`: `failures` an integer, at least 1, `reset` a duration, as `timeout`; either may be left out (`failures = 5`, `reset = "30s"`), as may the parentheses: `breaker` alone takes both defaults | no breaker | a circuit breaker for this function: after `failures` worker-side failures in a row (the timeout of a running call, a panic, a crash, the memory limit), it opens, and calls fail at once with `Error::CircuitOpen`, without a worker; after `reset`, one trial call goes through (half-open), and the breaker closes if it succeeds |
 /// | `fallback` | a path to a function, not a string: `fallback = cached_digest`, `fallback = Cache::get` | none | a sync or async fn with the same argument types, in the same order, and the same return type as this one, called in the caller's process with the same arguments when the breaker is open or the call failed worker-side; what it returns is returned (as `Ok`) instead of the error. It runs on the caller's async runtime, so keep it cheap: a sync fallback blocks that thread while it runs; an async fallback's future is part of the function's, which is `Send` only if it is |
@@ -66,8 +67,8 @@ use proc_macro::TokenStream;
 ///
 /// `workers`, `memory`, `queue`, `overload`, `max_tasks`, `max_rss` and `max_payload` belong to the pool: in
 /// a shared pool, give each on one function only, or the same value on several; functions
-/// that disagree make calls to that pool fail with `Error::Config`. `breaker` and `fallback`
-/// belong to the function.
+/// that disagree make calls to that pool fail with `Error::Config`. `timeout`, `retries`,
+/// `breaker` and `fallback` belong to the function.
 ///
 /// ```ignore
 /// #[offload(timeout = "2m", workers = "cpus/2", pool = "images", memory = "1GiB", queue = 64,

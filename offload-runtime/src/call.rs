@@ -306,21 +306,59 @@ async fn run(
         queue_wait_us = tracing::field::Empty,
         run_us = tracing::field::Empty,
     );
-    let mut record = Record::start(entry, executor, breaker);
-    if let Some(config) = entry.breaker {
-        let (admission, transition) = breaker.admit(config);
-        log_transition(entry, transition);
-        if let Admission::Refuse(retry_in) = admission {
-            let error = Error::CircuitOpen { entry: entry.name(), retry_in };
-            record.finish(Err(&error));
-            return Err(error);
+    // The deadline is the call's, whatever the attempts.
+    let function_timeout = executor.settings().timeout.unwrap_or_else(|| entry.timeout());
+    let deadline = crate::deadline::for_call(function_timeout);
+    let retries = entry.options.retries.unwrap_or(0);
+    let mut earlier = Vec::new();
+    loop {
+        // Each attempt counts in the figures and the breaker as it happens.
+        let mut record = Record::start(entry, executor, breaker);
+        if let Some(config) = entry.breaker {
+            let (admission, transition) = breaker.admit(config);
+            log_transition(entry, transition);
+            if let Admission::Refuse(retry_in) = admission {
+                let error = Error::CircuitOpen { entry: entry.name(), retry_in };
+                record.finish(Err(&error));
+                // A retry the breaker refuses ends the call with the failure before it.
+                return Err(match earlier.pop() {
+                    Some(last) => with_earlier(last, earlier),
+                    None => error,
+                });
+            }
+            record.admission = Some(admission);
         }
-        record.admission = Some(admission);
+        let result = exchange(entry, executor, deadline, message, fds, decode, &mut record, &span)
+            .instrument(span.clone())
+            .await;
+        record.finish(result.as_ref().map(|_| ()));
+        match result {
+            // The worker died: a function safe to repeat runs again on a fresh one, within
+            // the same deadline. Panics and timeouts are never retried: a panic is likely to
+            // come again, and a timed-out call has no time left.
+            Err(error @ (Error::Crashed { .. } | Error::MemoryLimit { .. }))
+                if (earlier.len() as u64) < retries && Instant::now() < deadline.0 =>
+            {
+                tracing::warn!(target: "offload::call", parent: &span, %error, attempt = earlier.len() + 1, "offload call retried");
+                earlier.push(error);
+            }
+            Err(error) if !earlier.is_empty() => return Err(with_earlier(error, earlier)),
+            result => return result,
+        }
     }
-    let result =
-        exchange(entry, executor, message, fds, decode, &mut record, &span).instrument(span.clone()).await;
-    record.finish(result.as_ref().map(|_| ()));
-    result
+}
+
+/// `error`, the last attempt's, with the attempts before it, when it can carry them.
+fn with_earlier(error: Error, attempts: Vec<Error>) -> Error {
+    match error {
+        Error::Crashed { entry, pid, exit, stderr, .. } => {
+            Error::Crashed { entry, pid, exit, stderr, earlier_attempts: attempts }
+        }
+        Error::MemoryLimit { entry, pid, limit, .. } => {
+            Error::MemoryLimit { entry, pid, limit, earlier_attempts: attempts }
+        }
+        other => other,
+    }
 }
 
 /// What one call has been through so far: kept up to date as it goes, so that a call whose
@@ -397,17 +435,17 @@ fn log_transition(entry: &Entry, transition: Option<Transition>) {
 }
 
 /// Takes a place to run before the deadline, sends the call, and reads the reply.
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     entry: &'static Entry,
     executor: &Executor,
+    (end, timeout, by): (Instant, Duration, crate::deadline::Deadline),
     message: &[&[u8]],
     fds: &[OwnedFd],
     decode: &mut dyn Decode,
     record: &mut Record,
     span: &tracing::Span,
 ) -> Result<(), Error> {
-    let function_timeout = executor.settings().timeout.unwrap_or_else(|| entry.timeout());
-    let (end, timeout, by) = crate::deadline::for_call(function_timeout);
     let timed_out = |pid| Error::Timeout { entry: entry.name(), timeout, by, pid };
 
     if Instant::now() >= end {
@@ -478,9 +516,11 @@ async fn exchange(
             return Err(match place.failed(fault).await {
                 Failure::Stopped => Error::Shutdown { entry: entry.name() },
                 Failure::Crashed { exit, stderr } => {
-                    Error::Crashed { entry: entry.name(), pid, exit, stderr }
+                    Error::Crashed { entry: entry.name(), pid, exit, stderr, earlier_attempts: Vec::new() }
                 }
-                Failure::MemoryLimit { limit } => Error::MemoryLimit { entry: entry.name(), pid, limit },
+                Failure::MemoryLimit { limit } => {
+                    Error::MemoryLimit { entry: entry.name(), pid, limit, earlier_attempts: Vec::new() }
+                }
                 Failure::Broken(kind) => protocol_error(entry, kind),
             });
         }

@@ -41,7 +41,7 @@ pub enum Error {
 
     /// The worker process died while running the call (abort, segfault, `exit`, an outside
     /// `kill`). A replacement worker is started; other calls are unaffected.
-    #[error("`{entry}` crashed its worker {pid}: {exit}{}", tail(stderr))]
+    #[error("`{entry}` crashed its worker {pid}: {exit}{}{}", earlier(earlier_attempts), tail(stderr))]
     Crashed {
         /// The offloaded function.
         entry: &'static str,
@@ -51,11 +51,17 @@ pub enum Error {
         exit: ExitReason,
         /// The last lines the worker wrote to stderr, oldest first.
         stderr: Vec<String>,
+        /// With `retries = N`: how the attempts before this last one failed, oldest first.
+        earlier_attempts: Vec<Error>,
     },
 
     /// The worker ran past its memory limit (`memory = "..."`) while running the call: an
     /// allocation failed and the worker died. A replacement is started.
-    #[error("`{entry}` ran out of memory in worker {pid}: it is limited to {} bytes of address space", limit)]
+    #[error(
+        "`{entry}` ran out of memory in worker {pid}: it is limited to {} bytes of address space{}",
+        limit,
+        earlier(earlier_attempts)
+    )]
     MemoryLimit {
         /// The offloaded function.
         entry: &'static str,
@@ -63,6 +69,8 @@ pub enum Error {
         pid: u32,
         /// The limit, in bytes.
         limit: u64,
+        /// With `retries = N`: how the attempts before this last one failed, oldest first.
+        earlier_attempts: Vec<Error>,
     },
 
     /// The pool's queue was full and its overload policy is `"reject"`: the call was refused
@@ -377,6 +385,22 @@ fn killed(pid: Option<u32>) -> String {
     }
 }
 
+/// What the attempts before the last one came to, for a call that was retried.
+fn earlier(attempts: &[Error]) -> String {
+    if attempts.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = attempts
+        .iter()
+        .map(|e| match e {
+            Error::Crashed { pid, exit, .. } => format!("worker {pid} {exit}"),
+            Error::MemoryLimit { pid, .. } => format!("worker {pid} ran out of memory"),
+            other => other.kind().as_str().to_owned(),
+        })
+        .collect();
+    format!(" (the last of {} attempts; before: {})", attempts.len() + 1, each.join(", "))
+}
+
 fn at(location: Option<&str>) -> String {
     location.map(|l| format!(" at {l}")).unwrap_or_default()
 }
@@ -422,6 +446,7 @@ mod tests {
             pid: 9,
             exit: ExitReason::Signal(11),
             stderr: vec!["oops".into()],
+            earlier_attempts: Vec::new(),
         };
         assert_eq!(
             e.to_string(),

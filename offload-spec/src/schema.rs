@@ -271,6 +271,12 @@ settings! {
             example: "`max_payload = \"256MiB\"`",
             doc: "the largest encoded arguments or return value",
         },
+        retries: u64 = {
+            grammar: Grammar::Count { min: 0 }, scope: Scope::Function, env: None,
+            default: None, absent: "none",
+            example: "`retries = 2`",
+            doc: "run a call whose worker died again on a fresh worker, up to this many more times",
+        },
     }
     others {
         "pool" = {

@@ -2,7 +2,7 @@
 
 use offload::offload;
 
-#[offload(retries = "3")]
+#[offload(priority = "high")]
 fn work() {}
 
 fn main() {}

@@ -7,6 +7,9 @@ use offload::offload;
 #[offload(timeout = "500ms")]
 fn millis() {}
 
+#[offload(retries = 2)]
+fn retried() {}
+
 #[offload(timeout = "1m 30s", workers = "4")]
 fn fixed() {}
 
