@@ -448,8 +448,8 @@ async fn exchange(
 ) -> Result<(), Error> {
     let timed_out = |pid| Error::Timeout { entry: entry.name(), timeout, by, pid };
 
-    if Instant::now() >= end {
-        // Its scope's deadline passed before it began.
+    if timeout.is_zero() {
+        // Its deadline passed before it began (a scope's, or a zero timeout).
         return Err(timed_out(None));
     }
     // One timer for the whole call: waiting for a place and running.
@@ -476,7 +476,7 @@ async fn exchange(
             place.give_back();
             return Err(Error::CircuitOpen { entry: entry.name(), retry_in });
         }
-        if Instant::now() >= end {
+        if deadline.is_elapsed() {
             // The place came as the deadline passed: a call whose deadline passed in the
             // queue is never started.
             place.give_back();
