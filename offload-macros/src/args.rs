@@ -38,6 +38,9 @@ pub(crate) struct OffloadArgs {
     pub(crate) breaker: Option<Spanned<Breaker>>,
     /// `fallback = path::to::fn`: what stands in for a call that failed worker-side.
     pub(crate) fallback: Option<ExprPath>,
+    /// `state = path::to::fn`: builds, once in each worker, what the function's first
+    /// argument refers to.
+    pub(crate) state: Option<ExprPath>,
     /// `crate = "..."`: where the `offload` crate is, `::offload` when not given.
     pub(crate) krate: Option<Path>,
 }
@@ -272,6 +275,7 @@ impl OffloadArgs {
                 let message = format!("expected a parenthesised list, e.g. {}", key.example());
                 return Err(syn::Error::new_spanned(value, message));
             }
+            Grammar::FunctionPath if name == "state" => self.state = Some(function_path(key, value)?),
             Grammar::FunctionPath => self.fallback = Some(function_path(key, value)?),
             Grammar::CratePath => {
                 let lit = string(key, value)?;
@@ -539,7 +543,8 @@ mod tests {
     use super::{Breaker, OffloadArgs, edit_distance};
 
     const EXPECTED: &str = "expected one of `timeout`, `workers`, `memory`, `queue`, `overload`, \
-                            `max_tasks`, `max_rss`, `max_payload`, `retries`, `pool`, `breaker`, `fallback`, `crate`";
+                            `max_tasks`, `max_rss`, `max_payload`, `retries`, `pool`, `breaker`, `fallback`, `state`, \
+                            `crate`";
 
     fn parse_ok(tokens: proc_macro2::TokenStream) -> OffloadArgs {
         let (args, err) = OffloadArgs::parse(tokens);

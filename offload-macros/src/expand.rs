@@ -25,7 +25,7 @@ pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
         Ok(function) => function,
         Err(err) => return recovery::unsupported(item, args_error, err),
     };
-    if let Err(err) = signature::check(&function) {
+    if let Err(err) = signature::check(&function, args.state.as_ref()) {
         return recovery::unsupported(item, args_error, err);
     }
     let mut expanded = expand(&args, &function);
@@ -57,15 +57,24 @@ struct Context<'a> {
     return_bytes: bool,
     /// `fallback = path::to::fn`.
     fallback: Option<&'a ExprPath>,
+    /// `state = path::to::fn`, and the type of the state the first argument refers to.
+    state: Option<(&'a ExprPath, &'a Type)>,
 }
 
 /// The expansion of a function that [`signature::check`] accepted.
 fn expand(args: &OffloadArgs, function: &Function) -> TokenStream {
     let sig = &function.sig;
+    // With `state`, the first argument is the worker's state, not the caller's.
+    let state = args.state.as_ref().map(|path| {
+        let Some(FnArg::Typed(arg)) = sig.inputs.first() else { unreachable!("checked by `signature`") };
+        let Type::Reference(reference) = &*arg.ty else { unreachable!("checked by `signature`") };
+        (path, &*reference.elem)
+    });
     let arguments = sig
         .inputs
         .iter()
         .enumerate()
+        .skip(usize::from(state.is_some()))
         .map(|(index, input)| {
             let FnArg::Typed(arg) = input else { unreachable!("receivers are rejected") };
             Argument { name: stub_name(&arg.pat, index), ty: &arg.ty, bytes: is_bytes(&arg.ty) }
@@ -83,6 +92,7 @@ fn expand(args: &OffloadArgs, function: &Function) -> TokenStream {
         return_ty,
         return_bytes: return_ty.is_some_and(is_bytes),
         fallback: args.fallback.as_ref(),
+        state,
     };
 
     let impl_fn = cx.impl_fn();
@@ -167,11 +177,14 @@ impl Context<'_> {
             };
             (self.owned_args(), decode)
         };
-        let impl_args = self
-            .arguments
-            .iter()
-            .zip(&decoded)
-            .map(|(arg, decoded)| if arg.bytes { quote!(#decoded.into_vec()) } else { quote!(#decoded) });
+        let state_arg = self.state.map(|(_, ty)| {
+            let worker_state = rt.worker_state();
+            quote!(#worker_state::<#ty>(&__OFFLOAD_ENTRY)?)
+        });
+        let impl_args =
+            state_arg.into_iter().chain(self.arguments.iter().zip(&decoded).map(|(arg, decoded)| {
+                if arg.bytes { quote!(#decoded.into_vec()) } else { quote!(#decoded) }
+            }));
         let (assert, encode) = match self.return_ty {
             Some(_) if self.return_bytes => {
                 let encode_return_bytes = rt.encode_return_bytes();
@@ -385,6 +398,20 @@ impl Context<'_> {
         }
         if let Some(pool) = &args.pool {
             settings.extend(quote_spanned!(pool.span()=> .with_pool(#pool)));
+        }
+        if let Some((path, ty)) = self.state {
+            // A builder of another signature is one error, at the user's path.
+            let state_box = rt.state_box();
+            let builder = quote_spanned!(path.span()=> let build: fn() -> #ty = #path;);
+            settings.extend(quote! {
+                .with_state({
+                    fn __offload_state() -> #state_box {
+                        #builder
+                        ::std::boxed::Box::new(build())
+                    }
+                    __offload_state
+                })
+            });
         }
         if let Some(breaker) = &args.breaker {
             let failures = Literal::u32_unsuffixed(breaker.value.failures);

@@ -63,12 +63,13 @@ use proc_macro::TokenStream;
 /// | `pool` | a name: `"images"` | a pool per function | share a pool of workers with every function that names the same pool |
 /// | `breaker` | `breaker(failures = N, reset = "...")`: `failures` an integer, at least 1, `reset` a duration, as `timeout`; either may be left out (`failures = 5`, `reset = "30s"`), as may the parentheses: `breaker` alone takes both defaults | no breaker | a circuit breaker for this function: after `failures` worker-side failures in a row (the timeout of a running call, a panic, a crash, the memory limit), it opens, and calls fail at once with `Error::CircuitOpen`, without a worker; after `reset`, one trial call goes through (half-open), and the breaker closes if it succeeds |
 /// | `fallback` | a path to a function, not a string: `fallback = cached_digest`, `fallback = Cache::get` | none | a sync or async fn with the same argument types, in the same order, and the same return type as this one, called in the caller's process with the same arguments when the breaker is open or the call failed worker-side; what it returns is returned (as `Ok`) instead of the error. It runs on the caller's async runtime, so keep it cheap: a sync fallback blocks that thread while it runs; an async fallback's future is part of the function's, which is `Send` only if it is |
+/// | `state` | a path to a function, not a string: `state = load_model` | none | a `fn() -> T` that each worker of the pool calls once, when it starts and before its first call; the function then takes `&T` as its first argument, which the async stub does not have (`fn infer(model: &Model, input: Vec<f32>)` is called as `infer(input).await`). A builder that panics makes the worker fail to start: calls get `Error::Spawn` with the panic's message |
 /// | `crate` | a path: `"my_crate::offload"` | `"::offload"` | where the `offload` crate is, for code that re-exports it |
 ///
 /// `workers`, `memory`, `queue`, `overload`, `max_tasks`, `max_rss` and `max_payload` belong to the pool: in
 /// a shared pool, give each on one function only, or the same value on several; functions
 /// that disagree make calls to that pool fail with `Error::Config`. `timeout`, `retries`,
-/// `breaker` and `fallback` belong to the function.
+/// `state`, `breaker` and `fallback` belong to the function.
 ///
 /// ```ignore
 /// #[offload(timeout = "2m", workers = "cpus/2", pool = "images", memory = "1GiB", queue = 64,

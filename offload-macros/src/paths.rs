@@ -51,6 +51,17 @@ impl Runtime {
         self.item("ENTRIES")
     }
 
+    /// `fn worker_state<T>(&'static Entry) -> Result<&'static T, ProtocolError>`: the state
+    /// this worker built for an entry.
+    pub(crate) fn worker_state(&self) -> TokenStream {
+        self.item("worker_state")
+    }
+
+    /// `Box<dyn Any>`: a state as its builder hands it over.
+    pub(crate) fn state_box(&self) -> TokenStream {
+        self.item("StateBox")
+    }
+
     /// The worker's pre-`main` hook, which each stub references to keep it linked.
     pub(crate) fn worker_hook(&self) -> TokenStream {
         self.item("ENTER_WORKER_MODE")

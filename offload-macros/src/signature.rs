@@ -13,8 +13,9 @@ use crate::Errors;
 use crate::ast::Function;
 
 /// Checks that `function` can be offloaded; every reason it cannot, at once. Only the
-/// signature is looked at: the body is the user's, and the compiler checks it.
-pub(crate) fn check(function: &Function) -> syn::Result<()> {
+/// signature is looked at: the body is the user's, and the compiler checks it. With `state`,
+/// the first argument is the worker's state: a shared reference, `&T`.
+pub(crate) fn check(function: &Function, state: Option<&syn::ExprPath>) -> syn::Result<()> {
     let mut errors = Errors::default();
     let sig = &function.sig;
 
@@ -68,7 +69,29 @@ pub(crate) fn check(function: &Function) -> syn::Result<()> {
         ));
     }
 
-    for input in &sig.inputs {
+    let mut inputs = sig.inputs.iter();
+    if let Some(state) = state {
+        match inputs.next() {
+            Some(FnArg::Typed(arg)) => match &*arg.ty {
+                Type::Reference(reference)
+                    if reference.mutability.is_none() && reference.lifetime.is_none() =>
+                {
+                    check_type(&reference.elem, Position::Argument, false, &mut errors);
+                }
+                other => errors.push(syn::Error::new_spanned(
+                    other,
+                    "with `state`, the first argument is the worker's state and must be a shared \
+                     reference to it, e.g. `model: &Model`",
+                )),
+            },
+            Some(FnArg::Receiver(_)) | None => errors.push(syn::Error::new_spanned(
+                state,
+                "with `state`, the function takes the worker's state as its first argument, e.g. \
+                 `fn infer(model: &Model, input: Vec<f32>)`",
+            )),
+        }
+    }
+    for input in inputs {
         match input {
             FnArg::Receiver(receiver) => errors.push(syn::Error::new_spanned(
                 receiver,
@@ -210,7 +233,7 @@ mod tests {
     use crate::ast::Function;
 
     fn errors(item: Function) -> Vec<String> {
-        match check(&item) {
+        match check(&item, None) {
             Ok(()) => Vec::new(),
             Err(err) => err.into_iter().map(|e| e.to_string()).collect(),
         }

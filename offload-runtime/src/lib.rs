@@ -129,10 +129,12 @@ pub mod __private_v1 {
     pub use crate::error::{Error, ProtocolError};
     pub use crate::fallback::{Fallback, ReturnsFuture, ReturnsValue, fallback};
     pub use crate::protocol::{RecvBytes, SendBytes};
-    pub use crate::registry::{ENTRIES, Entry, Invoke};
+    pub use crate::registry::{BuildState, ENTRIES, Entry, Invoke, StateBox};
     #[cfg(target_os = "linux")]
     pub use crate::worker::ENTER_WORKER_MODE;
-    pub use crate::worker::{decode_args, encode_return, encode_return_bytes, write_garbage_to_channel};
+    pub use crate::worker::{
+        decode_args, encode_return, encode_return_bytes, worker_state, write_garbage_to_channel,
+    };
     pub use offload_spec::{Options, Overload, WorkersSpec};
 
     /// Compile-time check that `T` can be an argument or return type; spanned at the type.

@@ -14,6 +14,14 @@ use std::time::Duration;
 use crate::error::ProtocolError;
 use crate::settings::{BreakerConfig, PoolOptions};
 
+/// A worker's state for an entry, as its builder (`state = path`) hands it over. Not public API.
+#[doc(hidden)]
+pub type StateBox = Box<dyn std::any::Any>;
+
+/// Builds an entry's state, once in each worker of its pool.
+#[doc(hidden)]
+pub type BuildState = fn() -> StateBox;
+
 /// The worker side of an entry: decode the arguments from `input`, run the user's function,
 /// append the encoded return value to `out`.
 #[doc(hidden)]
@@ -41,18 +49,27 @@ pub struct Entry {
     pub(crate) options: PoolOptions,
     /// `breaker(failures = N, reset = "...")`, if given.
     pub(crate) breaker: Option<BreakerConfig>,
+    /// `state = path`: what builds the state each worker of the pool keeps for this entry.
+    pub(crate) state: Option<BuildState>,
 }
 
 impl Entry {
     /// An entry with default settings: `key` is what the worker dispatches on, `name` what
     /// people read.
     pub const fn new(key: &'static str, name: &'static str, invoke: Invoke) -> Entry {
-        Entry { key, name, invoke, pool: None, options: PoolOptions::EMPTY, breaker: None }
+        Entry { key, name, invoke, pool: None, options: PoolOptions::EMPTY, breaker: None, state: None }
     }
 
     /// What the attribute says about the settings with plain values, checked by the macro.
     pub const fn with_options(mut self, options: PoolOptions) -> Entry {
         self.options = options;
+        self
+    }
+
+    /// `state = path`: each worker of the pool builds the state with `build` when it starts,
+    /// before it takes a call.
+    pub const fn with_state(mut self, build: BuildState) -> Entry {
+        self.state = Some(build);
         self
     }
 

@@ -297,6 +297,12 @@ settings! {
             example: "`fallback = path::to::function`",
             doc: "what stands in for a call that failed worker-side",
         },
+        "state" = {
+            grammar: Grammar::FunctionPath, scope: Scope::Function, env: None,
+            default: None, absent: "none",
+            example: "`state = path::to::builder`",
+            doc: "state built once in each worker, handed to the function as its first argument",
+        },
         "crate" = {
             grammar: Grammar::CratePath, scope: Scope::Function, env: None,
             default: None, absent: "`::offload`",

@@ -327,7 +327,7 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
     let (ours, theirs) = UnixStream::pair()?;
     let parent = std::process::id();
     let fd = theirs.as_raw_fd();
-    let env = WorkerEnv { fd, parent, secret, max_payload };
+    let env = WorkerEnv { fd, parent, secret, max_payload, pool: pool.to_owned() };
 
     // The running image, even if the file on disk has been replaced since.
     let mut command = Command::new("/proc/self/exe");

@@ -6,7 +6,8 @@ use std::os::fd::RawFd;
 
 use super::PROTOCOL_VERSION;
 
-/// Set in a worker's environment by its parent: `version:fd:parent-pid:secret-hex:max-payload`.
+/// Set in a worker's environment by its parent:
+/// `version:fd:parent-pid:secret-hex:max-payload:pool` (the pool's name may hold `:`).
 pub(crate) const ENV: &str = "OFFLOAD_WORKER";
 
 /// What the parent put in [`ENV`].
@@ -17,21 +18,24 @@ pub(crate) struct WorkerEnv {
     pub(crate) secret: [u8; 16],
     /// The pool's `max_payload`: the largest encoded return value.
     pub(crate) max_payload: u64,
+    /// The pool's name, whose entries' states the worker builds.
+    pub(crate) pool: String,
 }
 
 impl WorkerEnv {
     pub(crate) fn encode(&self) -> String {
         let secret: String = self.secret.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{PROTOCOL_VERSION}:{}:{}:{secret}:{}", self.fd, self.parent, self.max_payload)
+        format!("{PROTOCOL_VERSION}:{}:{}:{secret}:{}:{}", self.fd, self.parent, self.max_payload, self.pool)
     }
 
     pub(crate) fn parse(value: &str) -> Option<WorkerEnv> {
-        let mut parts = value.split(':');
+        let mut parts = value.splitn(6, ':');
         let version: u32 = parts.next()?.parse().ok()?;
         let fd: RawFd = parts.next()?.parse().ok()?;
         let parent: u32 = parts.next()?.parse().ok()?;
         let hex = parts.next()?;
         let max_payload: u64 = parts.next()?.parse().ok()?;
+        let pool = parts.next()?.to_owned();
         if version != PROTOCOL_VERSION || parts.next().is_some() || hex.len() != 32 || fd < 0 {
             return None;
         }
@@ -39,7 +43,7 @@ impl WorkerEnv {
         for (i, byte) in secret.iter_mut().enumerate() {
             *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
         }
-        Some(WorkerEnv { fd, parent, secret, max_payload })
+        Some(WorkerEnv { fd, parent, secret, max_payload, pool })
     }
 }
 
@@ -49,7 +53,13 @@ mod tests {
 
     #[test]
     fn env_round_trips() {
-        let env = WorkerEnv { fd: 7, parent: 1234, secret: *b"0123456789abcdef", max_payload: 1 << 30 };
+        let env = WorkerEnv {
+            fd: 7,
+            parent: 1234,
+            secret: *b"0123456789abcdef",
+            max_payload: 1 << 30,
+            pool: "app::digest".into(),
+        };
         assert_eq!(WorkerEnv::parse(&env.encode()), Some(env));
     }
 

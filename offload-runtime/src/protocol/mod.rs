@@ -15,7 +15,7 @@ pub(crate) mod env;
 pub(crate) mod reader;
 
 /// Bumped whenever the frame layout or a message changes.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame the length prefix can describe, tag included. Pools enforce their own,
 /// smaller `max_payload` on top of it.

@@ -8,6 +8,7 @@
 //! - this module: the pre-`main` hook, and the clean start before any user code runs;
 //! - [`serve`]: the handshake and the loop that reads a call, runs it and sends the reply;
 //! - [`logs`]: the function's `tracing` events, forwarded with the reply;
+//! - [`state`]: what `state = path` builds, once per worker, before its first call;
 //! - [`overflow`]: a stack overflow reported as Rust reports one;
 //! - [`api`]: what the macro's expansion calls on this side.
 //!
@@ -18,11 +19,13 @@ mod logs;
 #[cfg(target_os = "linux")]
 mod overflow;
 mod serve;
+mod state;
 
 use std::io::Write;
 use std::os::fd::RawFd;
 
 pub use api::{decode_args, encode_return, encode_return_bytes, write_garbage_to_channel};
+pub use state::worker_state;
 
 use crate::protocol::env::{ENV, WorkerEnv};
 
@@ -148,7 +151,13 @@ mod tests {
     /// printed to stderr, after checking that it exited as a worker that could not start.
     #[cfg(target_os = "linux")]
     fn worker_on(stdin: std::process::Stdio) -> String {
-        let env = WorkerEnv { fd: 0, parent: std::process::id(), secret: [7; 16], max_payload: 1 << 20 };
+        let env = WorkerEnv {
+            fd: 0,
+            parent: std::process::id(),
+            secret: [7; 16],
+            max_payload: 1 << 20,
+            pool: "p".into(),
+        };
         let output = std::process::Command::new(std::env::current_exe().unwrap())
             .env(ENV, env.encode())
             .stdin(stdin)

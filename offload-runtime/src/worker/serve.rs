@@ -76,6 +76,8 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
     // Programs the user's function starts must not inherit the channel.
     fcntl_setfd(&stream, FdFlags::CLOEXEC)?;
 
+    // Before the hello: a worker is only given calls once its states are built.
+    super::state::build_all(&env.pool).map_err(std::io::Error::other)?;
     logs::install();
     panic::set_hook(Box::new(|info| {
         let location = info.location().map(|l| l.to_string());

@@ -10,6 +10,15 @@ fn millis() {}
 #[offload(retries = 2)]
 fn retried() {}
 
+fn build_table() -> Vec<u64> {
+    vec![1, 2, 3]
+}
+
+#[offload(state = build_table, pool = "stateful")]
+fn with_state(table: &Vec<u64>, index: usize) -> u64 {
+    table[index]
+}
+
 #[offload(timeout = "1m 30s", workers = "4")]
 fn fixed() {}
 
