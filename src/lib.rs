@@ -5,9 +5,9 @@
 #[doc(inline)]
 pub use offload_macros::offload;
 pub use offload_runtime::{
-    BreakerState, Deadline, Error, ErrorKind, ExitReason, Latency, Payload, PoolStats, ProtocolError,
-    RestartCause, SharedBytes, SharedSlice, Transferable, bytemuck, is_worker, shutdown, stats, warm_up,
-    with_deadline, with_timeout,
+    BreakerState, Cancelled, Deadline, Error, ErrorKind, ExitReason, Latency, Payload, PoolStats,
+    ProtocolError, RestartCause, SharedBytes, SharedSlice, Transferable, bytemuck, cancelled, checkpoint,
+    is_worker, shutdown, stats, warm_up, with_deadline, with_timeout,
 };
 
 #[doc(inline)]

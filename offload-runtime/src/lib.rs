@@ -55,6 +55,7 @@ pub use deadline::{Deadline, with_deadline, with_timeout};
 pub use error::{Error, ErrorKind, ExitReason, Payload, ProtocolError};
 pub use shm::{SharedBytes, SharedSlice};
 pub use stats::{BreakerState, Latency, PoolStats, RestartCause};
+pub use worker::{Cancelled, cancelled, checkpoint};
 
 /// A snapshot of every pool started so far in this process, sorted by name: workers alive
 /// and busy, queue depth, calls by outcome, worker restarts by cause, circuit breaker states

@@ -43,6 +43,9 @@ pub(crate) struct PoolSettings {
     pub(crate) max_payload: u64,
     /// Where the pool's calls run.
     pub(crate) placement: Placement,
+    /// How long a worker whose call was cancelled (its deadline passed, or its future was
+    /// dropped) has to return before it is killed; `None`: killed at once.
+    pub(crate) grace: Option<Duration>,
 }
 
 /// Where a pool's calls run: which executor serves it (see `crate::executor`).
@@ -106,6 +109,7 @@ fn resolve_with(
         max_rss: given.max_rss,
         max_payload: given.max_payload.unwrap_or(defaults::MAX_PAYLOAD).min(MAX_MAX_PAYLOAD),
         placement: Placement::Local,
+        grace: given.grace.map(Duration::from_millis),
     })
 }
 

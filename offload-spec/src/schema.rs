@@ -271,6 +271,12 @@ settings! {
             example: "`max_payload = \"256MiB\"`",
             doc: "the largest encoded arguments or return value",
         },
+        grace: u64 = {
+            grammar: Grammar::Duration, scope: Scope::Pool, env: Some("GRACE"),
+            default: None, absent: "none: killed at once",
+            example: "`grace = \"2s\"`",
+            doc: "how long a cancelled call's worker has to return before it is killed",
+        },
         retries: u64 = {
             grammar: Grammar::Count { min: 0 }, scope: Scope::Function, env: None,
             default: None, absent: "none",

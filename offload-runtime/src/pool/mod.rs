@@ -272,7 +272,12 @@ impl Pool {
             }
             leased.insert(worker.pid);
         }
-        Ok(Lease { pool: Arc::clone(self), worker: Some(worker), _permit: permit, _admitted: admitted })
+        Ok(Lease {
+            pool: Arc::clone(self),
+            worker: Some(worker),
+            permits: Some((permit, admitted)),
+            graced: false,
+        })
     }
 
     /// Turns the held slot into a live worker.
@@ -452,13 +457,16 @@ impl Drop for HeldSlot<'_> {
 
 /// One worker, lent to one call. Dropping the lease without [`Lease::release`] or
 /// [`Lease::end`] (the call's future was dropped mid-call) kills the worker, because its
-/// state is unknown, and starts a replacement.
+/// state is unknown, and starts a replacement; with a `grace` period, the worker is told
+/// first and given the period to return (see [`Lease::try_grace`]).
 pub(crate) struct Lease {
     pool: Arc<Pool>,
     worker: Option<Worker>,
-    // Dropped after `Drop::drop` has put the slot back.
-    _permit: OwnedSemaphorePermit,
-    _admitted: Option<OwnedSemaphorePermit>,
+    /// The slot's permit and the queue's. Dropped after `Drop::drop` has put the slot back;
+    /// moved with the worker when it is given its grace period.
+    permits: Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
+    /// The worker was given its grace period already: the next end is final.
+    graced: bool,
 }
 
 impl Lease {
@@ -497,9 +505,42 @@ impl Lease {
         drop(self.end(Ending::Exited, RestartCause::DiedIdle));
     }
 
-    /// The call ran past its deadline: kill the worker and replace it.
+    /// The call ran past its deadline: kill the worker and replace it, or, with a grace
+    /// period, give it the period to return in the background.
     pub(crate) async fn timed_out(self) {
-        let _ended = self.end(Ending::Kill, RestartCause::Timeout).await;
+        if let Some(lease) = self.try_grace(RestartCause::Timeout) {
+            let _ended = lease.end(Ending::Kill, RestartCause::Timeout).await;
+        }
+    }
+
+    /// With a `grace` period, and the call in the worker's hands: tells the worker its call
+    /// is cancelled (`offload::cancelled()` turns true there), and gives it the period to
+    /// return, in a task of its own, so that the caller does not wait for it. A worker that
+    /// returns in time serves the next call (its reply is set aside); one that does not is
+    /// killed, as it is at once without a grace period. Gives the lease back when there is
+    /// nothing to wait for: no grace period, no runtime to wait on, a call not yet whole in
+    /// the worker's hands, a pool that is stopping.
+    fn try_grace(mut self, cause: RestartCause) -> Option<Lease> {
+        let Some(grace) = self.pool.settings.grace else { return Some(self) };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return Some(self) };
+        if self.graced || self.pool.is_closed() || !self.worker().channel().awaiting_reply() {
+            return Some(self);
+        }
+        self.graced = true;
+        supervisor::signal_cancel(self.pid());
+        runtime.spawn(async move {
+            let returned =
+                tokio::time::timeout(grace, async { self.reply(&[], &[], 0, &mut |_| {}).await.is_ok() })
+                    .await;
+            if returned == Ok(true) {
+                self.release();
+            } else {
+                tracing::warn!(target: "offload::pool", pool = self.pool.name, pid = self.pid(), ?grace,
+                    "offload worker did not return within its grace period; killed");
+                drop(self.end(Ending::Kill, cause));
+            }
+        });
+        None
     }
 
     /// The worker sent a frame the protocol does not allow here: kill it and replace it.
@@ -618,17 +659,33 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(worker) = self.worker.take() {
-            tracing::warn!(target: "offload::pool",
-                pool = self.pool.name,
-                pid = worker.pid,
-                "offload call abandoned; killing its worker"
-            );
-            let pid = worker.pid;
-            self.pool.metrics.restarted(RestartCause::Abandoned);
-            lock(&self.pool.slots).push(self.pool.start_worker());
-            drop(worker.end(Ending::Kill, Cause::Restart(RestartCause::Abandoned)));
-            self.pool.unlease(pid);
+            let lease = Lease {
+                pool: Arc::clone(&self.pool),
+                worker: Some(worker),
+                permits: self.permits.take(),
+                graced: self.graced,
+            };
+            if let Some(lease) = lease.try_grace(RestartCause::Abandoned) {
+                lease.abandon();
+            }
         }
+    }
+}
+
+impl Lease {
+    /// The call's future was dropped mid-call: kill the worker, whose state is unknown.
+    fn abandon(mut self) {
+        let worker = self.worker.take().expect("present until the lease ends");
+        tracing::warn!(target: "offload::pool",
+            pool = self.pool.name,
+            pid = worker.pid,
+            "offload call abandoned; killing its worker"
+        );
+        let pid = worker.pid;
+        self.pool.metrics.restarted(RestartCause::Abandoned);
+        lock(&self.pool.slots).push(self.pool.start_worker());
+        drop(worker.end(Ending::Kill, Cause::Restart(RestartCause::Abandoned)));
+        self.pool.unlease(pid);
     }
 }
 

@@ -211,6 +211,14 @@ pub(crate) fn kill(pid: u32) {
     }
 }
 
+/// Tells a worker the caller knows is not yet reaped that its call is cancelled: SIGURG,
+/// which the worker's handler turns into `offload::cancelled()`.
+pub(crate) fn signal_cancel(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::URG);
+    }
+}
+
 struct SpawnJob {
     config: WorkerConfig,
     reply: oneshot::Sender<io::Result<Worker>>,

@@ -62,11 +62,13 @@ pub(crate) struct Channel {
     inbox: FrameReader,
     /// Longest frame accepted from the worker.
     max_frame: usize,
+    /// The whole call is written and its reply not yet read: the worker is running it.
+    awaiting_reply: bool,
 }
 
 impl Channel {
     pub(crate) fn new(stream: UnixStream, max_frame: usize) -> Channel {
-        Channel { registered: None, stream, inbox: FrameReader::default(), max_frame }
+        Channel { registered: None, stream, inbox: FrameReader::default(), max_frame, awaiting_reply: false }
     }
 
     /// Waits for one frame without a runtime, for the handshake on the supervisor thread.
@@ -141,7 +143,7 @@ impl Channel {
         sent: usize,
         on_log: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<Reply<'_>, TransportError> {
-        let Channel { registered, stream, inbox, max_frame } = self;
+        let Channel { registered, stream, inbox, max_frame, awaiting_reply } = self;
         inbox.shrink();
         drop(inbox.take_fds());
         let mut written = sent;
@@ -154,6 +156,7 @@ impl Channel {
                 Err(_would_block) => continue,
             }
         }
+        *awaiting_reply = true;
 
         // Everything that comes before the reply, bulk frames included, counts against one
         // budget: a worker cannot grow the caller past its limit by sending many frames.
@@ -174,6 +177,7 @@ impl Channel {
                     continue;
                 }
                 let attached = Attached { fds: inbox.take_fds(), bulk };
+                *awaiting_reply = false;
                 return Ok(Reply { tag, body: inbox.frame(range.clone()), range, attached });
             }
             let mut ready = fd.readable().await?;
@@ -190,6 +194,12 @@ impl Channel {
 }
 
 impl Channel {
+    /// Whether the whole call was written and its reply is still to come: the worker has the
+    /// call, and a reply, if it comes, can be read and set aside.
+    pub(crate) fn awaiting_reply(&self) -> bool {
+        self.awaiting_reply
+    }
+
     /// Takes the buffer that holds the reply last handed out (whose body is at the `range`
     /// that [`Reply`] gave), so that it can be decoded elsewhere; the channel keeps any bytes
     /// that followed the reply, and starts a new buffer.

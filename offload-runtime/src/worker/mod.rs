@@ -9,12 +9,14 @@
 //! - [`serve`]: the handshake and the loop that reads a call, runs it and sends the reply;
 //! - [`logs`]: the function's `tracing` events, forwarded with the reply;
 //! - [`state`]: what `state = path` builds, once per worker, before its first call;
+//! - [`cancel`]: a cancelled call told so, with a `grace` period;
 //! - [`overflow`]: a stack overflow reported as Rust reports one;
 //! - [`api`]: what the macro's expansion calls on this side.
 //!
 //! It uses the protocol, the sockets and the registry; nothing of the caller's side.
 
 mod api;
+mod cancel;
 mod logs;
 #[cfg(target_os = "linux")]
 mod overflow;
@@ -25,6 +27,7 @@ use std::io::Write;
 use std::os::fd::RawFd;
 
 pub use api::{decode_args, encode_return, encode_return_bytes, write_garbage_to_channel};
+pub use cancel::{Cancelled, cancelled, checkpoint};
 pub use state::worker_state;
 
 use crate::protocol::env::{ENV, WorkerEnv};
@@ -128,6 +131,7 @@ fn start_clean(channel: RawFd) -> Result<(), ()> {
     }
     #[cfg(target_os = "linux")]
     overflow::install();
+    cancel::install()?;
     // Exec through `/proc/self/exe` names the process `exe`; name it after its program (the
     // command line, set by the parent, also names the pool).
     if let Some(name) = std::env::current_exe().ok().as_deref().and_then(std::path::Path::file_name) {

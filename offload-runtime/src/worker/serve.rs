@@ -230,6 +230,7 @@ fn answer(body: &[u8], attached: Attached, buf: Vec<u8>) -> Vec<u8> {
 }
 
 fn run(invoke: crate::registry::Invoke, args: &[u8], buf: Vec<u8>) -> Vec<u8> {
+    super::cancel::reset();
     let mut frame = FrameBuf::reuse(buf, Tag::Return);
     match panic::catch_unwind(AssertUnwindSafe(|| invoke(args, frame.body()))) {
         Ok(Ok(())) => match frame.finish() {
