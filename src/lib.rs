@@ -5,9 +5,10 @@
 #[doc(inline)]
 pub use offload_macros::offload;
 pub use offload_runtime::{
-    BreakerState, Cancelled, Deadline, Error, ErrorKind, ExitReason, Latency, Payload, PoolStats,
+    BreakerState, Cancelled, Deadline, Error, ErrorKind, ExitReason, Latency, Payload, PoolStats, Progress,
     ProtocolError, RestartCause, SharedBytes, SharedSlice, Transferable, bytemuck, cancelled, checkpoint,
-    is_worker, shutdown, stats, warm_up, with_deadline, with_timeout,
+    is_worker, progress, progress_message, shutdown, stats, warm_up, with_deadline, with_progress,
+    with_timeout,
 };
 
 #[doc(inline)]

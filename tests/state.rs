@@ -60,8 +60,9 @@ async fn state_is_built_once_per_worker_before_its_first_call() {
     assert_eq!(builds().len(), 2, "100 calls built no more states: {:?}", builds());
     assert!(pids.is_subset(&built), "{pids:?} called, {built:?} built");
 
-    // A replacement builds its own state, once.
+    // A replacement builds its own state, once, as it starts: warming up waits for it.
     assert!(matches!(crash().await, Err(Error::Crashed { .. })));
+    offload::warm_up().await.unwrap();
     for x in 0..20 {
         let (pid, own, _) = infer(x).await.unwrap();
         assert!(own, "worker {pid} used a state it did not build");

@@ -499,7 +499,10 @@ async fn exchange(
 
     let started = Instant::now();
     let outcome = match sent {
-        Ok(sent) => before(deadline, place.reply(message, fds, sent, &mut forward_logs)).await,
+        Ok(sent) => {
+            let mut on_frame = |tag: Tag, body: &[u8]| forward(entry, tag, body);
+            before(deadline, place.reply(message, fds, sent, &mut on_frame)).await
+        }
         Err(fault) => Some(Err(fault)),
     };
     let run_time = started.elapsed();
@@ -551,13 +554,31 @@ async fn exchange(
             protocol::decode::<protocol::Fault>(body, Payload::Message)
                 .map_or_else(|e| e, ProtocolError::from),
         )),
-        Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk => {
+        Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk | Tag::Progress => {
             place.broke_protocol();
             return Err(protocol_error(entry, ProtocolError::Invalid(format!("unexpected {tag:?} frame"))));
         }
     };
     place.done();
     result
+}
+
+/// What the worker sent during the call: its `tracing` events, or a progress report.
+fn forward(entry: &'static Entry, tag: Tag, body: &[u8]) {
+    match tag {
+        Tag::Progress => match protocol::decode::<protocol::ProgressReport>(body, Payload::Message) {
+            Ok(report) => crate::progress::report(crate::progress::Progress {
+                entry: entry.name(),
+                done: report.done,
+                total: report.total,
+                message: report.message,
+            }),
+            Err(_) => {
+                tracing::warn!(target: "offload::call", "offload worker sent an unreadable progress frame")
+            }
+        },
+        _ => forward_logs(body),
+    }
 }
 
 /// Re-emits the events a worker forwarded, inside the current call's span (which carries the

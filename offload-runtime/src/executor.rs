@@ -137,16 +137,16 @@ impl Place {
     }
 
     /// Sends the rest of the call and waits for its reply; log frames before it go to
-    /// `on_log`.
+    /// `on_frame`.
     pub(crate) async fn reply(
         &mut self,
         message: &[&[u8]],
         fds: &[OwnedFd],
         sent: usize,
-        on_log: &mut (dyn FnMut(&[u8]) + Send),
+        on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) + Send),
     ) -> Result<Reply<'_>, Fault> {
         match self {
-            Place::Local(lease) => lease.reply(message, fds, sent, on_log).await.map_err(Fault),
+            Place::Local(lease) => lease.reply(message, fds, sent, on_frame).await.map_err(Fault),
         }
     }
 

@@ -37,6 +37,7 @@ mod fallback;
 mod histogram;
 pub mod lag;
 mod pool;
+mod progress;
 mod protocol;
 mod registry;
 mod role;
@@ -53,9 +54,10 @@ mod worker;
 pub use bytemuck;
 pub use deadline::{Deadline, with_deadline, with_timeout};
 pub use error::{Error, ErrorKind, ExitReason, Payload, ProtocolError};
+pub use progress::{Progress, with_progress};
 pub use shm::{SharedBytes, SharedSlice};
 pub use stats::{BreakerState, Latency, PoolStats, RestartCause};
-pub use worker::{Cancelled, cancelled, checkpoint};
+pub use worker::{Cancelled, cancelled, checkpoint, progress, progress_message};
 
 /// A snapshot of every pool started so far in this process, sorted by name: workers alive
 /// and busy, queue depth, calls by outcome, worker restarts by cause, circuit breaker states

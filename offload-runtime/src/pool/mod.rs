@@ -489,9 +489,9 @@ impl Lease {
         message: &[&[u8]],
         fds: &[OwnedFd],
         sent: usize,
-        on_log: &mut (dyn FnMut(&[u8]) + Send),
+        on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) + Send),
     ) -> Result<Reply<'_>, TransportError> {
-        self.worker().channel().round_trip(message, fds, sent, on_log).await
+        self.worker().channel().round_trip(message, fds, sent, on_frame).await
     }
 
     /// The buffer that holds the last reply.
@@ -530,7 +530,7 @@ impl Lease {
         supervisor::signal_cancel(self.pid());
         runtime.spawn(async move {
             let returned =
-                tokio::time::timeout(grace, async { self.reply(&[], &[], 0, &mut |_| {}).await.is_ok() })
+                tokio::time::timeout(grace, async { self.reply(&[], &[], 0, &mut |_, _| {}).await.is_ok() })
                     .await;
             if returned == Ok(true) {
                 self.release();

@@ -47,6 +47,8 @@ pub(crate) enum Tag {
     /// Parent to worker, before a call: the raw bytes of one of its large byte-vector
     /// arguments; see [`bulk`].
     Bulk = 7,
+    /// Worker to parent, during a call: a [`ProgressReport`] the function made.
+    Progress = 8,
 }
 
 impl Tag {
@@ -59,6 +61,7 @@ impl Tag {
             5 => Tag::Fault,
             6 => Tag::Log,
             7 => Tag::Bulk,
+            8 => Tag::Progress,
             _ => return None,
         })
     }
@@ -139,6 +142,14 @@ pub(crate) mod level {
             assert_eq!(of_filter(LevelFilter::OFF), 0);
         }
     }
+}
+
+/// A [`Tag::Progress`] frame's body: how far the running call is.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ProgressReport {
+    pub(crate) done: u64,
+    pub(crate) total: u64,
+    pub(crate) message: Option<String>,
 }
 
 /// A [`Tag::Fault`] frame's body: a [`ProtocolError`] as it crosses the boundary, apart from

@@ -134,14 +134,14 @@ impl Channel {
     }
 
     /// Sends the rest of `message` after [`Channel::start_send`] wrote `sent` bytes of it,
-    /// and waits for the reply frame, on the current Tokio runtime. Log frames that come
-    /// before the reply go to `on_log`.
+    /// and waits for the reply frame, on the current Tokio runtime. Log and progress frames
+    /// that come before the reply go to `on_frame`.
     pub(crate) async fn round_trip(
         &mut self,
         message: &[&[u8]],
         fds: &[OwnedFd],
         sent: usize,
-        on_log: &mut (dyn FnMut(&[u8]) + Send),
+        on_frame: &mut (dyn FnMut(Tag, &[u8]) + Send),
     ) -> Result<Reply<'_>, TransportError> {
         let Channel { registered, stream, inbox, max_frame, awaiting_reply } = self;
         inbox.shrink();
@@ -172,8 +172,8 @@ impl Channel {
                         continue;
                     }
                 };
-                if tag == Tag::Log {
-                    on_log(inbox.frame(range));
+                if matches!(tag, Tag::Log | Tag::Progress) {
+                    on_frame(tag, inbox.frame(range));
                     continue;
                 }
                 let attached = Attached { fds: inbox.take_fds(), bulk };

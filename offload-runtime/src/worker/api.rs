@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Payload, ProtocolError};
 use crate::protocol::{self, SendBytes};
 
-use super::serve::{CHANNEL_FD, MAX_PAYLOAD, REPLY_BULK, REPLY_FDS};
+use super::serve::{MAX_PAYLOAD, REPLY_BULK, REPLY_FDS};
 
 /// Decodes an entry's arguments. Not public API: the macro's worker-side code calls it.
 pub fn decode_args<T: DeserializeOwned>(input: &[u8]) -> Result<T, ProtocolError> {
@@ -51,18 +51,5 @@ pub fn encode_return_bytes(value: Vec<u8>, out: &mut Vec<u8>) -> Result<(), Prot
 /// worker and fails the call with `Error::Protocol`. Does nothing outside a worker.
 /// Not public API.
 pub fn write_garbage_to_channel(bytes: &[u8]) {
-    let fd = CHANNEL_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        // SAFETY: the worker's channel stays open for the whole life of the process.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            match rustix::io::write(fd, rest) {
-                Ok(n) => rest = &rest[n..],
-                Err(rustix::io::Errno::INTR) => {}
-                // The parent hung up (it saw the violation): nothing more to do.
-                Err(_) => return,
-            }
-        }
-    }
+    super::serve::send_now(bytes);
 }

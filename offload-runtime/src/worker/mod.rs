@@ -10,6 +10,7 @@
 //! - [`logs`]: the function's `tracing` events, forwarded with the reply;
 //! - [`state`]: what `state = path` builds, once per worker, before its first call;
 //! - [`cancel`]: a cancelled call told so, with a `grace` period;
+//! - [`progress`]: progress reports from the running call;
 //! - [`overflow`]: a stack overflow reported as Rust reports one;
 //! - [`api`]: what the macro's expansion calls on this side.
 //!
@@ -20,6 +21,7 @@ mod cancel;
 mod logs;
 #[cfg(target_os = "linux")]
 mod overflow;
+mod progress;
 mod serve;
 mod state;
 
@@ -28,6 +30,7 @@ use std::os::fd::RawFd;
 
 pub use api::{decode_args, encode_return, encode_return_bytes, write_garbage_to_channel};
 pub use cancel::{Cancelled, cancelled, checkpoint};
+pub use progress::{progress, progress_message};
 pub use state::worker_state;
 
 use crate::protocol::env::{ENV, WorkerEnv};

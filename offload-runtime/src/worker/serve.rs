@@ -231,6 +231,7 @@ fn answer(body: &[u8], attached: Attached, buf: Vec<u8>) -> Vec<u8> {
 
 fn run(invoke: crate::registry::Invoke, args: &[u8], buf: Vec<u8>) -> Vec<u8> {
     super::cancel::reset();
+    super::progress::reset();
     let mut frame = FrameBuf::reuse(buf, Tag::Return);
     match panic::catch_unwind(AssertUnwindSafe(|| invoke(args, frame.body()))) {
         Ok(Ok(())) => match frame.finish() {
@@ -264,6 +265,25 @@ fn fault_frame(buf: Vec<u8>, fault: &ProtocolError) -> Vec<u8> {
     protocol::append(frame.body(), &protocol::Fault::from(fault), Payload::Message)
         .expect("a fault always encodes");
     frame.finish().expect("a fault is small")
+}
+
+/// Writes `frame` onto the channel now, in the middle of a call; nothing if the parent is
+/// gone (it hung up, or gave up on the call).
+pub(super) fn send_now(frame: &[u8]) {
+    let fd = CHANNEL_FD.load(Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: the worker's channel stays open for the whole life of the process.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut rest = frame;
+    while !rest.is_empty() {
+        match rustix::io::write(fd, rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Runs in the child of a `fork` in a worker: that child is not the worker, so it gives up the
