@@ -132,6 +132,50 @@ fn latency_table(n: usize) {
     });
 }
 
+/// p50 of offload and of the raw ping-pong in each placement of caller and peer: pinned to
+/// one CPU, pinned to two, and left to the scheduler. On a VM, waking an idle vCPU costs tens
+/// of microseconds, which a round trip across CPUs pays twice: compare like with like.
+fn placement_table(n: usize) {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        println!("placements: one CPU only, skipped\n");
+        return;
+    }
+    let rt = runtime();
+    rt.block_on(async {
+        let mut raw = RawPeer::start();
+        trivial(0).await.unwrap();
+        let mut rows = Vec::new();
+        for (name, caller, peer) in
+            [("same CPU", Some(1), Some(1)), ("two CPUs", Some(1), Some(0)), ("unpinned", None, None)]
+        {
+            common::pin(None, caller);
+            for child in common::children() {
+                common::pin(Some(child), peer);
+            }
+            for i in 0..1_000 {
+                trivial(i).await.unwrap();
+                raw.ping(i).await;
+            }
+            let (mut off, mut sock) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for _ in 0..10 {
+                sample(&mut off, n / 10, async |i| assert_eq!(trivial(i).await.unwrap(), i + 1)).await;
+                sample(&mut sock, n / 10, async |i| assert_eq!(raw.ping(i).await, i + 1)).await;
+            }
+            rows.push((name, percentiles(off).0, percentiles(sock).0));
+        }
+        common::pin(None, None);
+        println!("round trip by placement of caller and worker (raw: its echo child), p50 of {n} each:");
+        println!("  {:<12} {:>10} {:>10} {:>8}", "", "offload", "raw", "ratio");
+        for (name, off, sock) in rows {
+            println!(
+                "  {name:<12} {off:>10.1?} {sock:>10.1?} {:>7.2}x",
+                off.as_secs_f64() / sock.as_secs_f64()
+            );
+        }
+        println!();
+    });
+}
+
 fn bench(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("roundtrip");
@@ -164,6 +208,7 @@ fn main() {
     // `cargo test --benches` runs this binary with `--bench` absent: keep that quick.
     let quick = !std::env::args().any(|a| a == "--bench");
     latency_table(if quick { 1_000 } else { 50_000 });
+    placement_table(if quick { 1_000 } else { 20_000 });
     if !quick {
         benches();
         Criterion::default().configure_from_args().final_summary();

@@ -77,6 +77,11 @@ impl RawPeer {
         RawPeer { stream: tokio::net::UnixStream::from_std(ours).unwrap(), child }
     }
 
+    /// The peer process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// One round trip with an echo peer.
     pub async fn ping(&mut self, x: u64) -> u64 {
         self.stream.write_all(&x.to_le_bytes()).await.unwrap();
@@ -137,4 +142,31 @@ pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The pids of this process's children: its workers and raw peers.
+pub fn children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        if rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(me) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Pins the process `pid` (its main thread), or the calling thread for `None`, to `cpu`, or
+/// lets it run anywhere for `cpu = None`.
+pub fn pin(pid: Option<u32>, cpu: Option<usize>) {
+    let mut set = rustix::thread::CpuSet::new();
+    match cpu {
+        Some(cpu) => set.set(cpu),
+        None => (0..std::thread::available_parallelism().map_or(1, |n| n.get())).for_each(|c| set.set(c)),
+    }
+    let pid = pid.map(|p| rustix::process::Pid::from_raw(p as i32).expect("a pid"));
+    rustix::thread::sched_setaffinity(pid, &set).expect("sched_setaffinity");
 }
