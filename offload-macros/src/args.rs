@@ -543,7 +543,7 @@ mod tests {
     use super::{Breaker, OffloadArgs, edit_distance};
 
     const EXPECTED: &str = "expected one of `timeout`, `workers`, `memory`, `queue`, `overload`, \
-                            `max_tasks`, `max_rss`, `max_payload`, `grace`, `retries`, `pool`, `breaker`, `fallback`, `state`, \
+                            `max_tasks`, `max_rss`, `max_payload`, `spin_us`, `grace`, `retries`, `pool`, `breaker`, `fallback`, `state`, \
                             `crate`";
 
     fn parse_ok(tokens: proc_macro2::TokenStream) -> OffloadArgs {

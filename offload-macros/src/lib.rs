@@ -60,6 +60,7 @@ use proc_macro::TokenStream;
 /// | `max_rss` | a size, as `memory`: `"1GiB"` | none | replace a worker after a call that left its resident memory above this |
 /// | `max_payload` | a size, as `memory`: `"256MiB"` | `"1GiB"` | the largest encoded arguments or return value; over it a call fails with `Error::PayloadTooLarge` before anything is copied |
 /// | `grace` | a duration, as `timeout`: `"2s"` | none: killed at once | when a call is cancelled (its deadline passed, or its future was dropped), its worker is told (`offload::cancelled()` turns true, `offload::checkpoint()` returns `Err(Cancelled)`) and killed only if it has not returned within this period; a worker that returns in time serves the next call. The caller gets its error at the deadline, not after the grace period |
+/// | `spin_us` | an integer, in microseconds: `50`; `0` allowed | `50` | how long a worker that has answered polls for its next call (yielding the CPU between polls) before it sleeps: under load the next call often comes within microseconds, and waking a sleeping CPU costs tens of them on a VM. `0` sleeps at once; on a machine with one CPU the worker never polls |
 /// | `retries` | an integer: `2`; `0` allowed | none | run a call whose worker died (`Error::Crashed`, `Error::MemoryLimit`) again on a fresh worker, up to this many more times, within the call's deadline; a panic or a timeout is never retried; the final error lists the earlier attempts in `earlier_attempts`; only for functions that are safe to run more than once |
 /// | `pool` | a name: `"images"` | a pool per function | share a pool of workers with every function that names the same pool |
 /// | `breaker` | `breaker(failures = N, reset = "...")`: `failures` an integer, at least 1, `reset` a duration, as `timeout`; either may be left out (`failures = 5`, `reset = "30s"`), as may the parentheses: `breaker` alone takes both defaults | no breaker | a circuit breaker for this function: after `failures` worker-side failures in a row (the timeout of a running call, a panic, a crash, the memory limit), it opens, and calls fail at once with `Error::CircuitOpen`, without a worker; after `reset`, one trial call goes through (half-open), and the breaker closes if it succeeds |
@@ -67,7 +68,7 @@ use proc_macro::TokenStream;
 /// | `state` | a path to a function, not a string: `state = load_model` | none | a `fn() -> T` that each worker of the pool calls once, when it starts and before its first call; the function then takes `&T` as its first argument, which the async stub does not have (`fn infer(model: &Model, input: Vec<f32>)` is called as `infer(input).await`). A builder that panics makes the worker fail to start: calls get `Error::Spawn` with the panic's message |
 /// | `crate` | a path: `"my_crate::offload"` | `"::offload"` | where the `offload` crate is, for code that re-exports it |
 ///
-/// `workers`, `memory`, `queue`, `overload`, `max_tasks`, `max_rss`, `max_payload` and `grace` belong to the pool: in
+/// `workers`, `memory`, `queue`, `overload`, `max_tasks`, `max_rss`, `max_payload`, `grace` and `spin_us` belong to the pool: in
 /// a shared pool, give each on one function only, or the same value on several; functions
 /// that disagree make calls to that pool fail with `Error::Config`. `timeout`, `retries`,
 /// `state`, `breaker` and `fallback` belong to the function.

@@ -46,6 +46,8 @@ pub(crate) struct PoolSettings {
     /// How long a worker whose call was cancelled (its deadline passed, or its future was
     /// dropped) has to return before it is killed; `None`: killed at once.
     pub(crate) grace: Option<Duration>,
+    /// How long a worker that has answered polls for its next call before it sleeps, in µs.
+    pub(crate) spin_us: u64,
 }
 
 /// Where a pool's calls run: which executor serves it (see `crate::executor`).
@@ -110,6 +112,7 @@ fn resolve_with(
         max_payload: given.max_payload.unwrap_or(defaults::MAX_PAYLOAD).min(MAX_MAX_PAYLOAD),
         placement: Placement::Local,
         grace: given.grace.map(Duration::from_millis),
+        spin_us: given.spin_us.unwrap_or(defaults::SPIN_US),
     })
 }
 

@@ -23,6 +23,8 @@ pub mod defaults {
     pub const OVERLOAD: Overload = Overload::Wait;
     /// `max_payload`: 1 GiB.
     pub const MAX_PAYLOAD: u64 = 1 << 30;
+    /// `spin_us`: how long an idle worker polls for its next call before it sleeps.
+    pub const SPIN_US: u64 = 50;
     /// `breaker`'s `failures`.
     pub const BREAKER_FAILURES: u32 = 5;
     /// `breaker`'s `reset`: 30 s.
@@ -270,6 +272,12 @@ settings! {
             default: Some(Value::Bytes(defaults::MAX_PAYLOAD)), absent: "",
             example: "`max_payload = \"256MiB\"`",
             doc: "the largest encoded arguments or return value",
+        },
+        spin_us: u64 = {
+            grammar: Grammar::Count { min: 0 }, scope: Scope::Pool, env: Some("SPIN_US"),
+            default: Some(Value::Count(defaults::SPIN_US)), absent: "",
+            example: "`spin_us = 50`",
+            doc: "how long, in microseconds, a worker that has answered polls for its next call before it sleeps",
         },
         grace: u64 = {
             grammar: Grammar::Duration, scope: Scope::Pool, env: Some("GRACE"),

@@ -235,6 +235,7 @@ impl Pool {
             pool: self.name,
             memory: self.settings.memory,
             max_payload: self.settings.max_payload,
+            spin_us: self.settings.spin_us,
         }))
     }
 

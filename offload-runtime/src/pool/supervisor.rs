@@ -148,6 +148,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) memory: Option<u64>,
     /// Largest encoded arguments or return value.
     pub(crate) max_payload: u64,
+    /// How long an idle worker polls for its next call before it sleeps, in µs.
+    pub(crate) spin_us: u64,
 }
 
 /// Starts a worker on the spawner thread. The receiver yields it after a good handshake.
@@ -322,7 +324,7 @@ impl Supervisor {
 
 #[cfg(target_os = "linux")]
 fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
-    let WorkerConfig { pool, memory, max_payload } = config;
+    let WorkerConfig { pool, memory, max_payload, spin_us } = config;
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
 
@@ -335,7 +337,7 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
     let (ours, theirs) = UnixStream::pair()?;
     let parent = std::process::id();
     let fd = theirs.as_raw_fd();
-    let env = WorkerEnv { fd, parent, secret, max_payload, pool: pool.to_owned() };
+    let env = WorkerEnv { fd, parent, secret, max_payload, spin_us, pool: pool.to_owned() };
 
     // The running image, even if the file on disk has been replaced since.
     let mut command = Command::new("/proc/self/exe");

@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use super::PROTOCOL_VERSION;
 
 /// Set in a worker's environment by its parent:
-/// `version:fd:parent-pid:secret-hex:max-payload:pool` (the pool's name may hold `:`).
+/// `version:fd:parent-pid:secret-hex:max-payload:spin-us:pool` (the pool's name may hold `:`).
 pub(crate) const ENV: &str = "OFFLOAD_WORKER";
 
 /// What the parent put in [`ENV`].
@@ -18,6 +18,8 @@ pub(crate) struct WorkerEnv {
     pub(crate) secret: [u8; 16],
     /// The pool's `max_payload`: the largest encoded return value.
     pub(crate) max_payload: u64,
+    /// How long to poll for the next call before sleeping, in microseconds.
+    pub(crate) spin_us: u64,
     /// The pool's name, whose entries' states the worker builds.
     pub(crate) pool: String,
 }
@@ -25,16 +27,20 @@ pub(crate) struct WorkerEnv {
 impl WorkerEnv {
     pub(crate) fn encode(&self) -> String {
         let secret: String = self.secret.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{PROTOCOL_VERSION}:{}:{}:{secret}:{}:{}", self.fd, self.parent, self.max_payload, self.pool)
+        format!(
+            "{PROTOCOL_VERSION}:{}:{}:{secret}:{}:{}:{}",
+            self.fd, self.parent, self.max_payload, self.spin_us, self.pool
+        )
     }
 
     pub(crate) fn parse(value: &str) -> Option<WorkerEnv> {
-        let mut parts = value.splitn(6, ':');
+        let mut parts = value.splitn(7, ':');
         let version: u32 = parts.next()?.parse().ok()?;
         let fd: RawFd = parts.next()?.parse().ok()?;
         let parent: u32 = parts.next()?.parse().ok()?;
         let hex = parts.next()?;
         let max_payload: u64 = parts.next()?.parse().ok()?;
+        let spin_us: u64 = parts.next()?.parse().ok()?;
         let pool = parts.next()?.to_owned();
         if version != PROTOCOL_VERSION || parts.next().is_some() || hex.len() != 32 || fd < 0 {
             return None;
@@ -43,7 +49,7 @@ impl WorkerEnv {
         for (i, byte) in secret.iter_mut().enumerate() {
             *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
         }
-        Some(WorkerEnv { fd, parent, secret, max_payload, pool })
+        Some(WorkerEnv { fd, parent, secret, max_payload, spin_us, pool })
     }
 }
 
@@ -58,6 +64,7 @@ mod tests {
             parent: 1234,
             secret: *b"0123456789abcdef",
             max_payload: 1 << 30,
+            spin_us: 50,
             pool: "app::digest".into(),
         };
         assert_eq!(WorkerEnv::parse(&env.encode()), Some(env));

@@ -36,7 +36,7 @@ pub use state::worker_state;
 use crate::protocol::env::{ENV, WorkerEnv};
 
 /// Exit status of a worker that could not start serving (bad environment, failed hello).
-const EXIT_SETUP_FAILED: i32 = 70;
+pub(super) const EXIT_SETUP_FAILED: i32 = 70;
 
 /// The pre-`main` hook. Every `#[offload]` stub references it, so the linker keeps the
 /// object file that holds it in every binary that can make a call. Not public API.
@@ -163,6 +163,7 @@ mod tests {
             parent: std::process::id(),
             secret: [7; 16],
             max_payload: 1 << 20,
+            spin_us: 0,
             pool: "p".into(),
         };
         let output = std::process::Command::new(std::env::current_exe().unwrap())

@@ -63,6 +63,9 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
     }
     check_channel(env.fd, env.parent)?;
     MAX_PAYLOAD.store(env.max_payload, Ordering::Relaxed);
+    // On one CPU, polling only keeps the caller from sending the call polled for.
+    let alone = std::thread::available_parallelism().map_or(true, |n| n.get() == 1);
+    SPIN_US.store(if alone { 0 } else { env.spin_us }, Ordering::Relaxed);
     CHANNEL_FD.store(env.fd, Ordering::Relaxed);
     // A process the function forks without exec must not hold the channel: if it did, the
     // worker's death would not close it, and a crash would look like a hang to the parent.
@@ -77,7 +80,12 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
     fcntl_setfd(&stream, FdFlags::CLOEXEC)?;
 
     // Before the hello: a worker is only given calls once its states are built.
-    super::state::build_all(&env.pool).map_err(std::io::Error::other)?;
+    if let Err(message) = super::state::build_all(&env.pool) {
+        // Said before the channel closes: the parent reaps the worker as soon as it does.
+        eprintln!("offload worker {}: {message}", std::process::id());
+        let _ = std::io::stderr().flush();
+        std::process::exit(super::EXIT_SETUP_FAILED);
+    }
     logs::install();
     panic::set_hook(Box::new(|info| {
         let location = info.location().map(|l| l.to_string());
@@ -185,7 +193,7 @@ fn next_call(
             }
             None => {
                 let (space, fds) = inbox.space();
-                match recv_with_fds(stream, space, fds, rustix::net::RecvFlags::empty())? {
+                match recv_spinning(stream, space, fds)? {
                     0 => return Ok(None),
                     n => inbox.advance(n),
                 }
@@ -265,6 +273,31 @@ fn fault_frame(buf: Vec<u8>, fault: &ProtocolError) -> Vec<u8> {
     protocol::append(frame.body(), &protocol::Fault::from(fault), Payload::Message)
         .expect("a fault always encodes");
     frame.finish().expect("a fault is small")
+}
+
+/// How long to poll for the next bytes before sleeping on the socket (`spin_us`): a worker
+/// that has just answered is likely to get its next call within microseconds under load, and
+/// waking a sleeping CPU costs tens of them on a VM. Zero: sleep at once.
+pub(super) static SPIN_US: AtomicU64 = AtomicU64::new(0);
+
+/// Receives into `buf`: first polling without blocking, yielding the CPU between polls, for
+/// up to [`SPIN_US`]; then blocking.
+fn recv_spinning(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+    let spin = SPIN_US.load(Ordering::Relaxed);
+    if spin > 0 {
+        let until = std::time::Instant::now() + std::time::Duration::from_micros(spin);
+        loop {
+            match recv_with_fds(stream, buf, fds, rustix::net::RecvFlags::DONTWAIT) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            if std::time::Instant::now() >= until {
+                break;
+            }
+            std::thread::yield_now();
+        }
+    }
+    recv_with_fds(stream, buf, fds, rustix::net::RecvFlags::empty())
 }
 
 /// Writes `frame` onto the channel now, in the middle of a call; nothing if the parent is

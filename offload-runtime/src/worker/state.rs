@@ -21,13 +21,27 @@ thread_local! {
 pub(super) fn build_all(pool: &str) -> Result<(), String> {
     for entry in Registry::get().entries().filter(|e| e.pool_label() == pool) {
         let Some(build) = entry.state else { continue };
-        let state = panic::catch_unwind(AssertUnwindSafe(build)).map_err(|payload| {
+        // The panic's message and place go into one line of the error, which reaches the
+        // caller; the default hook's report (a backtrace, maybe) would push it out of the
+        // stderr lines the parent keeps.
+        let location = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let theirs = std::sync::Arc::clone(&location);
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            *theirs.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                info.location().map(|l| l.to_string());
+        }));
+        let built = panic::catch_unwind(AssertUnwindSafe(build));
+        panic::set_hook(previous);
+        let state = built.map_err(|payload| {
             let message = payload
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "Box<dyn Any>".to_owned());
-            format!("the state of `{}` could not be built: its builder panicked: {message}", entry.name())
+            let at = location.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            let at = at.map(|l| format!(" at {l}")).unwrap_or_default();
+            format!("the state of `{}` could not be built: its builder panicked{at}: {message}", entry.name())
         })?;
         let state: &'static dyn Any = Box::leak(state);
         STATES.with(|states| states.borrow_mut().push((entry.key, state)));

@@ -7,7 +7,7 @@ use offload::offload;
 #[offload(timeout = "500ms")]
 fn millis() {}
 
-#[offload(retries = 2, grace = "2s")]
+#[offload(retries = 2, grace = "2s", spin_us = 0)]
 fn retried() {}
 
 fn build_table() -> Vec<u64> {
