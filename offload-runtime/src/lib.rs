@@ -10,13 +10,14 @@
 //! the #[offload] stub                            worker      pre-main hook, clean start
 //!   -> call       what a call is: encoding,        -> serve  handshake, read a call,
 //!                 deadline, breaker, fallback,               run it, send the reply
-//!                 figures, span, errors            -> logs, api (what the stub's
-//!   -> executor   the seam: where calls run                  worker side calls)
+//!                 figures, span, errors            -> logs, progress, cancel, state,
+//!   -> executor   the seam: where calls run           api (what the stub's worker side calls)
 //!   -> pool       local workers: slots, queue,
 //!                 leases, recycling, shutdown
 //!   -> supervisor spawn and reap  | transport: one worker's channel
 //!
-//! used by call: breaker, fallback. On their own: lag (the lag monitor), histogram.
+//! Used by call: breaker, fallback, deadline (the caller's deadlines), progress (the
+//! caller's progress callback). On their own: lag (the lag monitor), histogram.
 //! Below both sides: socket (send and receive with descriptors), shm (shared buffers),
 //! protocol (frames, their reader, the codec, the worker's environment), registry (the
 //! entries, plain static data), settings, stats, stderr_tail, role, error
