@@ -170,3 +170,20 @@ pub fn pin(pid: Option<u32>, cpu: Option<usize>) {
     let pid = pid.map(|p| rustix::process::Pid::from_raw(p as i32).expect("a pid"));
     rustix::thread::sched_setaffinity(pid, &set).expect("sched_setaffinity");
 }
+
+/// [`pin`] for every thread of this process.
+pub fn pin_all_threads(cpu: Option<usize>) {
+    for entry in std::fs::read_dir("/proc/self/task").expect("/proc/self/task").flatten() {
+        if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+            // A thread may have ended since the listing.
+            let mut set = rustix::thread::CpuSet::new();
+            match cpu {
+                Some(cpu) => set.set(cpu),
+                None => {
+                    (0..std::thread::available_parallelism().map_or(1, |n| n.get())).for_each(|c| set.set(c))
+                }
+            }
+            let _ = rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid as i32), &set);
+        }
+    }
+}
