@@ -86,3 +86,29 @@ async fn a_worker_that_ignores_cancellation_is_killed_at_the_end_of_grace() {
     assert!(killed_after >= Duration::from_millis(1_300), "killed {killed_after:?} after the call began");
     assert_ne!(pid_stubborn().await.unwrap(), pid, "a replacement serves the pool");
 }
+
+#[offload(pool = "grace-idle", workers = "1", timeout = "300ms", grace = "1s")]
+fn stubborn_idle() -> u32 {
+    std::thread::sleep(Duration::from_secs(30));
+    0
+}
+
+#[offload(pool = "grace-idle", timeout = "30s")]
+fn pid_idle() -> u32 {
+    std::process::id()
+}
+
+#[test]
+fn the_grace_period_ends_even_if_the_callers_runtime_sits_idle() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pid = runtime.block_on(pid_idle()).unwrap();
+    let result = runtime.block_on(stubborn_idle());
+    assert!(matches!(result, Err(Error::Timeout { pid: Some(p), .. }) if p == pid), "{result:?}");
+    // Nothing drives the runtime from here on, so the task that waits out the grace period is
+    // never polled: the worker must be killed all the same.
+    assert!(
+        support::eventually(Duration::from_secs(5), || !support::alive(pid)),
+        "worker {pid} outlived its grace period while the runtime sat idle"
+    );
+    drop(runtime);
+}

@@ -86,3 +86,31 @@ async fn a_panic_is_not_retried() {
     assert_eq!(attempts_in(&dir), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+struct Slow;
+
+/// Makes every worker of its pool take half a second to start.
+fn slow_start() -> Slow {
+    std::thread::sleep(Duration::from_millis(500));
+    Slow
+}
+
+fn stand_in(_ms: u64) -> u32 {
+    99
+}
+
+/// Crashes late in its deadline, so that its retry has no time to get a replacement.
+#[offload(pool = "retry-slow", workers = "1", timeout = "600ms", retries = 1, state = slow_start, fallback = stand_in)]
+fn crash_late(_slow: &Slow, ms: u64) -> u32 {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::process::abort()
+}
+
+#[tokio::test]
+async fn a_retry_without_time_for_a_worker_ends_with_the_crash_and_its_fallback() {
+    offload::warm_up().await.unwrap();
+    // The retry times out waiting for its replacement; the call ends with the crash, which
+    // the fallback replaces, not with a queue timeout, which it would not.
+    let result = tokio::time::timeout(Duration::from_secs(60), crash_late(400)).await.unwrap();
+    assert_eq!(result.unwrap(), 99);
+}

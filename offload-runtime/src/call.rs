@@ -342,6 +342,12 @@ async fn run(
                 tracing::warn!(target: "offload::call", parent: &span, %error, attempt = earlier.len() + 1, "offload call retried");
                 earlier.push(error);
             }
+            // A retry that failed for another reason (no worker in time, overload, shutdown)
+            // ends the call with the worker failure before it, which a fallback replaces.
+            Err(error) if !earlier.is_empty() && !error.is_worker_failure() => {
+                let last = earlier.pop().expect("not empty");
+                return Err(with_earlier(last, earlier));
+            }
             Err(error) if !earlier.is_empty() => return Err(with_earlier(error, earlier)),
             result => return result,
         }
@@ -476,7 +482,7 @@ async fn exchange(
             place.give_back();
             return Err(Error::CircuitOpen { entry: entry.name(), retry_in });
         }
-        if deadline.is_elapsed() {
+        if Instant::now() >= end {
             // The place came as the deadline passed: a call whose deadline passed in the
             // queue is never started.
             place.give_back();
@@ -511,8 +517,10 @@ async fn exchange(
     let Reply { tag, body, range, attached } = match outcome {
         Some(Ok(reply)) => reply,
         None => {
-            place.timed_out().await;
-            tracing::warn!(target: "offload::call", ?timeout, "offload call timed out; worker killed");
+            // A worker given a grace period keeps running: not while the caller may get the
+            // call's shared buffers back (for a fallback) and use them at the same time.
+            place.timed_out(fds.is_empty()).await;
+            tracing::warn!(target: "offload::call", ?timeout, "offload call timed out; its worker is stopped");
             return Err(timed_out(Some(pid)));
         }
         Some(Err(fault)) => {

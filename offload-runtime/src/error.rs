@@ -380,7 +380,7 @@ fn humantime_ms(d: Duration) -> String {
 
 fn killed(pid: Option<u32>) -> String {
     match pid {
-        Some(pid) => format!(", and worker {pid} was killed"),
+        Some(pid) => format!(" in worker {pid}, which was stopped"),
         None => " while waiting for a worker".to_owned(),
     }
 }
@@ -433,7 +433,7 @@ mod tests {
             Error::Timeout { entry: "app::digest", timeout: Duration::from_millis(1500), by, pid: Some(7) };
         assert_eq!(
             e.to_string(),
-            "`app::digest` timed out after 1500ms (the function's timeout), and worker 7 was killed"
+            "`app::digest` timed out after 1500ms (the function's timeout) in worker 7, which was stopped"
         );
         let by = crate::Deadline::Scope;
         let e = Error::Timeout { entry: "app::digest", timeout: Duration::from_secs(30), by, pid: None };

@@ -172,9 +172,10 @@ impl Place {
     }
 
     /// The call's deadline passed while it ran: the place is ended.
-    pub(crate) async fn timed_out(self) {
+    /// With `may_grace`, the place may get a grace period to return (see `grace`).
+    pub(crate) async fn timed_out(self, may_grace: bool) {
         match self {
-            Place::Local(lease) => lease.timed_out().await,
+            Place::Local(lease) => lease.timed_out(may_grace).await,
         }
     }
 

@@ -24,6 +24,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, ones
 
 use self::supervisor::{Cause, Ending, ExitInfo, Worker, WorkerConfig};
 use crate::error::{Error, ExitReason, Failure, ProtocolError};
+use crate::protocol::Tag;
 use crate::settings::{Overload, PoolSettings};
 use crate::stats::{BreakerState, PoolMetrics, PoolShape, PoolStats, RestartCause};
 use crate::transport::{Reply, TransportError};
@@ -47,7 +48,7 @@ pub(crate) fn get_or_start(key: &'static str, label: &'static str, settings: Poo
     if let Some(pool) = pools.get(key) {
         return Arc::clone(pool);
     }
-    let pool = Pool::start(label, settings);
+    let pool = Pool::start(key, label, settings);
     pools.insert(key, Arc::clone(&pool));
     pool
 }
@@ -97,6 +98,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Pool {
     /// The pool's name, or the function's path for a pool of its own.
     name: &'static str,
+    /// The pool's key in the registry: what its workers build states for.
+    key: &'static str,
     pub(crate) settings: PoolSettings,
     /// `workers + queue` permits when the queue is bounded.
     admission: Option<Arc<Semaphore>>,
@@ -191,7 +194,7 @@ impl Backoff {
 }
 
 impl Pool {
-    fn start(name: &'static str, settings: PoolSettings) -> Arc<Pool> {
+    fn start(key: &'static str, name: &'static str, settings: PoolSettings) -> Arc<Pool> {
         let workers = settings.workers.get();
         let admission = settings.queue.map(|queue| {
             let permits = usize::try_from(queue).unwrap_or(usize::MAX).saturating_add(workers);
@@ -200,6 +203,7 @@ impl Pool {
         tracing::info!(target: "offload::pool", pool = name, %settings, "offload pool starting");
         let pool = Arc::new(Pool {
             name,
+            key,
             admission,
             permits: Arc::new(Semaphore::new(workers)),
             slots: Mutex::new(Vec::with_capacity(workers)),
@@ -233,6 +237,7 @@ impl Pool {
         }
         Slot::Starting(supervisor::spawn(WorkerConfig {
             pool: self.name,
+            key: self.key,
             memory: self.settings.memory,
             max_payload: self.settings.max_payload,
             spin_us: self.settings.spin_us,
@@ -508,8 +513,9 @@ impl Lease {
 
     /// The call ran past its deadline: kill the worker and replace it, or, with a grace
     /// period, give it the period to return in the background.
-    pub(crate) async fn timed_out(self) {
-        if let Some(lease) = self.try_grace(RestartCause::Timeout) {
+    pub(crate) async fn timed_out(self, may_grace: bool) {
+        let lease = if may_grace { self.try_grace(RestartCause::Timeout) } else { Some(self) };
+        if let Some(lease) = lease {
             let _ended = lease.end(Ending::Kill, RestartCause::Timeout).await;
         }
     }
@@ -518,26 +524,55 @@ impl Lease {
     /// is cancelled (`offload::cancelled()` turns true there), and gives it the period to
     /// return, in a task of its own, so that the caller does not wait for it. A worker that
     /// returns in time serves the next call (its reply is set aside); one that does not is
-    /// killed, as it is at once without a grace period. Gives the lease back when there is
-    /// nothing to wait for: no grace period, no runtime to wait on, a call not yet whole in
-    /// the worker's hands, a pool that is stopping.
+    /// killed, as it is at once without a grace period. The kill does not depend on that task
+    /// being polled: a thread of its own kills the worker when the period is over, unless the
+    /// task took it back first. Gives the lease back when there is nothing to wait for: no
+    /// grace period, no runtime to wait on, a call not yet whole in the worker's hands, a pool
+    /// that is stopping.
     fn try_grace(mut self, cause: RestartCause) -> Option<Lease> {
         let Some(grace) = self.pool.settings.grace else { return Some(self) };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return Some(self) };
         if self.graced || self.pool.is_closed() || !self.worker().channel().awaiting_reply() {
             return Some(self);
         }
+        let pid = self.pid();
+        // Set by whoever acts first: the task (the worker returned, or it ends it) or the
+        // thread (the period is over). Under this lock the worker is never reaped, so the
+        // thread's kill cannot reach another process.
+        let settled = Arc::new(Mutex::new(false));
+        let theirs = Arc::clone(&settled);
+        let watch = std::thread::Builder::new().name("offload-grace".into()).spawn(move || {
+            std::thread::sleep(grace);
+            let mut settled = lock(&theirs);
+            if !*settled {
+                *settled = true;
+                supervisor::kill(pid);
+            }
+        });
+        if watch.is_err() {
+            // No thread to enforce the period: no period.
+            return Some(self);
+        }
         self.graced = true;
-        supervisor::signal_cancel(self.pid());
+        supervisor::signal_cancel(pid);
         runtime.spawn(async move {
-            let returned =
-                tokio::time::timeout(grace, async { self.reply(&[], &[], 0, &mut |_, _| {}).await.is_ok() })
-                    .await;
-            if returned == Ok(true) {
+            let returned = tokio::time::timeout(grace, async {
+                self.reply(&[], &[], 0, &mut |_, _| {})
+                    .await
+                    .is_ok_and(|reply| matches!(reply.tag, Tag::Return | Tag::Panicked | Tag::Fault))
+            })
+            .await;
+            let kept = {
+                let mut settled = lock(&settled);
+                let kept = !*settled && returned == Ok(true);
+                *settled = true;
+                kept
+            };
+            if kept {
                 self.release();
             } else {
-                tracing::warn!(target: "offload::pool", pool = self.pool.name, pid = self.pid(), ?grace,
-                    "offload worker did not return within its grace period; killed");
+                tracing::warn!(target: "offload::pool", pool = self.pool.name, pid, ?grace,
+                    "offload worker did not return a reply within its grace period; killed");
                 drop(self.end(Ending::Kill, cause));
             }
         });

@@ -144,6 +144,8 @@ impl Drop for Worker {
 pub(crate) struct WorkerConfig {
     /// The pool's name, shown in the worker's command line.
     pub(crate) pool: &'static str,
+    /// The pool's key in the registry, for the worker's states.
+    pub(crate) key: &'static str,
     /// Address-space limit, in bytes.
     pub(crate) memory: Option<u64>,
     /// Largest encoded arguments or return value.
@@ -324,7 +326,7 @@ impl Supervisor {
 
 #[cfg(target_os = "linux")]
 fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
-    let WorkerConfig { pool, memory, max_payload, spin_us } = config;
+    let WorkerConfig { pool, key, memory, max_payload, spin_us } = config;
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
 
@@ -337,7 +339,7 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
     let (ours, theirs) = UnixStream::pair()?;
     let parent = std::process::id();
     let fd = theirs.as_raw_fd();
-    let env = WorkerEnv { fd, parent, secret, max_payload, spin_us, pool: pool.to_owned() };
+    let env = WorkerEnv { fd, parent, secret, max_payload, spin_us, pool: key.to_owned() };
 
     // The running image, even if the file on disk has been replaced since.
     let mut command = Command::new("/proc/self/exe");

@@ -20,7 +20,7 @@ pub(crate) struct WorkerEnv {
     pub(crate) max_payload: u64,
     /// How long to poll for the next call before sleeping, in microseconds.
     pub(crate) spin_us: u64,
-    /// The pool's name, whose entries' states the worker builds.
+    /// The pool's key in the registry, whose entries' states the worker builds.
     pub(crate) pool: String,
 }
 

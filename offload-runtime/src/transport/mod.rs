@@ -168,7 +168,10 @@ impl Channel {
                     Next::Frame(tag, range) => (tag, range),
                     Next::Bulk(len) => {
                         budget -= len;
+                        // Mid-body, the stream cannot be picked up again by another read.
+                        *awaiting_reply = false;
                         bulk.push(read_bulk(fd, stream, inbox, len).await?);
+                        *awaiting_reply = true;
                         continue;
                     }
                 };

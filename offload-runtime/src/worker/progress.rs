@@ -21,7 +21,8 @@ thread_local! {
 
 /// Reports that the running offloaded call has done `done` of `total` units of work. Cheap:
 /// most calls only count; a report goes to the caller at most about every 20 ms, and always
-/// when `done` reaches `total`. Does nothing outside a worker.
+/// when `done` reaches `total`. Does nothing outside a worker, or outside a call (in a state
+/// builder). A thread the function starts may report too, while the call runs.
 pub fn progress(done: u64, total: u64) {
     report(done, total, None::<fn() -> String>);
 }
@@ -32,7 +33,9 @@ pub fn progress_message<M: Into<String>>(done: u64, total: u64, message: impl Fn
 }
 
 fn report(done: u64, total: u64, message: Option<impl FnOnce() -> String>) {
-    if !crate::role::is_worker() {
+    // Outside a call (in a state builder, or a thread that outlived its call) a report
+    // would belong to no call.
+    if !crate::role::is_worker() || !super::serve::in_call() {
         return;
     }
     let due = LAST.with(|last| {

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use crate::error::{Payload, ProtocolError};
 use crate::protocol::env::WorkerEnv;
@@ -116,6 +116,7 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
         reply = answer(inbox.frame(body), attached, reply);
         let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
         let reply_bulk = REPLY_BULK.with(|b| b.borrow_mut().take());
+        let writing = lock_writes();
         let sent = match &reply_bulk {
             None => send_with_fds(&stream, &[&reply], 0, &reply_fds, rustix::net::SendFlags::empty()),
             Some(bytes) => {
@@ -129,6 +130,7 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
                 )
             }
         };
+        drop(writing);
         match sent {
             Ok(_) => {}
             // The parent closed the channel while we worked (it gave up on the call, or is
@@ -241,7 +243,10 @@ fn run(invoke: crate::registry::Invoke, args: &[u8], buf: Vec<u8>) -> Vec<u8> {
     super::cancel::reset();
     super::progress::reset();
     let mut frame = FrameBuf::reuse(buf, Tag::Return);
-    match panic::catch_unwind(AssertUnwindSafe(|| invoke(args, frame.body()))) {
+    IN_CALL.store(true, Ordering::Relaxed);
+    let ran = panic::catch_unwind(AssertUnwindSafe(|| invoke(args, frame.body())));
+    IN_CALL.store(false, Ordering::Relaxed);
+    match ran {
         Ok(Ok(())) => match frame.finish() {
             Ok(bytes) => bytes,
             Err(too_large) => fault_frame(Vec::new(), &too_large),
@@ -300,9 +305,24 @@ fn recv_spinning(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
     recv_with_fds(stream, buf, fds, rustix::net::RecvFlags::empty())
 }
 
-/// Writes `frame` onto the channel now, in the middle of a call; nothing if the parent is
-/// gone (it hung up, or gave up on the call).
+/// Whether the function is running a call: frames it sends mid-call belong to that call.
+static IN_CALL: AtomicBool = AtomicBool::new(false);
+
+pub(super) fn in_call() -> bool {
+    IN_CALL.load(Ordering::Relaxed)
+}
+
+/// One frame at a time on the channel: the reply, or one a thread of the function sends.
+static WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock_writes() -> std::sync::MutexGuard<'static, ()> {
+    WRITES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes `frame` onto the channel now, in the middle of a call, whole, between other
+/// frames; nothing if the parent is gone (it hung up, or gave up on the call).
 pub(super) fn send_now(frame: &[u8]) {
+    let _writing = lock_writes();
     let fd = CHANNEL_FD.load(Ordering::Relaxed);
     if fd < 0 {
         return;

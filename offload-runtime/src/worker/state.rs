@@ -16,10 +16,10 @@ thread_local! {
     static STATES: RefCell<Vec<(&'static str, &'static dyn Any)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Builds the state of every entry of the pool `pool` that has one. An error names the entry
+/// Builds the state of every entry of the pool whose key is `pool` that has one. An error names the entry
 /// and says what its builder's panic said.
 pub(super) fn build_all(pool: &str) -> Result<(), String> {
-    for entry in Registry::get().entries().filter(|e| e.pool_label() == pool) {
+    for entry in Registry::get().entries().filter(|e| e.pool_key() == pool) {
         let Some(build) = entry.state else { continue };
         // The panic's message and place go into one line of the error, which reaches the
         // caller; the default hook's report (a backtrace, maybe) would push it out of the
