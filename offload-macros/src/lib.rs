@@ -51,7 +51,7 @@ use proc_macro::TokenStream;
 ///
 /// | argument | grammar | default | meaning |
 /// |---|---|---|---|
-/// | `timeout` | a [humantime](https://docs.rs/humantime) duration: `"500ms"`, `"30s"`, `"1m 30s"`, `"2h"`; greater than zero, rounded up to whole milliseconds | `"30s"` | how long a call may take, waiting for a worker included; past it the worker is killed and the call fails with a timeout error |
+/// | `timeout` | a [humantime](https://docs.rs/humantime) duration: `"500ms"`, `"30s"`, `"1m 30s"`, `"2h"`; greater than zero, rounded up to whole milliseconds | `"30s"` | how long a call may take, waiting for a worker included; past it the worker is killed (with `grace`, told to stop first) and the call fails with a timeout error |
 /// | `workers` | `"4"` (at least 1), `"cpus"`, `"cpus-N"`, `"cpus/N"` (`N` at least 1); spaces around `-` and `/` allowed | `"cpus-2"` | how many worker processes serve the pool; a count computed from the cores available when the pool starts, never below 1 |
 /// | `memory` | a size: a whole number and a unit, `B`, `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024) or `KB`, `MB`, `GB`, `TB` (powers of 1000): `"512MiB"`, `"2GiB"`, `"100MB"`; greater than zero | no limit | `RLIMIT_AS` of each worker: it bounds the worker's whole address space, the binary and its libraries included, not only what the function allocates; a call that runs past it fails and the worker is replaced |
 /// | `queue` | an integer: `64`; `0` allowed | unbounded | how many calls may wait for a worker beyond those running; `0`: none waits |

@@ -13,7 +13,8 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum Error {
     /// The call did not finish before its deadline. The deadline covers waiting for a
-    /// worker and running; a worker that was running the call was killed and replaced.
+    /// worker and running; a worker that was running the call was killed and replaced, or,
+    /// with `grace`, told to stop and kept if it returned within the grace period.
     #[error("`{entry}` timed out after {} ({by}){}", humantime_ms(*timeout), killed(*pid))]
     Timeout {
         /// The offloaded function.
