@@ -104,6 +104,11 @@ where
     A: Args,
     R: DeserializeOwned + Send + 'static,
 {
+    if BATCH_ITEM.with_borrow_mut(|item| item.as_mut().map(|item| item.take(entry, &args))).is_some() {
+        // Taken as an item of `offload::map`'s batch, which runs it: this future is dropped
+        // without being polled again.
+        return std::future::pending().await;
+    }
     let (executor, breaker) = match preflight(entry) {
         Ok(found) => found,
         Err(error) => return (Err(error), keep.then_some(args)),
@@ -196,9 +201,82 @@ fn bulk_frames<A: Args>(
     }
 }
 
+thread_local! {
+    /// Set while [`as_batch_item`] polls a stub's future.
+    static BATCH_ITEM: std::cell::RefCell<Option<BatchItem>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A call taken as an item of a batch instead of being run: its arguments, encoded onto the
+/// batch, and its function; or why it cannot be an item.
+struct BatchItem {
+    out: Vec<u8>,
+    taken: Option<Result<&'static Entry, Error>>,
+}
+
+impl BatchItem {
+    fn take<A: Args>(&mut self, entry: &'static Entry, args: &A) {
+        if self.taken.is_some() {
+            // A second call from one future: only the first is the item.
+            return;
+        }
+        let at = protocol::batch::Records::open(&mut self.out);
+        let (appended, fds) = protocol::fds::collecting(|| {
+            protocol::bulk::inline(|| protocol::append(&mut self.out, args, Payload::Arguments))
+        });
+        self.taken = Some(match appended {
+            Ok(()) if fds.is_empty() => {
+                protocol::batch::Records::close(&mut self.out, at);
+                Ok(entry)
+            }
+            Ok(()) => Err(Error::Config {
+                entry: entry.name(),
+                message: "`offload::map` cannot send shared buffers (`SharedBytes`, `SharedSlice`) \
+                          in a batch; call the function on its own for those"
+                    .into(),
+            }),
+            Err(kind) => Err(protocol_error(entry, kind)),
+        });
+        if !matches!(self.taken, Some(Ok(_))) {
+            protocol::batch::Records::abandon(&mut self.out, at);
+        }
+    }
+}
+
+/// For `offload::map`: polls `call`, the future of an offloaded function's stub (or one that
+/// awaits such a stub first thing), once, so that the call it makes is encoded as a batch
+/// item onto `out` instead of being run; then drops it. The function it called, or why the
+/// call cannot be an item; `None` if `call` made no offloaded call.
+pub(crate) fn as_batch_item<F: Future>(call: F, out: &mut Vec<u8>) -> Option<Result<&'static Entry, Error>> {
+    /// Puts back what the thread's slot held before, and the buffer where it was, once, even
+    /// if `call` panics.
+    struct Restore<'a> {
+        out: &'a mut Vec<u8>,
+        previous: Option<Option<BatchItem>>,
+    }
+    impl Restore<'_> {
+        fn restore(&mut self) -> Option<Result<&'static Entry, Error>> {
+            let item = BATCH_ITEM.replace(self.previous.take()?)?;
+            *self.out = item.out;
+            item.taken
+        }
+    }
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            self.restore();
+        }
+    }
+
+    let mut call = std::pin::pin!(call);
+    let item = BatchItem { out: std::mem::take(out), taken: None };
+    let mut restore = Restore { out, previous: Some(BATCH_ITEM.replace(Some(item))) };
+    let _ = call.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    // Before `call` is dropped, which then runs outside batch mode.
+    restore.restore()
+}
+
 /// Runs `f` on Tokio's blocking threads. A panic in `f` goes on in the caller, as it would
 /// have if `f` had run there; `None` if the runtime is shutting down.
-async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+pub(crate) async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(value) => Some(value),
         Err(e) => match e.try_into_panic() {
@@ -210,7 +288,7 @@ async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
 
 /// Decodes the return value out of a reply body, with the descriptors and bulk frames that
 /// came with it.
-trait Decode: Send {
+pub(crate) trait Decode: Send {
     /// Decodes on the calling task, while the body is still in the channel's buffer.
     fn decode(&mut self, body: &[u8], attached: Attached) -> Result<(), ProtocolError>;
 
@@ -256,7 +334,7 @@ fn decode_return<R: DeserializeOwned>(body: &[u8], attached: Attached) -> Result
 
 /// What must hold before a call is encoded: this is not a worker, a Tokio runtime is
 /// running, offload is not shut down, and the function's pool has valid settings.
-fn preflight(entry: &'static Entry) -> Result<(&'static Executor, &'static Breaker), Error> {
+pub(crate) fn preflight(entry: &'static Entry) -> Result<(&'static Executor, &'static Breaker), Error> {
     if crate::role::is_worker() {
         return Err(Error::Spawn {
             entry: entry.name(),
@@ -289,7 +367,7 @@ fn preflight(entry: &'static Entry) -> Result<(&'static Executor, &'static Break
 
 /// The untyped part of [`call`]: everything but encoding the arguments and decoding the
 /// return value, which `decode` does.
-async fn run(
+pub(crate) async fn run(
     entry: &'static Entry,
     executor: &'static Executor,
     breaker: &'static Breaker,
@@ -562,7 +640,7 @@ async fn exchange(
             protocol::decode::<protocol::Fault>(body, Payload::Message)
                 .map_or_else(|e| e, ProtocolError::from),
         )),
-        Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk | Tag::Progress => {
+        Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk | Tag::Progress | Tag::Batch => {
             place.broke_protocol();
             return Err(protocol_error(entry, ProtocolError::Invalid(format!("unexpected {tag:?} frame"))));
         }
@@ -632,7 +710,7 @@ async fn before<F: Future>(mut deadline: Pin<&mut Sleep>, future: F) -> Option<F
     .await
 }
 
-fn protocol_error(entry: &Entry, kind: ProtocolError) -> Error {
+pub(crate) fn protocol_error(entry: &Entry, kind: ProtocolError) -> Error {
     match kind {
         ProtocolError::PayloadTooLarge { what, len, max } => {
             Error::PayloadTooLarge { entry: entry.name(), what, len, max }

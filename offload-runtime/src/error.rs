@@ -203,6 +203,44 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The same error again, for each of several calls it ended (the inputs of one batch).
+    /// `Error` is not `Clone` only for the `io::Error` of [`Error::Spawn`], whose kind and
+    /// text this keeps.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            &Error::Timeout { entry, timeout, by, pid } => Error::Timeout { entry, timeout, by, pid },
+            Error::Panicked { entry, pid, message, location } => {
+                Error::Panicked { entry, pid: *pid, message: message.clone(), location: location.clone() }
+            }
+            Error::Crashed { entry, pid, exit, stderr, earlier_attempts } => Error::Crashed {
+                entry,
+                pid: *pid,
+                exit: *exit,
+                stderr: stderr.clone(),
+                earlier_attempts: earlier_attempts.iter().map(Error::duplicate).collect(),
+            },
+            Error::MemoryLimit { entry, pid, limit, earlier_attempts } => Error::MemoryLimit {
+                entry,
+                pid: *pid,
+                limit: *limit,
+                earlier_attempts: earlier_attempts.iter().map(Error::duplicate).collect(),
+            },
+            &Error::Overloaded { entry, queue } => Error::Overloaded { entry, queue },
+            &Error::CircuitOpen { entry, retry_in } => Error::CircuitOpen { entry, retry_in },
+            Error::Spawn { entry, source } => {
+                Error::Spawn { entry, source: io::Error::new(source.kind(), source.to_string()) }
+            }
+            Error::Protocol { entry, kind } => Error::Protocol { entry, kind: kind.clone() },
+            &Error::PayloadTooLarge { entry, what, len, max } => {
+                Error::PayloadTooLarge { entry, what, len, max }
+            }
+            Error::Config { entry, message } => Error::Config { entry, message: message.clone() },
+            &Error::Shutdown { entry } => Error::Shutdown { entry },
+        }
+    }
+}
+
 /// The kinds of [`Error`], without their details.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]

@@ -11,11 +11,12 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Payload, ProtocolError};
 
+pub(crate) mod batch;
 pub(crate) mod env;
 pub(crate) mod reader;
 
 /// Bumped whenever the frame layout or a message changes.
-pub(crate) const PROTOCOL_VERSION: u32 = 3;
+pub(crate) const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest frame the length prefix can describe, tag included. Pools enforce their own,
 /// smaller `max_payload` on top of it.
@@ -49,6 +50,9 @@ pub(crate) enum Tag {
     Bulk = 7,
     /// Worker to parent, during a call: a [`ProgressReport`] the function made.
     Progress = 8,
+    /// Parent to worker: many calls of one function, answered by one [`Tag::Return`]; see
+    /// [`batch`].
+    Batch = 9,
 }
 
 impl Tag {
@@ -62,6 +66,7 @@ impl Tag {
             6 => Tag::Log,
             7 => Tag::Bulk,
             8 => Tag::Progress,
+            9 => Tag::Batch,
             _ => return None,
         })
     }
@@ -495,7 +500,7 @@ pub(crate) fn bulk_header(len: usize) -> Result<[u8; HEADER], ProtocolError> {
 /// the only allocation. The call frame carries a marker in their place (see
 /// [`SendBytes`]), and the worker's decoding takes the bulk frames in order.
 pub(crate) mod bulk {
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
     use std::collections::VecDeque;
 
     /// Byte vectors at least this long go in bulk frames; shorter ones in the call frame.
@@ -509,6 +514,33 @@ pub(crate) mod bulk {
     thread_local! {
         /// The bulk frames of the call being decoded, in the order they came.
         static SUPPLY: RefCell<VecDeque<Vec<u8>>> = const { RefCell::new(VecDeque::new()) };
+        /// Set while encoding a batch item, which travels inline whatever its size.
+        static INLINE: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Whether a byte vector of `len` bytes being encoded now goes in a bulk frame: a long
+    /// one, unless [`inline`] says otherwise.
+    pub(crate) fn goes_in_bulk(len: usize) -> bool {
+        is_bulk(len) && !INLINE.get()
+    }
+
+    /// Whether an encoding pass of [`inline`] is running.
+    pub(crate) fn inlining() -> bool {
+        INLINE.get()
+    }
+
+    /// Runs an encoding pass in which every byte vector goes inline (a batch item: see
+    /// [`super::batch`]).
+    pub(crate) fn inline<R>(f: impl FnOnce() -> R) -> R {
+        /// Restores the mode even if `f` panics (a user's `Serialize` may).
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                INLINE.set(self.0);
+            }
+        }
+        let _restore = Restore(INLINE.replace(true));
+        f()
     }
 
     /// Runs a decoding pass with the bulk frames that came before the call frame; those it
@@ -546,7 +578,7 @@ enum WireBytes<'a> {
 
 impl Serialize for SendBytes<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if bulk::is_bulk(self.0.len()) {
+        if bulk::goes_in_bulk(self.0.len()) {
             WireBytes::Bulk(self.0.len() as u64).serialize(serializer)
         } else {
             WireBytes::Inline(self.0).serialize(serializer)

@@ -30,7 +30,11 @@ pub fn encode_return<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Res
 /// Encodes a returned byte vector: in the reply if it is short, else in a bulk frame sent
 /// before it, from the vector as it is. Not public API.
 pub fn encode_return_bytes(value: Vec<u8>, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
-    let bulk = protocol::bulk::is_bulk(value.len());
+    if protocol::bulk::inlining() {
+        // An item of a batch, decoded as the plain `Vec<u8>` it is: see `protocol::batch`.
+        return encode_return(serde_bytes::Bytes::new(&value), out);
+    }
+    let bulk = protocol::bulk::goes_in_bulk(value.len());
     let max = MAX_PAYLOAD.load(Ordering::Relaxed);
     if bulk && value.len() as u64 > max {
         return Err(ProtocolError::PayloadTooLarge {

@@ -17,6 +17,7 @@
 //! It uses the protocol, the sockets and the registry; nothing of the caller's side.
 
 mod api;
+mod batch;
 mod cancel;
 mod logs;
 #[cfg(target_os = "linux")]

@@ -109,11 +109,11 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
     let mut inbox = FrameReader::default();
     let mut reply = Vec::new();
     loop {
-        let Some((body, attached)) = next_call(&mut inbox, &stream)? else {
+        let Some((tag, body, attached)) = next_call(&mut inbox, &stream)? else {
             // The parent closed the channel: it is done with us, or gone.
             return Ok(());
         };
-        reply = answer(inbox.frame(body), attached, reply);
+        reply = answer(tag, inbox.frame(body), attached, reply);
         let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
         let reply_bulk = REPLY_BULK.with(|b| b.borrow_mut().take());
         let writing = lock_writes();
@@ -161,18 +161,18 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
     }
 }
 
-/// Reads the next call frame, and the bulk frames before it: where its body is in `inbox`,
-/// and what came with it. `None` at end of stream. The parent sends one call and waits for
-/// its reply, so nothing follows a call frame.
+/// Reads the next call or batch frame, and the bulk frames before it: its tag, where its
+/// body is in `inbox`, and what came with it. `None` at end of stream. The parent sends one
+/// call and waits for its reply, so nothing follows a call frame.
 fn next_call(
     inbox: &mut FrameReader,
     stream: &UnixStream,
-) -> std::io::Result<Option<(std::ops::Range<usize>, Attached)>> {
+) -> std::io::Result<Option<(Tag, std::ops::Range<usize>, Attached)>> {
     let mut bulk = Vec::new();
     loop {
         match inbox.next(MAX_FRAME).map_err(std::io::Error::other)? {
-            Some(Next::Frame(Tag::Call, body)) => {
-                return Ok(Some((body, Attached { fds: inbox.take_fds(), bulk })));
+            Some(Next::Frame(tag @ (Tag::Call | Tag::Batch), body)) => {
+                return Ok(Some((tag, body, Attached { fds: inbox.take_fds(), bulk })));
             }
             Some(Next::Frame(tag, _)) => {
                 return Err(std::io::Error::other(format!("expected a call frame, got {tag:?}")));
@@ -216,9 +216,10 @@ pub(super) fn serve(_env: WorkerEnv) -> std::io::Result<()> {
     Err(std::io::Error::other("offload workers are supported on Linux only"))
 }
 
-/// Runs one call and builds its reply in `buf`: a frame of forwarded log events if the
-/// function emitted any, then the reply frame. `attached` came with the call frame.
-fn answer(body: &[u8], attached: Attached, buf: Vec<u8>) -> Vec<u8> {
+/// Runs one call, or each call of a batch, and builds its reply in `buf`: a frame of
+/// forwarded log events if the function emitted any, then the reply frame. `attached` came
+/// with the call frame.
+fn answer(tag: Tag, body: &[u8], attached: Attached, buf: Vec<u8>) -> Vec<u8> {
     let result = protocol::split_call(body).and_then(|call| {
         Registry::get().lookup(call.name).map(|entry| (entry.invoke, call)).ok_or_else(|| {
             ProtocolError::Invalid(format!("no offloaded function is registered as `{}`", call.name))
@@ -229,7 +230,12 @@ fn answer(body: &[u8], attached: Attached, buf: Vec<u8>) -> Vec<u8> {
         Err(fault) => return fault_frame(buf, &fault),
     };
     logs::start_call(call.log_level);
-    let reply = attached.supplying(|| run(invoke, call.args, buf));
+    begin_call();
+    let reply = match tag {
+        // Batch items travel inline: nothing is attached.
+        Tag::Batch => super::batch::run(invoke, call.args, buf),
+        _ => attached.supplying(|| run(invoke, call.args, buf)),
+    };
     match logs::finish_call() {
         None => reply,
         Some(mut log_frame) => {
@@ -240,18 +246,46 @@ fn answer(body: &[u8], attached: Attached, buf: Vec<u8>) -> Vec<u8> {
 }
 
 fn run(invoke: crate::registry::Invoke, args: &[u8], buf: Vec<u8>) -> Vec<u8> {
-    super::cancel::reset();
-    super::progress::reset();
     let mut frame = FrameBuf::reuse(buf, Tag::Return);
-    IN_CALL.store(true, Ordering::Relaxed);
-    let ran = panic::catch_unwind(AssertUnwindSafe(|| invoke(args, frame.body())));
-    IN_CALL.store(false, Ordering::Relaxed);
-    match ran {
-        Ok(Ok(())) => match frame.finish() {
+    match invoke_caught(invoke, args, frame.body()) {
+        Ran::Returned => match frame.finish() {
             Ok(bytes) => bytes,
             Err(too_large) => fault_frame(Vec::new(), &too_large),
         },
-        Ok(Err(fault)) => fault_frame(frame.into_inner(), &fault),
+        Ran::Faulted(fault) => fault_frame(frame.into_inner(), &fault),
+        Ran::Panicked(report) => {
+            let mut frame = FrameBuf::reuse(frame.into_inner(), Tag::Panicked);
+            match protocol::append(frame.body(), &report, Payload::Message).and_then(|()| frame.finish()) {
+                Ok(bytes) => bytes,
+                Err(fault) => fault_frame(Vec::new(), &fault),
+            }
+        }
+    }
+}
+
+/// A call (or a batch) begins: no cancellation or progress report of an earlier one counts.
+fn begin_call() {
+    super::cancel::reset();
+    super::progress::reset();
+}
+
+/// How the user's function ended.
+pub(super) enum Ran {
+    /// It returned, and its value was appended.
+    Returned,
+    /// Its arguments did not decode, or its value did not encode.
+    Faulted(ProtocolError),
+    Panicked(PanicReport),
+}
+
+/// Runs `invoke` on `args`, appending the encoded return value to `out`, and catches a panic.
+pub(super) fn invoke_caught(invoke: crate::registry::Invoke, args: &[u8], out: &mut Vec<u8>) -> Ran {
+    IN_CALL.store(true, Ordering::Relaxed);
+    let ran = panic::catch_unwind(AssertUnwindSafe(|| invoke(args, out)));
+    IN_CALL.store(false, Ordering::Relaxed);
+    match ran {
+        Ok(Ok(())) => Ran::Returned,
+        Ok(Err(fault)) => Ran::Faulted(fault),
         Err(payload) => {
             let message = if let Some(s) = payload.downcast_ref::<&str>() {
                 (*s).to_owned()
@@ -263,17 +297,12 @@ fn run(invoke: crate::registry::Invoke, args: &[u8], buf: Vec<u8>) -> Vec<u8> {
             let location = PANIC_LOCATION.with(|slot| slot.borrow_mut().take());
             // Dropping a panic payload can itself panic; don't let that kill the worker.
             let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(payload)));
-            let mut frame = FrameBuf::reuse(frame.into_inner(), Tag::Panicked);
-            let report = PanicReport { message, location };
-            match protocol::append(frame.body(), &report, Payload::Message).and_then(|()| frame.finish()) {
-                Ok(bytes) => bytes,
-                Err(fault) => fault_frame(Vec::new(), &fault),
-            }
+            Ran::Panicked(PanicReport { message, location })
         }
     }
 }
 
-fn fault_frame(buf: Vec<u8>, fault: &ProtocolError) -> Vec<u8> {
+pub(super) fn fault_frame(buf: Vec<u8>, fault: &ProtocolError) -> Vec<u8> {
     let mut frame = FrameBuf::reuse(buf, Tag::Fault);
     protocol::append(frame.body(), &protocol::Fault::from(fault), Payload::Message)
         .expect("a fault always encodes");
