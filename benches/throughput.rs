@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use common::RawPeer;
 use criterion::{Criterion, Throughput, criterion_group};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Calls in flight at any time.
 const IN_FLIGHT: usize = 256;
@@ -83,55 +82,8 @@ async fn raw_calls(peers: &mut [RawPeer], calls: u64) -> Duration {
             }
         });
     }
-    futures_join_all(runs).await;
+    common::join_all(runs).await;
     start.elapsed()
-}
-
-/// The same, with `IN_FLIGHT / peers` messages in flight on each peer's socket at once
-/// (written as one batch, then read back): what the socket can carry when calls are
-/// pipelined, which offload does not do (one call at a time per worker).
-async fn raw_pipelined(peers: &mut [RawPeer], calls: u64) -> Duration {
-    let batch = IN_FLIGHT / peers.len();
-    let rounds = calls / (batch * peers.len()) as u64;
-    let start = Instant::now();
-    let mut runs = Vec::new();
-    for peer in peers.iter_mut() {
-        runs.push(async move {
-            let mut out = vec![0u8; batch * 8];
-            let mut back = vec![0u8; batch * 8];
-            for round in 0..rounds {
-                for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
-                    chunk.copy_from_slice(&(round * batch as u64 + i as u64).to_le_bytes());
-                }
-                peer.stream.write_all(&out).await.unwrap();
-                peer.stream.read_exact(&mut back).await.unwrap();
-                let last = u64::from_le_bytes(back[back.len() - 8..].try_into().unwrap());
-                assert_eq!(last, round * batch as u64 + batch as u64);
-            }
-        });
-    }
-    futures_join_all(runs).await;
-    start.elapsed()
-}
-
-/// Polls the futures concurrently on the current task (the peers are borrowed, so they
-/// cannot go to `tokio::spawn`).
-async fn futures_join_all<F: Future<Output = ()>>(futures: Vec<F>) {
-    let mut futures: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for slot in futures.iter_mut() {
-            if let Some(f) = slot {
-                if f.as_mut().poll(cx).is_ready() {
-                    *slot = None;
-                } else {
-                    pending = true;
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await
 }
 
 /// `calls` calls through a procspawn pool, `IN_FLIGHT` at a time: a sliding window of join
@@ -181,7 +133,7 @@ fn throughput_table(calls: u64, rounds: usize) {
         offload::warm_up().await.unwrap();
         offload_calls(calls / 10).await;
         raw_calls(&mut peers, calls / 10).await;
-        raw_pipelined(&mut peers, calls / 10).await;
+        common::raw_pipelined(&mut peers, IN_FLIGHT, calls / 10).await;
     });
     mt.block_on(offload_calls(calls / 10));
     procspawn_calls(&pool, (calls / 100).max(IN_FLIGHT as u64));
@@ -193,7 +145,7 @@ fn throughput_table(calls: u64, rounds: usize) {
         off_ct.push(rate(calls, ct.block_on(offload_calls(calls))));
         off_mt.push(rate(calls, mt.block_on(offload_calls(calls))));
         raw.push(rate(calls, ct.block_on(raw_calls(&mut peers, calls))));
-        piped.push(rate(calls, ct.block_on(raw_pipelined(&mut peers, calls))));
+        piped.push(rate(calls, ct.block_on(common::raw_pipelined(&mut peers, IN_FLIGHT, calls))));
         ps.push(rate(procspawn_n, procspawn_calls(&pool, procspawn_n)));
     }
     pool.shutdown();

@@ -187,3 +187,50 @@ pub fn pin_all_threads(cpu: Option<usize>) {
         }
     }
 }
+
+/// `calls` ping-pongs with echo peers, `in_flight / peers` messages in flight on each peer's
+/// socket at once (written as one batch, then read back): what the socket carries when
+/// messages are pipelined, not sent one at a time.
+pub async fn raw_pipelined(peers: &mut [RawPeer], in_flight: usize, calls: u64) -> Duration {
+    let batch = in_flight / peers.len();
+    let rounds = calls / (batch * peers.len()) as u64;
+    let start = Instant::now();
+    let mut runs = Vec::new();
+    for peer in peers.iter_mut() {
+        runs.push(async move {
+            let mut out = vec![0u8; batch * 8];
+            let mut back = vec![0u8; batch * 8];
+            for round in 0..rounds {
+                for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+                    chunk.copy_from_slice(&(round * batch as u64 + i as u64).to_le_bytes());
+                }
+                peer.stream.write_all(&out).await.unwrap();
+                peer.stream.read_exact(&mut back).await.unwrap();
+                let last = u64::from_le_bytes(back[back.len() - 8..].try_into().unwrap());
+                assert_eq!(last, round * batch as u64 + batch as u64);
+            }
+        });
+    }
+    join_all(runs).await;
+    start.elapsed()
+}
+
+/// Polls the futures concurrently on the current task (the peers are borrowed, so they
+/// cannot go to `tokio::spawn`).
+pub async fn join_all<F: Future<Output = ()>>(futures: Vec<F>) {
+    let mut futures: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for slot in futures.iter_mut() {
+            if let Some(f) = slot {
+                if f.as_mut().poll(cx).is_ready() {
+                    *slot = None;
+                } else {
+                    pending = true;
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await
+}

@@ -19,7 +19,7 @@ use crate::{recovery, signature};
 
 /// The whole macro, on `proc_macro2` streams.
 pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
-    let (args, args_error) = OffloadArgs::parse(args);
+    let (mut args, mut args_error) = OffloadArgs::parse(args);
     // Attributes, visibility and signature; the body stays tokens (see `ast`).
     let function: Function = match syn::parse2(item.clone()) {
         Ok(function) => function,
@@ -27,6 +27,20 @@ pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
     };
     if let Err(err) = signature::check(&function, args.state.as_ref()) {
         return recovery::unsupported(item, args_error, err);
+    }
+    let streams =
+        matches!(&function.sig.output, ReturnType::Type(_, ty) if signature::streamed_item(ty).is_some());
+    if let Some(fallback) = args.fallback.take_if(|_| streams) {
+        // Expand without it, and say why.
+        let err = syn::Error::new_spanned(
+            fallback,
+            "`fallback` is not supported for a function that streams its results: items may \
+             already have reached the caller when the call fails",
+        );
+        match &mut args_error {
+            Some(errors) => errors.combine(err),
+            None => args_error = Some(err),
+        }
     }
     let mut expanded = expand(&args, &function);
     if let Some(err) = args_error {
@@ -54,6 +68,8 @@ struct Context<'a> {
     arguments: Vec<Argument<'a>>,
     /// The declared return type; `None` for `()`.
     return_ty: Option<&'a Type>,
+    /// `T`, when the return type is `impl Iterator<Item = T>`: the function streams.
+    stream_item: Option<&'a Type>,
     return_bytes: bool,
     /// `fallback = path::to::fn`.
     fallback: Option<&'a ExprPath>,
@@ -90,6 +106,7 @@ fn expand(args: &OffloadArgs, function: &Function) -> TokenStream {
         impl_name: format_ident!("__offload_impl_{}", sig.ident.unraw()),
         arguments,
         return_ty,
+        stream_item: return_ty.and_then(signature::streamed_item),
         return_bytes: return_ty.is_some_and(is_bytes),
         fallback: args.fallback.as_ref(),
         state,
@@ -106,12 +123,20 @@ fn expand(args: &OffloadArgs, function: &Function) -> TokenStream {
     let return_ty = cx.return_ty_tokens();
     let error = cx.runtime.public_error();
     let import = cx.runtime.import();
-    let async_token = quote_spanned!(sig.fn_token.span=> async);
+    // A function that streams has a plain stub that returns the stream; others an async one.
+    let (async_token, output) = match cx.stream_item {
+        Some(item) => {
+            let streamed = cx.runtime.streamed();
+            (TokenStream::new(), quote!(#streamed<#item>))
+        }
+        None => {
+            (quote_spanned!(sig.fn_token.span=> async), quote!(::core::result::Result<#return_ty, #error>))
+        }
+    };
     let fn_token = &sig.fn_token;
     quote! {
         #(#attrs)*
-        #vis #async_token #fn_token #name(#(#stub_args),*)
-            -> ::core::result::Result<#return_ty, #error>
+        #vis #async_token #fn_token #name(#(#stub_args),*) -> #output
         {
             #import
             #impl_fn
@@ -185,13 +210,21 @@ impl Context<'_> {
             state_arg.into_iter().chain(self.arguments.iter().zip(&decoded).map(|(arg, decoded)| {
                 if arg.bytes { quote!(#decoded.into_vec()) } else { quote!(#decoded) }
             }));
-        let (assert, encode) = match self.return_ty {
-            Some(_) if self.return_bytes => {
+        let (assert, encode) = match (self.stream_item, self.return_ty) {
+            (Some(item), _) => {
+                let stream_items = rt.stream_items();
+                let encode = quote! {
+                    #stream_items::<#item>(#ret)?;
+                    #encode_return::<()>(&(), #out)
+                };
+                (self.assert_transferable(item), encode)
+            }
+            (None, Some(_)) if self.return_bytes => {
                 let encode_return_bytes = rt.encode_return_bytes();
                 (TokenStream::new(), quote!(#encode_return_bytes(#ret, #out)))
             }
-            Some(ty) => (self.assert_transferable(ty), quote!(#encode_return::<#ty>(&#ret, #out))),
-            None => (TokenStream::new(), quote!(#encode_return::<()>(&#ret, #out))),
+            (None, Some(ty)) => (self.assert_transferable(ty), quote!(#encode_return::<#ty>(&#ret, #out))),
+            (None, None) => (TokenStream::new(), quote!(#encode_return::<()>(&#ret, #out))),
         };
         quote! {
             fn __offload_invoke(
@@ -437,8 +470,13 @@ impl Context<'_> {
         let call = if self.fallback.is_some() { rt.call_keeping_args() } else { rt.call() };
         let (args_type, args_value) = (self.args_type(), self.args_pattern());
         let args_struct = if self.arguments.is_empty() { TokenStream::new() } else { self.args_struct() };
-        let (returned, result) = match self.return_ty {
-            Some(_) if self.return_bytes => {
+        let (returned, result) = match (self.stream_item, self.return_ty) {
+            (Some(item), _) => {
+                let stream = rt.stream();
+                let assert = self.assert_transferable(item);
+                (assert, quote!(#stream::<#args_type, #item>(&__OFFLOAD_ENTRY, #args_value)))
+            }
+            (None, Some(_)) if self.return_bytes => {
                 let recv_bytes = rt.recv_bytes();
                 let result = quote! {
                     #call::<#args_type, #recv_bytes>(&__OFFLOAD_ENTRY, #args_value)
@@ -447,7 +485,7 @@ impl Context<'_> {
                 };
                 (TokenStream::new(), result)
             }
-            Some(ty) => {
+            (None, Some(ty)) => {
                 let value = Ident::new("value", Span::mixed_site());
                 let error = Ident::new("error", Span::mixed_site());
                 let result = quote! {
@@ -460,7 +498,7 @@ impl Context<'_> {
                 };
                 (self.returned(ty), result)
             }
-            None => {
+            (None, None) => {
                 (TokenStream::new(), quote!(#call::<#args_type, ()>(&__OFFLOAD_ENTRY, #args_value).await))
             }
         };

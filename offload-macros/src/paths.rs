@@ -109,6 +109,22 @@ impl Runtime {
         self.item("call")
     }
 
+    /// `fn stream<A, T>(&'static Entry, A) -> Streamed<T>`.
+    pub(crate) fn stream(&self) -> TokenStream {
+        self.item("stream")
+    }
+
+    /// `fn stream_items<T: Serialize>(impl IntoIterator<Item = T>) -> Result<(), ProtocolError>`.
+    pub(crate) fn stream_items(&self) -> TokenStream {
+        self.item("stream_items")
+    }
+
+    /// `Streamed<T>`, the stub's return type for a function that streams.
+    pub(crate) fn streamed(&self) -> TokenStream {
+        let krate = &self.krate;
+        quote!(#krate::Streamed)
+    }
+
     /// `trait Args: Serialize + Send + 'static { fn for_each_bytes(..) }`.
     pub(crate) fn args_trait(&self) -> TokenStream {
         self.item("Args")

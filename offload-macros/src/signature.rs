@@ -108,10 +108,34 @@ pub(crate) fn check(function: &Function, state: Option<&syn::ExprPath>) -> syn::
         errors.push(syn::Error::new_spanned(variadic, "`#[offload]` functions cannot be variadic"));
     }
     if let ReturnType::Type(_, ty) = &sig.output {
-        check_type(ty, Position::Return, true, &mut errors);
+        match streamed_item(ty) {
+            Some(item) => check_type(item, Position::Return, false, &mut errors),
+            None => check_type(ty, Position::Return, true, &mut errors),
+        }
     }
 
     errors.finish().map_or(Ok(()), Err)
+}
+
+/// `T`, for a return type `impl Iterator<Item = T>`: the function streams its results, one
+/// item at a time.
+pub(crate) fn streamed_item(ty: &Type) -> Option<&Type> {
+    let Type::ImplTrait(impl_trait) = ty else { return None };
+    let mut bounds = impl_trait.bounds.iter();
+    let (Some(syn::TypeParamBound::Trait(bound)), None) = (bounds.next(), bounds.next()) else {
+        return None;
+    };
+    let segment = bound.path.segments.last()?;
+    let PathArguments::AngleBracketed(args) = &segment.arguments else { return None };
+    let mut args = args.args.iter();
+    match (segment.ident == "Iterator", args.next(), args.next()) {
+        (true, Some(GenericArgument::AssocType(item)), None)
+            if item.ident == "Item" && item.generics.is_none() =>
+        {
+            Some(&item.ty)
+        }
+        _ => None,
+    }
 }
 
 /// `#[cfg]` on an argument would remove it from the function but not from the call.
@@ -164,7 +188,8 @@ fn check_type(ty: &Type, position: Position, top_level: bool, errors: &mut Error
                 }
                 Position::Return => {
                     "`#[offload]` functions cannot return `impl Trait`: the worker process must \
-                     know the concrete type to send it back"
+                     know the concrete type to send it back (to stream results one at a time, \
+                     return `impl Iterator<Item = T>`)"
                 }
             };
             errors.push(syn::Error::new_spanned(impl_trait, message));

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::breaker::{Admission, Breaker, Transition};
 use crate::error::{Error, Payload, ProtocolError};
-use crate::executor::{self, Executor, Failure, Reply};
+use crate::executor::{self, Executor, Failure, Pace, Reply};
 use crate::protocol::{self, Attached, LogRecord, PanicReport, Tag};
 use crate::registry::{Entry, PerEntry, Registry};
 use crate::stats::BreakerState;
@@ -78,7 +78,9 @@ where
     A: Args,
     R: DeserializeOwned + Send + 'static,
 {
-    call_inner(entry, args, false).await.0
+    let mut returned = Returned::<R>(None);
+    let (result, _) = call_inner(entry, args, false, &mut returned).await;
+    result.map(|()| returned.0.expect("decoded on success"))
 }
 
 /// [`call`] for a function with a fallback: the arguments come back with an error, for the
@@ -92,19 +94,24 @@ where
     A: Args,
     R: DeserializeOwned + Send + 'static,
 {
-    match call_inner(entry, args, true).await {
-        (Ok(value), _) => Ok(value),
+    let mut returned = Returned::<R>(None);
+    match call_inner(entry, args, true, &mut returned).await {
+        (Ok(()), _) => Ok(returned.0.expect("decoded on success")),
         (Err(error), args) => Err((error, args)),
     }
 }
 
-/// [`call`], and the arguments back if `keep`.
-async fn call_inner<A, R>(entry: &'static Entry, args: A, keep: bool) -> (Result<R, Error>, Option<A>)
-where
-    A: Args,
-    R: DeserializeOwned + Send + 'static,
-{
-    if BATCH_ITEM.with_borrow_mut(|item| item.as_mut().map(|item| item.take(entry, &args))).is_some() {
+/// [`call`] with the reply, and the items streamed before it, going to `decode`; the
+/// arguments back if `keep`.
+pub(crate) async fn call_inner<A: Args>(
+    entry: &'static Entry,
+    args: A,
+    keep: bool,
+    decode: &mut dyn Decode,
+) -> (Result<(), Error>, Option<A>) {
+    let streams = decode.streams();
+    let taken = BATCH_ITEM.with_borrow_mut(|item| item.as_mut().map(|item| item.take(entry, &args, streams)));
+    if taken.is_some() {
         // Taken as an item of `offload::map`'s batch, which runs it: this future is dropped
         // without being polled again.
         return std::future::pending().await;
@@ -148,22 +155,18 @@ where
         Ok(encoded) => encoded,
         Err(kind) => return (Err(protocol_error(entry, kind)), args),
     };
-    let mut returned = Returned::<R>(None);
     let result = match bulk_frames(args.as_ref()) {
-        Ok((_, bytes)) if bytes.is_empty() => {
-            run(entry, executor, breaker, &[&frame], &fds, &mut returned).await
-        }
+        Ok((_, bytes)) if bytes.is_empty() => run(entry, executor, breaker, &[&frame], &fds, decode).await,
         Ok((headers, bytes)) => {
             let mut message: Vec<&[u8]> = Vec::with_capacity(2 * bytes.len() + 1);
             for (header, bytes) in headers.iter().zip(bytes) {
                 message.extend([&header[..], bytes]);
             }
             message.push(&frame);
-            run(entry, executor, breaker, &message, &fds, &mut returned).await
+            run(entry, executor, breaker, &message, &fds, decode).await
         }
         Err(kind) => Err(protocol_error(entry, kind)),
     };
-    let result = result.map(|()| returned.0.expect("decoded on success"));
     let (args, done) = if keep && result.is_err() { (args, None) } else { (None, args) };
     // Unmapping shared buffers the caller wrote and freeing their memory (the caller holds
     // the last descriptor: the worker closes its own before it answers) takes milliseconds
@@ -214,9 +217,16 @@ struct BatchItem {
 }
 
 impl BatchItem {
-    fn take<A: Args>(&mut self, entry: &'static Entry, args: &A) {
+    fn take<A: Args>(&mut self, entry: &'static Entry, args: &A, streams: bool) {
         if self.taken.is_some() {
             // A second call from one future: only the first is the item.
+            return;
+        }
+        if streams {
+            self.taken = Some(Err(Error::Config {
+                entry: entry.name(),
+                message: "`offload::map` cannot run a function that streams its results".into(),
+            }));
             return;
         }
         let at = protocol::batch::Records::open(&mut self.out);
@@ -299,6 +309,19 @@ pub(crate) trait Decode: Send {
         body: Range<usize>,
         attached: Attached,
     ) -> Pin<Box<dyn Future<Output = Result<(), ProtocolError>> + Send + '_>>;
+
+    /// Whether the function streams items before its reply: a call of it that failed
+    /// cannot run again (its items may have been delivered), so it is never retried.
+    fn streams(&self) -> bool {
+        false
+    }
+
+    /// An item the function streamed before its reply; whether to read on at once.
+    fn item(&mut self, body: &[u8]) -> Pace {
+        let _ = body;
+        tracing::warn!(target: "offload::call", "offload worker streamed an item in a call that takes none");
+        Pace::Continue
+    }
 }
 
 /// The return value, once decoded.
@@ -387,7 +410,7 @@ pub(crate) async fn run(
     // The deadline is the call's, whatever the attempts.
     let function_timeout = executor.settings().timeout.unwrap_or_else(|| entry.timeout());
     let deadline = crate::deadline::for_call(function_timeout);
-    let retries = entry.options.retries.unwrap_or(0);
+    let retries = if decode.streams() { 0 } else { entry.options.retries.unwrap_or(0) };
     let mut earlier = Vec::new();
     loop {
         // Each attempt counts in the figures and the breaker as it happens.
@@ -584,7 +607,13 @@ async fn exchange(
     let started = Instant::now();
     let outcome = match sent {
         Ok(sent) => {
-            let mut on_frame = |tag: Tag, body: &[u8]| forward(entry, tag, body);
+            let mut on_frame = |tag: Tag, body: &[u8]| match tag {
+                Tag::Item => decode.item(body),
+                _ => {
+                    forward(entry, tag, body);
+                    Pace::Continue
+                }
+            };
             before(deadline, place.reply(message, fds, sent, &mut on_frame)).await
         }
         Err(fault) => Some(Err(fault)),
@@ -640,7 +669,7 @@ async fn exchange(
             protocol::decode::<protocol::Fault>(body, Payload::Message)
                 .map_or_else(|e| e, ProtocolError::from),
         )),
-        Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk | Tag::Progress | Tag::Batch => {
+        Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk | Tag::Progress | Tag::Batch | Tag::Item => {
             place.broke_protocol();
             return Err(protocol_error(entry, ProtocolError::Invalid(format!("unexpected {tag:?} frame"))));
         }

@@ -19,7 +19,7 @@ use crate::stats::{BreakerState, PoolMetrics, PoolStats};
 
 pub(crate) use crate::error::Failure;
 pub(crate) use crate::pool::AcquireError;
-pub(crate) use crate::transport::Reply;
+pub(crate) use crate::transport::{Pace, Reply};
 
 /// Where one pool's calls run.
 pub(crate) enum Executor {
@@ -136,14 +136,14 @@ impl Place {
         }
     }
 
-    /// Sends the rest of the call and waits for its reply; log frames before it go to
-    /// `on_frame`.
+    /// Sends the rest of the call and waits for its reply; log, progress and item frames
+    /// before it go to `on_frame`.
     pub(crate) async fn reply(
         &mut self,
         message: &[&[u8]],
         fds: &[OwnedFd],
         sent: usize,
-        on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) + Send),
+        on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) -> Pace + Send),
     ) -> Result<Reply<'_>, Fault> {
         match self {
             Place::Local(lease) => lease.reply(message, fds, sent, on_frame).await.map_err(Fault),

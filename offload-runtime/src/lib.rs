@@ -48,6 +48,7 @@ mod shm;
 mod socket;
 mod stats;
 mod stderr_tail;
+mod stream;
 mod transport;
 mod worker;
 
@@ -60,6 +61,7 @@ pub use map::{Map, MapUnordered, map, map_stream};
 pub use progress::{Progress, with_progress};
 pub use shm::{SharedBytes, SharedSlice};
 pub use stats::{BreakerState, Latency, PoolStats, RestartCause};
+pub use stream::Streamed;
 pub use worker::{Cancelled, cancelled, checkpoint, progress, progress_message};
 
 /// A snapshot of every pool started so far in this process, sorted by name: workers alive
@@ -136,10 +138,11 @@ pub mod __private_v1 {
     pub use crate::fallback::{Fallback, ReturnsFuture, ReturnsValue, fallback};
     pub use crate::protocol::{RecvBytes, SendBytes};
     pub use crate::registry::{BuildState, ENTRIES, Entry, Invoke, StateBox};
+    pub use crate::stream::stream;
     #[cfg(target_os = "linux")]
     pub use crate::worker::ENTER_WORKER_MODE;
     pub use crate::worker::{
-        decode_args, encode_return, encode_return_bytes, worker_state, write_garbage_to_channel,
+        decode_args, encode_return, encode_return_bytes, stream_items, worker_state, write_garbage_to_channel,
     };
     pub use offload_spec::{Options, Overload, WorkersSpec};
 

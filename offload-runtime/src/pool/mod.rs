@@ -495,7 +495,7 @@ impl Lease {
         message: &[&[u8]],
         fds: &[OwnedFd],
         sent: usize,
-        on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) + Send),
+        on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) -> crate::transport::Pace + Send),
     ) -> Result<Reply<'_>, TransportError> {
         self.worker().channel().round_trip(message, fds, sent, on_frame).await
     }
@@ -557,7 +557,7 @@ impl Lease {
         supervisor::signal_cancel(pid);
         runtime.spawn(async move {
             let returned = tokio::time::timeout(grace, async {
-                self.reply(&[], &[], 0, &mut |_, _| {})
+                self.reply(&[], &[], 0, &mut |_, _| crate::transport::Pace::Continue)
                     .await
                     .is_ok_and(|reply| matches!(reply.tag, Tag::Return | Tag::Panicked | Tag::Fault))
             })

@@ -53,6 +53,9 @@ pub(crate) enum Tag {
     /// Parent to worker: many calls of one function, answered by one [`Tag::Return`]; see
     /// [`batch`].
     Batch = 9,
+    /// Worker to parent, during a call of a function that streams: one item it yielded,
+    /// encoded as a return value is.
+    Item = 10,
 }
 
 impl Tag {
@@ -67,6 +70,7 @@ impl Tag {
             7 => Tag::Bulk,
             8 => Tag::Progress,
             9 => Tag::Batch,
+            10 => Tag::Item,
             _ => return None,
         })
     }

@@ -134,14 +134,14 @@ impl Channel {
     }
 
     /// Sends the rest of `message` after [`Channel::start_send`] wrote `sent` bytes of it,
-    /// and waits for the reply frame, on the current Tokio runtime. Log and progress frames
-    /// that come before the reply go to `on_frame`.
+    /// and waits for the reply frame, on the current Tokio runtime. Log, progress and item
+    /// frames that come before the reply go to `on_frame`, which says whether to read on.
     pub(crate) async fn round_trip(
         &mut self,
         message: &[&[u8]],
         fds: &[OwnedFd],
         sent: usize,
-        on_frame: &mut (dyn FnMut(Tag, &[u8]) + Send),
+        on_frame: &mut (dyn FnMut(Tag, &[u8]) -> Pace + Send),
     ) -> Result<Reply<'_>, TransportError> {
         let Channel { registered, stream, inbox, max_frame, awaiting_reply } = self;
         inbox.shrink();
@@ -175,8 +175,13 @@ impl Channel {
                         continue;
                     }
                 };
-                if matches!(tag, Tag::Log | Tag::Progress) {
-                    on_frame(tag, inbox.frame(range));
+                if matches!(tag, Tag::Log | Tag::Progress | Tag::Item) {
+                    if let Pace::Yield = on_frame(tag, inbox.frame(range)) {
+                        // Whoever awaits the reply has enough for now: it polls again when it
+                        // wants more, and until then nothing more is read, so the worker's
+                        // writes block once the socket's buffer is full.
+                        tokio::task::yield_now().await;
+                    }
                     continue;
                 }
                 let attached = Attached { fds: inbox.take_fds(), bulk };
@@ -222,6 +227,14 @@ fn over_budget(error: ProtocolError, max_frame: usize, budget: usize) -> Protoco
         )),
         other => other,
     }
+}
+
+/// What [`Channel::round_trip`] does after a frame that comes before the reply.
+pub(crate) enum Pace {
+    /// Reads on.
+    Continue,
+    /// Lets the task that awaits the reply run before reading on.
+    Yield,
 }
 
 /// A reply frame and the descriptors (shared buffers) that came with it.

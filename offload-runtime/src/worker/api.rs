@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Payload, ProtocolError};
-use crate::protocol::{self, SendBytes};
+use crate::protocol::{self, FrameBuf, SendBytes, Tag};
 
 use super::serve::{MAX_PAYLOAD, REPLY_BULK, REPLY_FDS};
 
@@ -56,4 +56,35 @@ pub fn encode_return_bytes(value: Vec<u8>, out: &mut Vec<u8>) -> Result<(), Prot
 /// Not public API.
 pub fn write_garbage_to_channel(bytes: &[u8]) {
     super::serve::send_now(bytes);
+}
+
+/// Sends each item of `items` to the caller as the function's iterator yields it, then
+/// returns: the stub of a function that streams calls it, and encodes `()` as the reply.
+/// Blocks while the caller is too far behind (the channel's socket buffer is full). Stops
+/// early, without an error, once the call is cancelled (it timed out or the caller dropped
+/// the stream, under `grace`). Not public API.
+pub fn stream_items<T: Serialize>(items: impl IntoIterator<Item = T>) -> Result<(), ProtocolError> {
+    let max = MAX_PAYLOAD.load(Ordering::Relaxed);
+    let mut frame = FrameBuf::new(Tag::Item);
+    for item in items {
+        let size = protocol::checked_size(&item, Payload::ReturnValue, max)?;
+        frame.body().reserve(size);
+        let (appended, fds) =
+            protocol::fds::collecting(|| protocol::append(frame.body(), &item, Payload::ReturnValue));
+        appended?;
+        if !fds.is_empty() {
+            return Err(ProtocolError::Invalid(
+                "a streamed item holds a shared buffer, which cannot be streamed; send its contents".into(),
+            ));
+        }
+        let bytes = frame.finish()?;
+        if !super::serve::send_now(&bytes) {
+            return Err(ProtocolError::Invalid("the caller is gone".into()));
+        }
+        if super::cancelled() {
+            break;
+        }
+        frame = FrameBuf::reuse(bytes, Tag::Item);
+    }
+    Ok(())
 }

@@ -29,7 +29,7 @@ mod state;
 use std::io::Write;
 use std::os::fd::RawFd;
 
-pub use api::{decode_args, encode_return, encode_return_bytes, write_garbage_to_channel};
+pub use api::{decode_args, encode_return, encode_return_bytes, stream_items, write_garbage_to_channel};
 pub use cancel::{Cancelled, cancelled, checkpoint};
 pub use progress::{progress, progress_message};
 pub use state::worker_state;

@@ -349,12 +349,13 @@ fn lock_writes() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// Writes `frame` onto the channel now, in the middle of a call, whole, between other
-/// frames; nothing if the parent is gone (it hung up, or gave up on the call).
-pub(super) fn send_now(frame: &[u8]) {
+/// frames; blocks while the channel is full. False if the parent is gone (it hung up, or
+/// gave up on the call).
+pub(super) fn send_now(frame: &[u8]) -> bool {
     let _writing = lock_writes();
     let fd = CHANNEL_FD.load(Ordering::Relaxed);
     if fd < 0 {
-        return;
+        return false;
     }
     // SAFETY: the worker's channel stays open for the whole life of the process.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
@@ -363,9 +364,10 @@ pub(super) fn send_now(frame: &[u8]) {
         match rustix::io::write(fd, rest) {
             Ok(n) => rest = &rest[n..],
             Err(rustix::io::Errno::INTR) => {}
-            Err(_) => return,
+            Err(_) => return false,
         }
     }
+    true
 }
 
 /// Runs in the child of a `fork` in a worker: that child is not the worker, so it gives up the

@@ -1,10 +1,11 @@
-// An `impl Trait` return type is rejected at the `impl Trait`.
+// An `impl Trait` return type other than `impl Iterator<Item = T>` is rejected at the
+// `impl Trait`, with a hint at streaming.
 
 use offload::offload;
 
 #[offload]
-fn numbers() -> impl Iterator<Item = u32> {
-    0..10
+fn number() -> impl Into<u64> {
+    7u32
 }
 
 fn main() {}
