@@ -20,6 +20,12 @@ use proc_macro::TokenStream;
 /// function's return type, `()` if it has none). A panic, a crash or a timeout in the worker
 /// is an `Err` for the caller, never a panic or an abort of the caller's process.
 ///
+/// A function that returns `impl Iterator<Item = T>` streams instead: it becomes a plain
+/// `fn` that returns `offload::Streamed<T>`, a `Stream` of `Result<T, offload::Error>` whose
+/// items arrive as the worker's iterator yields them (it cannot have a `fallback`, and is
+/// never retried). Any offloaded function can also run over many inputs in batches with
+/// `offload::map`.
+///
 /// ```ignore
 /// use offload::offload;
 ///
@@ -99,7 +105,8 @@ use proc_macro::TokenStream;
 /// - It is a plain synchronous `fn`: not `async`, `const`, `unsafe` or `extern`, with no
 ///   `self` receiver, no generic or lifetime parameters and no `where` clause.
 /// - Arguments are taken by value (no `&T`, `&mut T` or `'_`, anywhere in the type) and have
-///   concrete types (no `impl Trait`). Any irrefutable pattern works: `(a, b): (u32, u32)`,
+///   concrete types (no `impl Trait`). So does the return type, but for
+///   `impl Iterator<Item = T>`, whose items `T` are sent one by one. Any irrefutable pattern works: `(a, b): (u32, u32)`,
 ///   `mut buf: Vec<u8>`.
 /// - Every argument type and the return type is `Serialize + DeserializeOwned + Send +
 ///   'static`: derive `serde::Serialize` and `serde::Deserialize` for your own types. A
