@@ -16,14 +16,14 @@ fn primes(below: u64) -> impl Iterator<Item = u64> {
 fn collatz_steps(n: u64) -> u32 {
     let (mut n, mut steps) = (n, 0);
     while n != 1 {
-        n = if n % 2 == 0 { n / 2 } else { 3 * n + 1 };
+        n = if n.is_multiple_of(2) { n / 2 } else { 3 * n + 1 };
         steps += 1;
     }
     steps
 }
 
 fn is_prime(n: u64) -> bool {
-    (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 #[tokio::main]
