@@ -44,13 +44,22 @@ fn hangs_on_five(x: u64) -> u64 {
     x
 }
 
-/// Appends `x` to the file at `path`, then takes 5 ms; says which worker ran it.
+/// Hangs on input 5 past the timeout; a pool of its own, for the test of the caller's timeout.
+#[offload(workers = "2", timeout = "2s")]
+fn stalls_on_five(x: u64) -> u64 {
+    if x == 5 {
+        std::thread::sleep(Duration::from_secs(600));
+    }
+    x
+}
+
+/// Appends `x` to the file at `path`, then takes 1 ms, or hangs if told to.
 #[offload(workers = "2", timeout = "60s")]
-fn logged(path: String, x: u64) -> (u64, u32) {
+fn logged(path: String, x: u64, hang: bool) -> u64 {
     let mut file = std::fs::OpenOptions::new().append(true).create(true).open(path).unwrap();
     writeln!(file, "{x}").unwrap();
-    std::thread::sleep(Duration::from_millis(5));
-    (x, std::process::id())
+    std::thread::sleep(if hang { Duration::from_secs(600) } else { Duration::from_millis(1) });
+    x
 }
 
 /// Bounds each test's running time.
@@ -243,38 +252,61 @@ async fn dropping_the_map_stops_the_work() {
         let path_str = path.to_str().unwrap().to_owned();
         let lines = || std::fs::read_to_string(&path).map_or(0, |text| text.lines().count());
 
+        // Inputs from 80 on hang: only a kill ends their batches.
         let inputs = (0..10_000u64).map({
             let path = path_str.clone();
-            move |x| (path.clone(), x)
+            move |x| (path.clone(), x, x >= 80)
         });
-        let mut results = offload::map(|(path, x)| logged(path, x), inputs).batch_size(10);
-        let mut workers = Vec::new();
-        for expected in 0..50u64 {
-            let (x, pid) = results.next().await.unwrap().unwrap();
-            assert_eq!(x, expected);
-            workers.push(pid);
+        let mut results = offload::map(|(path, x, hang)| logged(path, x, hang), inputs).batch_size(40);
+        for expected in 0..80u64 {
+            assert_eq!(results.next().await.unwrap().unwrap(), expected);
         }
-        // Two batches per worker are out: both workers are running one.
+        // The first two batches are done; the next two hang on their first inputs, and two
+        // more wait in the pool's queue.
         drop(results);
 
-        // Their workers are killed, not left to finish.
-        for pid in workers {
-            let dead = support::eventually_async(Duration::from_secs(10), || !support::alive(pid)).await;
-            assert!(dead, "worker {pid} still runs the dropped map's batch");
-        }
-        // Once no worker of the pool is busy, nothing of the map's runs.
+        // The hanging batches' workers are killed: the pool has no busy worker again, and
+        // nothing of the map's runs.
         let idle = support::eventually_async(Duration::from_secs(20), || {
             offload::stats().iter().any(|pool| pool.name == "map::logged" && pool.busy == 0)
         })
         .await;
         assert!(idle, "{:?}", offload::stats());
         let after_drop = lines();
-        // At most the batches that were out: two per worker.
-        assert!(after_drop <= 50 + 4 * 10, "{after_drop} inputs ran");
+        // The first input of each of the two running batches, at most.
+        assert!((80..=82).contains(&after_drop), "{after_drop} inputs ran");
         // One more call runs, and nothing of the map's: exactly one more line.
-        assert_eq!(logged(path_str.clone(), 99_999).await.unwrap().0, 99_999);
+        assert_eq!(logged(path_str.clone(), 99_999, false).await.unwrap(), 99_999);
         assert_eq!(lines(), after_drop + 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_timeout_applies_to_each_batch() {
+    within(Duration::from_secs(60), async {
+        let started = std::time::Instant::now();
+        let results = offload::with_timeout(Duration::from_millis(300), async {
+            let mut results = offload::map(stalls_on_five, 0..12u64).batch_size(4);
+            let mut all = Vec::new();
+            while let Some(result) = results.next().await {
+                all.push(result);
+            }
+            all
+        })
+        .await;
+        for (i, result) in results.iter().enumerate() {
+            match result {
+                Err(Error::Timeout { by: offload::Deadline::Call, timeout, .. }) if (4..8).contains(&i) => {
+                    assert_eq!(*timeout, Duration::from_millis(300));
+                }
+                Ok(x) if !(4..8).contains(&i) => assert_eq!(*x, i as u64),
+                other => panic!("input {i}: {other:?}"),
+            }
+        }
+        // Well before the function's own 2 s.
+        assert!(started.elapsed() < Duration::from_millis(1_800), "{:?}", started.elapsed());
     })
     .await;
 }

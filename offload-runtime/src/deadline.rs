@@ -68,6 +68,23 @@ pub async fn with_deadline<F: Future>(deadline: Instant, future: F) -> F::Output
     LIMITS.scope(Limits { deadline: Some(deadline), ..outer }, future).await
 }
 
+/// The scopes around the current task, to carry to the tasks that make its calls for it
+/// (the batches of `offload::map`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scopes(Limits);
+
+/// The scopes the calls made now would have.
+pub(crate) fn scopes() -> Scopes {
+    Scopes(current())
+}
+
+impl Scopes {
+    /// Runs `future` under these scopes, on whatever task polls it.
+    pub(crate) async fn apply<F: Future>(self, future: F) -> F::Output {
+        LIMITS.scope(self.0, future).await
+    }
+}
+
 /// Which deadline a call had, in [`crate::Error::Timeout`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -271,7 +271,9 @@ impl<R: DeserializeOwned + Send + 'static> Engine<R> {
             let error = call::protocol_error(route.entry, kind);
             return self.finish(number, slots, Err(error));
         }
-        let task = self.running.spawn(run::<R>(route, frame, sent));
+        // Under the deadlines of the task that polls the map, where the batch's calls come from.
+        let scopes = crate::deadline::scopes();
+        let task = self.running.spawn(scopes.apply(run::<R>(route, frame, sent)));
         self.slots.insert(task.id(), (number, slots));
     }
 

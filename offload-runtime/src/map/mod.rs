@@ -37,8 +37,9 @@ use engine::{Engine, Inputs, Taken};
 ///   goes (the first batch has one input); [`Map::batch_size`] fixes the size instead.
 /// - **In flight**: at most two batches per worker are sent or waiting to be handed out, so
 ///   the map reads its inputs only as fast as it yields results.
-/// - **Failures of a batch**: the function's timeout applies to each batch; a batch that
-///   times out or whose worker dies gives that error to each of its inputs. With
+/// - **Failures of a batch**: the function's timeout applies to each batch (or the
+///   [`crate::with_timeout`] and [`crate::with_deadline`] around the map's polling); a batch
+///   that times out or whose worker dies gives that error to each of its inputs. With
 ///   `retries = N` a batch whose worker died runs again, whole, as a call would (inputs that
 ///   had already run, run again).
 /// - **Cancellation**: dropping the map stops it: the running batches' workers are killed
