@@ -3,7 +3,9 @@
 //!   per item (256 in flight) and the raw socket with 256 messages pipelined on 2 echo peers,
 //!   the most the transport carries;
 //! - CPU-bound items (about 1 ms of arithmetic each): `offload::map` on 2 workers against 1
-//!   worker, the speed-up (2.0x would be linear).
+//!   worker, the speed-up (2.0x would be linear);
+//! - streamed items: a function that returns `impl Iterator<Item = u64>`, read as the worker
+//!   yields them, against the raw socket with messages pipelined on 1 echo peer.
 //!
 //! Prints items per second of each over interleaved rounds (the median round) and the
 //! ratios; both on a multi_thread runtime of 2 threads, as a service would run.
@@ -37,6 +39,11 @@ fn crunch_on_two(seed: u64, iters: u64) -> u64 {
 #[offload::offload(timeout = "30s", workers = "1")]
 fn crunch_on_one(seed: u64, iters: u64) -> u64 {
     common::crunch(seed, iters)
+}
+
+#[offload::offload(timeout = "30s", workers = "1")]
+fn count_to(n: u64) -> impl Iterator<Item = u64> {
+    0..n
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -163,6 +170,41 @@ fn crunch_table(items: u64, rounds: usize) {
     println!("  speed-up: {:.2}x (target {TARGET_SPEEDUP:.2}x, linear 2.00x)\n", one / two);
 }
 
+async fn stream_items(items: u64) -> Duration {
+    let start = Instant::now();
+    let mut stream = count_to(items);
+    let mut expected = 0;
+    while let Some(item) = stream.next().await {
+        assert_eq!(item.unwrap(), expected);
+        expected += 1;
+    }
+    assert_eq!(expected, items);
+    start.elapsed()
+}
+
+fn stream_table(items: u64, rounds: usize) {
+    let rt = runtime();
+    let mut peer: Vec<RawPeer> = rt.block_on(async { vec![RawPeer::start()] });
+    rt.block_on(async {
+        stream_items(items / 10).await;
+        common::raw_pipelined(&mut peer, IN_FLIGHT, items / 10).await;
+    });
+    let (mut streamed, mut raw) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        streamed.push(rate(items, rt.block_on(stream_items(items))));
+        raw.push(rate(items, rt.block_on(common::raw_pipelined(&mut peer, IN_FLIGHT, items))));
+    }
+    let (streamed, raw) = (median(streamed), median(raw));
+    println!(
+        "\nstreamed items (u64), 1 worker; median of {rounds} rounds of {items} items; load average {}:",
+        common::load_average()
+    );
+    println!("  {:<44} {:>12}", "", "items/s");
+    println!("  {:<44} {:>12.0}", "offload, impl Iterator<Item = u64>", streamed);
+    println!("  {:<44} {:>12.0}", format!("raw socket, {IN_FLIGHT} pipelined on 1 peer"), raw);
+    println!("  streamed / raw socket pipelined: {:.2}x\n", streamed / raw);
+}
+
 fn main() {
     if let Some(fd) = common::peer_fd() {
         common::echo_peer(fd);
@@ -172,8 +214,10 @@ fn main() {
     if quick {
         trivial_table(20_000, 1);
         crunch_table(20, 1);
+        stream_table(20_000, 1);
     } else {
         trivial_table(2_000_000, 5);
         crunch_table(1_000, 3);
+        stream_table(1_000_000, 5);
     }
 }
