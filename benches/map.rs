@@ -12,8 +12,6 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::RawPeer;
@@ -64,26 +62,7 @@ async fn map_trivial(items: u64) -> Duration {
 
 /// One offloaded call per item, from `IN_FLIGHT` tasks that each take the next number.
 async fn calls_trivial(items: u64) -> Duration {
-    let next = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| {
-            let next = Arc::clone(&next);
-            tokio::spawn(async move {
-                loop {
-                    let x = next.fetch_add(1, Ordering::Relaxed);
-                    if x >= items {
-                        break;
-                    }
-                    assert_eq!(trivial(x).await.unwrap(), x + 1);
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    start.elapsed()
+    common::concurrent_calls(items, IN_FLIGHT, |x| async move { trivial(x).await.unwrap() }).await
 }
 
 async fn map_crunch(two: bool, items: u64, iters: u64) -> Duration {
@@ -106,15 +85,6 @@ async fn map_crunch(two: bool, items: u64, iters: u64) -> Duration {
     start.elapsed()
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn rate(items: u64, elapsed: Duration) -> f64 {
-    items as f64 / elapsed.as_secs_f64()
-}
-
 fn trivial_table(items: u64, rounds: usize) {
     let rt = runtime();
     let mut peers: Vec<RawPeer> = rt.block_on(async { (0..WORKERS).map(|_| RawPeer::start()).collect() });
@@ -127,12 +97,12 @@ fn trivial_table(items: u64, rounds: usize) {
     let calls_n = (items / 10).max(IN_FLIGHT as u64);
     let (mut map, mut calls, mut raw) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        map.push(rate(items, rt.block_on(map_trivial(items))));
-        calls.push(rate(calls_n, rt.block_on(calls_trivial(calls_n))));
-        raw.push(rate(items, rt.block_on(common::raw_pipelined(&mut peers, IN_FLIGHT, items))));
+        map.push(common::rate(items, rt.block_on(map_trivial(items))));
+        calls.push(common::rate(calls_n, rt.block_on(calls_trivial(calls_n))));
+        raw.push(common::rate(items, rt.block_on(common::raw_pipelined(&mut peers, IN_FLIGHT, items))));
     }
     drop(peers);
-    let (map, calls, raw) = (median(map), median(calls), median(raw));
+    let (map, calls, raw) = (common::median(map), common::median(calls), common::median(raw));
     println!(
         "\nmap of trivial items, {WORKERS} workers, multi_thread runtime; median of {rounds} rounds of {items} \
          items (one call per item: {calls_n}); load average {}:",
@@ -160,7 +130,7 @@ fn crunch_table(items: u64, rounds: usize) {
         one.push(rt.block_on(map_crunch(false, items, iters)).as_secs_f64());
         two.push(rt.block_on(map_crunch(true, items, iters)).as_secs_f64());
     }
-    let (one, two) = (median(one), median(two));
+    let (one, two) = (common::median(one), common::median(two));
     println!(
         "\nmap of CPU-bound items (~1 ms each); median of {rounds} rounds of {items} items; load average {}:",
         common::load_average()
@@ -191,10 +161,10 @@ fn stream_table(items: u64, rounds: usize) {
     });
     let (mut streamed, mut raw) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        streamed.push(rate(items, rt.block_on(stream_items(items))));
-        raw.push(rate(items, rt.block_on(common::raw_pipelined(&mut peer, IN_FLIGHT, items))));
+        streamed.push(common::rate(items, rt.block_on(stream_items(items))));
+        raw.push(common::rate(items, rt.block_on(common::raw_pipelined(&mut peer, IN_FLIGHT, items))));
     }
-    let (streamed, raw) = (median(streamed), median(raw));
+    let (streamed, raw) = (common::median(streamed), common::median(raw));
     println!(
         "\nstreamed items (u64), 1 worker; median of {rounds} rounds of {items} items; load average {}:",
         common::load_average()

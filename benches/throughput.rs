@@ -18,8 +18,6 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::RawPeer;
@@ -48,26 +46,7 @@ fn multi_thread() -> tokio::runtime::Runtime {
 /// `calls` offloaded calls from `IN_FLIGHT` tasks that each take the next number until none
 /// is left; returns the elapsed time.
 async fn offload_calls(calls: u64) -> Duration {
-    let next = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| {
-            let next = Arc::clone(&next);
-            tokio::spawn(async move {
-                loop {
-                    let x = next.fetch_add(1, Ordering::Relaxed);
-                    if x >= calls {
-                        break;
-                    }
-                    assert_eq!(trivial(x).await.unwrap(), x + 1);
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    start.elapsed()
+    common::concurrent_calls(calls, IN_FLIGHT, |x| async move { trivial(x).await.unwrap() }).await
 }
 
 /// `calls` ping-pongs shared among the peers, each driven in lockstep by its own task.
@@ -111,15 +90,6 @@ fn procspawn_calls(pool: &procspawn::Pool, calls: u64) -> Duration {
     start.elapsed()
 }
 
-fn median(mut rates: Vec<f64>) -> f64 {
-    rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
-}
-
-fn rate(calls: u64, elapsed: Duration) -> f64 {
-    calls as f64 / elapsed.as_secs_f64()
-}
-
 /// Calls per second of each, over `rounds` interleaved rounds of `calls` (procspawn: a
 /// tenth as many, it is much slower), so that noise on the machine hits all alike.
 fn throughput_table(calls: u64, rounds: usize) {
@@ -142,17 +112,22 @@ fn throughput_table(calls: u64, rounds: usize) {
     let (mut off_ct, mut off_mt, mut raw, mut piped, mut ps) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        off_ct.push(rate(calls, ct.block_on(offload_calls(calls))));
-        off_mt.push(rate(calls, mt.block_on(offload_calls(calls))));
-        raw.push(rate(calls, ct.block_on(raw_calls(&mut peers, calls))));
-        piped.push(rate(calls, ct.block_on(common::raw_pipelined(&mut peers, IN_FLIGHT, calls))));
-        ps.push(rate(procspawn_n, procspawn_calls(&pool, procspawn_n)));
+        off_ct.push(common::rate(calls, ct.block_on(offload_calls(calls))));
+        off_mt.push(common::rate(calls, mt.block_on(offload_calls(calls))));
+        raw.push(common::rate(calls, ct.block_on(raw_calls(&mut peers, calls))));
+        piped.push(common::rate(calls, ct.block_on(common::raw_pipelined(&mut peers, IN_FLIGHT, calls))));
+        ps.push(common::rate(procspawn_n, procspawn_calls(&pool, procspawn_n)));
     }
     pool.shutdown();
     drop(peers);
 
-    let (off_ct, off_mt, raw, piped, ps) =
-        (median(off_ct), median(off_mt), median(raw), median(piped), median(ps));
+    let (off_ct, off_mt, raw, piped, ps) = (
+        common::median(off_ct),
+        common::median(off_mt),
+        common::median(raw),
+        common::median(piped),
+        common::median(ps),
+    );
     println!(
         "\nthroughput of trivial calls, {IN_FLIGHT} in flight, {WORKERS} workers; median of {rounds} rounds \
          of {calls} calls (procspawn: {procspawn_n}):"

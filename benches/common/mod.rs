@@ -234,3 +234,44 @@ pub async fn join_all<F: Future<Output = ()>>(futures: Vec<F>) {
     })
     .await
 }
+
+/// `calls` calls of `call` (with 0, 1, 2, ...) from `in_flight` tasks that each take the next
+/// number until none is left, each checked to return its number plus one; returns the
+/// elapsed time.
+pub async fn concurrent_calls<F, Fut>(calls: u64, in_flight: usize, call: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = u64> + Send,
+{
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (next, call) = (std::sync::Arc::clone(&next), call.clone());
+            tokio::spawn(async move {
+                loop {
+                    let x = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if x >= calls {
+                        break;
+                    }
+                    assert_eq!(call(x).await, x + 1);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    start.elapsed()
+}
+
+/// The middle of `values` (the upper one of the two middles for an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Per second, `count` in `elapsed`.
+pub fn rate(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}

@@ -286,7 +286,7 @@ pub(crate) fn as_batch_item<F: Future>(call: F, out: &mut Vec<u8>) -> Option<Res
 
 /// Runs `f` on Tokio's blocking threads. A panic in `f` goes on in the caller, as it would
 /// have if `f` had run there; `None` if the runtime is shutting down.
-pub(crate) async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(value) => Some(value),
         Err(e) => match e.try_into_panic() {
@@ -340,15 +340,20 @@ impl<R: DeserializeOwned + Send + 'static> Decode for Returned<R> {
         attached: Attached,
     ) -> Pin<Box<dyn Future<Output = Result<(), ProtocolError>> + Send + '_>> {
         Box::pin(async move {
-            let decoded = off_runtime(move || decode_return::<R>(&frame[body], attached)).await;
-            self.0 = Some(decoded.ok_or_else(|| {
-                ProtocolError::Invalid(
-                    "the Tokio runtime shut down while the return value was decoded".into(),
-                )
-            })??);
+            self.0 =
+                Some(decode_on_blocking_thread(move || decode_return::<R>(&frame[body], attached)).await?);
             Ok(())
         })
     }
+}
+
+/// Runs `decode` on Tokio's blocking threads (see [`off_runtime`]).
+pub(crate) async fn decode_on_blocking_thread<T: Send + 'static>(
+    decode: impl FnOnce() -> Result<T, ProtocolError> + Send + 'static,
+) -> Result<T, ProtocolError> {
+    off_runtime(decode).await.unwrap_or_else(|| {
+        Err(ProtocolError::Invalid("the Tokio runtime shut down while a reply was decoded".into()))
+    })
 }
 
 fn decode_return<R: DeserializeOwned>(body: &[u8], attached: Attached) -> Result<R, ProtocolError> {

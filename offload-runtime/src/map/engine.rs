@@ -368,10 +368,9 @@ impl<R: DeserializeOwned + Send + 'static> Decode for BatchDecode<R> {
     ) -> Pin<Box<dyn Future<Output = Result<(), ProtocolError>> + Send + '_>> {
         let (entry, sent) = (self.entry, self.sent);
         Box::pin(async move {
-            let decoded = call::off_runtime(move || decode_reply::<R>(entry, sent, &frame[body])).await;
-            self.returned = Some(decoded.ok_or_else(|| {
-                ProtocolError::Invalid("the Tokio runtime shut down while a batch was decoded".into())
-            })??);
+            self.returned = Some(
+                call::decode_on_blocking_thread(move || decode_reply::<R>(entry, sent, &frame[body])).await?,
+            );
             Ok(())
         })
     }
