@@ -191,6 +191,20 @@ async fn a_function_that_is_not_offloaded_fails_each_input() {
             n += 1;
         }
         assert_eq!(n, 3);
+        // Endless inputs that all fail still come out one batch at a time. On a thread of its
+        // own, so that a map that never yields fails the test instead of hanging it.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut endless = offload::map(|x: u64| async move { Ok::<u64, Error>(x) }, 0..);
+                for _ in 0..100 {
+                    assert!(endless.next().await.unwrap().is_err());
+                }
+            });
+            done.send(()).unwrap();
+        });
+        finished.recv_timeout(Duration::from_secs(5)).expect("the map read endless inputs without yielding");
     })
     .await;
 }

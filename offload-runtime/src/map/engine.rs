@@ -251,7 +251,7 @@ impl<R: DeserializeOwned + Send + 'static> Engine<R> {
             Target::Known(route) => BATCH_BYTES.min(route.executor.settings().max_payload as usize),
             _ => BATCH_BYTES,
         };
-        self.filling.sent >= self.sizer.size() || self.filling.frame.len() >= bytes
+        self.filling.slots.len() >= self.sizer.size() || self.filling.frame.len() >= bytes
     }
 
     /// Sends the batch being filled, if it has any inputs.
