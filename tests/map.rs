@@ -14,6 +14,12 @@ fn square(x: u64) -> u64 {
     x * x
 }
 
+/// One worker and no queue: what does not find the worker free is refused.
+#[offload(workers = "1", queue = 0, overload = "reject", timeout = "60s")]
+fn no_queue(x: u64) -> u64 {
+    x * 2
+}
+
 /// Panics on 7,777 only.
 #[offload(workers = "2", timeout = "60s")]
 fn picky(x: u64) -> u64 {
@@ -321,6 +327,38 @@ async fn the_callers_timeout_applies_to_each_batch() {
         }
         // Well before the function's own 2 s.
         assert!(started.elapsed() < Duration::from_millis(1_800), "{:?}", started.elapsed());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_does_not_overload_a_bounded_pool() {
+    within(Duration::from_secs(60), async {
+        let mut results = offload::map(no_queue, 0..200u64).batch_size(10);
+        let mut n = 0;
+        while let Some(result) = results.next().await {
+            assert_eq!(result.unwrap(), n * 2);
+            n += 1;
+        }
+        assert_eq!(n, 200);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unordered_after_the_first_result_loses_none() {
+    within(Duration::from_secs(60), async {
+        let mut results = offload::map(square, 0..3_000u64).batch_size(10);
+        assert_eq!(results.next().await.unwrap().unwrap(), 0);
+        let mut rest = results.unordered();
+        let mut seen = vec![false; 3_000];
+        seen[0] = true;
+        while let Some((index, result)) = rest.next().await {
+            assert!(!seen[index], "index {index} twice");
+            seen[index] = true;
+            assert_eq!(result.unwrap(), (index * index) as u64);
+        }
+        assert!(seen.iter().all(|&s| s), "some inputs had no result");
     })
     .await;
 }

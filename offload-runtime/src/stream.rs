@@ -30,7 +30,7 @@ pub(crate) const READ_AHEAD: usize = 64;
 ///   first polled.
 /// - **Backpressure**: the caller reads ahead at most 64 items; past that the worker blocks
 ///   in its next write once the channel's socket buffer (about 200 KiB) is full. Neither
-///   side holds more than that.
+///   side holds more than the 64 items and that buffer.
 /// - **Errors**: a panic, a crash or a timeout ends the stream with that error, after the
 ///   items already delivered. An item that does not decode is an error in its place, and
 ///   the stream goes on. The function's timeout covers the whole stream, the consumer's

@@ -158,8 +158,21 @@ impl<R: DeserializeOwned + Send + 'static> Engine<R> {
     /// per worker, so that each has its next batch at hand when it answers.
     fn in_flight(&self) -> usize {
         match self.target {
-            Target::Known(route) => 2 * route.executor.places(),
+            Target::Known(route) => {
+                let workers = route.executor.places();
+                // No more than a bounded queue takes: the rest would be refused.
+                let queue = route.executor.settings().queue.map_or(usize::MAX, |q| q as usize);
+                (2 * workers).min(workers.saturating_add(queue))
+            }
             Target::Unknown | Target::Broken(_) => 1,
+        }
+    }
+
+    /// From now on, results go out as batches finish; those already finished go out first.
+    pub(super) fn unordered(&mut self) {
+        self.ordered = false;
+        for (_, batch) in std::mem::take(&mut self.finished) {
+            self.ready.extend(batch);
         }
     }
 

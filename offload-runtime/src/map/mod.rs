@@ -23,11 +23,14 @@ use engine::{Engine, Inputs, Taken};
 /// Runs an offloaded function over every input of `inputs`, in batches, and yields each
 /// input's result in input order.
 ///
-/// `function` is the `#[offload]` function itself, or a closure that calls one first thing
-/// (for a function of several arguments: `|(a, b)| f(a, b)`). The map does not await what it
+/// `function` is the `#[offload]` function itself, or a closure that returns its call (for a
+/// function of several arguments: `|(a, b)| f(a, b)`). The map does not await what it
 /// returns: it takes the call it makes, puts many such calls in one batch, and runs the
-/// batch in one worker, so a round trip is paid per batch, not per input. A function that
-/// makes no `#[offload]` call when its future is first polled gives each input
+/// batch in one worker, so a round trip is paid per batch, not per input. So nothing the
+/// closure's future would do after the call runs, and each input's result is the offloaded
+/// function's own: a closure like `|x| async move { f(x).await.map(|v| v + 1) }` yields
+/// `f`'s values, without the `+ 1` (do such work on the map's results instead). A function
+/// that makes no `#[offload]` call when its future is first polled gives each input
 /// [`Error::Config`].
 ///
 /// - **Results**: one per input, in input order: what the function returned, or the error of
@@ -49,6 +52,12 @@ use engine::{Engine, Inputs, Taken};
 ///   [`Error::Protocol`]). Byte vectors travel inline, whatever their size.
 /// - **Figures**: in [`crate::stats`], a batch counts as one call, and towards `max_tasks`
 ///   as one task.
+/// - **Not carried into a batch**: the function's `fallback` (each input gets the error),
+///   [`crate::with_progress`] around the map, and the caller's `tracing` span (each batch
+///   has a span of its own). The return values of one batch count against `max_payload`
+///   together: with a small `max_payload`, fix a small [`Map::batch_size`].
+/// - **A bounded queue**: with `queue = N`, at most `workers + N` batches are out at once,
+///   so the map does not overload its own pool.
 ///
 /// The map starts when it is first polled, and must be polled in a Tokio runtime. It is a
 /// [`Stream`]; [`Map::next`] awaits the next result without one.
@@ -116,7 +125,7 @@ impl<R: DeserializeOwned + Send + 'static> Map<R> {
     /// Yields each result as soon as its batch is back, with its input's index, instead of
     /// in input order: a slow batch holds back nothing but itself.
     pub fn unordered(mut self) -> MapUnordered<R> {
-        self.engine.ordered = false;
+        self.engine.unordered();
         MapUnordered { engine: self.engine }
     }
 
