@@ -30,6 +30,19 @@ pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     let streams =
         matches!(&function.sig.output, ReturnType::Type(_, ty) if signature::streamed_item(ty).is_some());
+    if let Some(at) = args.values.iter().position(|setting| streams && setting.value.0 == "retries") {
+        // Expand without it, and say why.
+        let setting = args.values.remove(at);
+        let err = syn::Error::new(
+            setting.span,
+            "`retries` is not supported for a function that streams its results: items may \
+             already have reached the caller when its worker dies",
+        );
+        match &mut args_error {
+            Some(errors) => errors.combine(err),
+            None => args_error = Some(err),
+        }
+    }
     if let Some(fallback) = args.fallback.take_if(|_| streams) {
         // Expand without it, and say why.
         let err = syn::Error::new_spanned(

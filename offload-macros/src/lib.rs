@@ -22,8 +22,8 @@ use proc_macro::TokenStream;
 ///
 /// A function that returns `impl Iterator<Item = T>` streams instead: it becomes a plain
 /// `fn` that returns `offload::Streamed<T>`, a `Stream` of `Result<T, offload::Error>` whose
-/// items arrive as the worker's iterator yields them (it cannot have a `fallback`, and is
-/// never retried). Any offloaded function can also run over many inputs in batches with
+/// items arrive as the worker's iterator yields them (it cannot have `fallback` or
+/// `retries`). Any offloaded function can also run over many inputs in batches with
 /// `offload::map`.
 ///
 /// ```ignore

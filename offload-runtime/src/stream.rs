@@ -37,8 +37,8 @@ pub(crate) const READ_AHEAD: usize = 64;
 ///   pauses included.
 /// - **Cancellation**: dropping the stream ends the call: its worker is killed, or told
 ///   first under `grace`.
-/// - A streaming call is never retried (`retries` does not apply): its items may have been
-///   seen.
+/// - A streaming call is never retried (`retries` on such a function is a compile error): its
+///   items may have been seen.
 #[must_use = "a streamed call does nothing until it is polled"]
 pub struct Streamed<T> {
     /// The call, until it ends.
