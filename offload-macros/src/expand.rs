@@ -38,10 +38,7 @@ pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
             "`retries` is not supported for a function that streams its results: items may \
              already have reached the caller when its worker dies",
         );
-        match &mut args_error {
-            Some(errors) => errors.combine(err),
-            None => args_error = Some(err),
-        }
+        combine(&mut args_error, err);
     }
     if let Some(fallback) = args.fallback.take_if(|_| streams) {
         // Expand without it, and say why.
@@ -50,10 +47,7 @@ pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
             "`fallback` is not supported for a function that streams its results: items may \
              already have reached the caller when the call fails",
         );
-        match &mut args_error {
-            Some(errors) => errors.combine(err),
-            None => args_error = Some(err),
-        }
+        combine(&mut args_error, err);
     }
     let mut expanded = expand(&args, &function);
     if let Some(err) = args_error {
@@ -61,6 +55,14 @@ pub(crate) fn offload(args: TokenStream, item: TokenStream) -> TokenStream {
         expanded.extend(err.into_compile_error());
     }
     expanded
+}
+
+/// Adds `err` to the errors in `errors`.
+fn combine(errors: &mut Option<syn::Error>, err: syn::Error) {
+    match errors {
+        Some(errors) => errors.combine(err),
+        None => *errors = Some(err),
+    }
 }
 
 /// One argument of the offloaded function.
