@@ -41,6 +41,16 @@ fn fragile(x: u64) -> (u64, u32) {
     (x, std::process::id())
 }
 
+/// Aborts its worker on input 13 the first time only (a marker file at `marker` remembers),
+/// and may run again after a crash.
+#[offload(workers = "2", timeout = "60s", retries = 1)]
+fn fragile_once(marker: String, x: u64) -> u64 {
+    if x == 13 && std::fs::OpenOptions::new().write(true).create_new(true).open(&marker).is_ok() {
+        std::process::abort();
+    }
+    x
+}
+
 /// Hangs on input 5 past the timeout.
 #[offload(workers = "2", timeout = "2s")]
 fn hangs_on_five(x: u64) -> u64 {
@@ -359,6 +369,30 @@ async fn unordered_after_the_first_result_loses_none() {
             assert_eq!(result.unwrap(), (index * index) as u64);
         }
         assert!(seen.iter().all(|&s| s), "some inputs had no result");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_retries_a_crashed_batch_runs_again() {
+    within(Duration::from_secs(60), async {
+        let marker = std::env::temp_dir().join(format!("offload-map-retry-{}", std::process::id()));
+        let marker = marker.to_str().unwrap().to_owned();
+        let _ = std::fs::remove_file(&marker);
+        let inputs = (0..30u64).map({
+            let marker = marker.clone();
+            move |x| (marker.clone(), x)
+        });
+        let mut results = offload::map(|(m, x)| fragile_once(m, x), inputs).batch_size(10);
+        let mut n = 0;
+        while let Some(result) = results.next().await {
+            // The batch of 10 to 19 crashed once and ran again, whole.
+            assert_eq!(result.unwrap(), n);
+            n += 1;
+        }
+        assert_eq!(n, 30);
+        // The crash did happen.
+        assert!(std::fs::remove_file(&marker).is_ok(), "input 13 never crashed its worker");
     })
     .await;
 }

@@ -8,7 +8,7 @@
 //! for each item, in order: the encoded return value, a [`PanicReport`] or a [`Fault`].
 //! Items travel inline only: no bulk frames, no descriptors.
 
-use super::{Fault, FrameBuf, MAX_FRAME, PanicReport, Tag};
+use super::{Fault, FrameBuf, PanicReport, Tag};
 use crate::error::{Payload, ProtocolError};
 
 /// Starts a batch frame for `name`'s calls, forwarding `tracing` events up to `log_level`:
@@ -28,13 +28,8 @@ pub(crate) fn start(name: &str, log_level: u8) -> Result<Vec<u8>, ProtocolError>
 /// Completes a frame that [`start`] began and `count` records followed, which start at
 /// `records`.
 pub(crate) fn finish(frame: &mut [u8], records: usize, count: u32) -> Result<(), ProtocolError> {
-    let len = frame.len() - 4;
-    if len > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge { len: len as u64, max: MAX_FRAME as u64 });
-    }
     frame[records - 4..records].copy_from_slice(&count.to_le_bytes());
-    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
-    Ok(())
+    super::fill_length(frame)
 }
 
 /// How an item ended, as the first byte of its result.
@@ -220,7 +215,8 @@ mod tests {
             Records::close(&mut frame, at);
         }
         finish(&mut frame, records, 2).unwrap();
-        let (len, tag) = super::super::parse_header(frame[..5].try_into().unwrap(), MAX_FRAME).unwrap();
+        let (len, tag) =
+            super::super::parse_header(frame[..5].try_into().unwrap(), super::super::MAX_FRAME).unwrap();
         assert_eq!((len, tag), (frame.len() - 5, Tag::Batch));
         let call = super::super::split_call(&frame[5..]).unwrap();
         assert_eq!((call.name, call.log_level), ("m::f", 3));

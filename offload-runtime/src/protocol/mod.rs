@@ -245,13 +245,20 @@ impl FrameBuf {
 
     /// Fills in the length; fails if the frame is over [`MAX_FRAME`].
     pub(crate) fn finish(mut self) -> Result<Vec<u8>, ProtocolError> {
-        let len = self.0.len() - 4;
-        if len > MAX_FRAME {
-            return Err(ProtocolError::FrameTooLarge { len: len as u64, max: MAX_FRAME as u64 });
-        }
-        self.0[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        fill_length(&mut self.0)?;
         Ok(self.0)
     }
+}
+
+/// Writes the length of `frame` (header included) into its first four bytes; fails if the
+/// frame is over [`MAX_FRAME`].
+pub(crate) fn fill_length(frame: &mut [u8]) -> Result<(), ProtocolError> {
+    let len = frame.len() - 4;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge { len: len as u64, max: MAX_FRAME as u64 });
+    }
+    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
 }
 
 /// Reads a frame header: the body length (without the tag) and the tag. A frame longer than
