@@ -316,6 +316,16 @@ pub(crate) trait Decode: Send {
         false
     }
 
+    /// What the call waits for before it asks for a worker: the batches of one map ask in
+    /// input order, since their tasks start in any order and the pool's queue is first come,
+    /// first served. The wait counts against the call's deadline.
+    fn turn(&mut self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        None
+    }
+
+    /// The call has its worker: what waits for its turn behind this call may go on.
+    fn placed(&mut self) {}
+
     /// An item the function streamed before its reply; whether to read on at once.
     fn item(&mut self, body: &[u8]) -> Pace {
         let _ = body;
@@ -570,6 +580,12 @@ async fn exchange(
     // when the call cannot be sent to it: then the call goes to another, as if it had waited
     // in the queue a little longer.
     let mut unusable = 0;
+    if let Some(turn) = decode.turn()
+        && before(deadline.as_mut(), turn).await.is_none()
+    {
+        tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
+        return Err(timed_out(None));
+    }
     let (mut place, sent) = loop {
         let mut place = match before(deadline.as_mut(), executor.acquire()).await {
             Some(Ok(place)) => place,
@@ -602,6 +618,7 @@ async fn exchange(
             sent => break (place, sent),
         }
     };
+    decode.placed();
     let queue_wait = record.started.elapsed();
     record.queue_wait = Some(queue_wait);
     let pid = place.id();

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
 use tokio::task::{Id, JoinSet};
 
 use super::size::Sizer;
@@ -111,6 +112,8 @@ pub(super) struct Engine<R> {
     finished: BTreeMap<u64, Vec<Indexed<R>>>,
     next_out: u64,
     ready: VecDeque<Indexed<R>>,
+    /// Fires when the batch sent last has its worker: the next one asks for one then.
+    last_placed: Option<oneshot::Receiver<()>>,
 }
 
 impl<R: DeserializeOwned + Send + 'static> Engine<R> {
@@ -129,6 +132,7 @@ impl<R: DeserializeOwned + Send + 'static> Engine<R> {
             finished: BTreeMap::new(),
             next_out: 0,
             ready: VecDeque::new(),
+            last_placed: None,
         }
     }
 
@@ -286,7 +290,11 @@ impl<R: DeserializeOwned + Send + 'static> Engine<R> {
         }
         // Under the deadlines of the task that polls the map, where the batch's calls come from.
         let scopes = crate::deadline::scopes();
-        let task = self.running.spawn(scopes.apply(run::<R>(route, frame, sent)));
+        // The batches ask for workers in order: a hung batch never gets a worker ahead of
+        // one before it, whose results the map hands out first.
+        let (placed, next) = oneshot::channel();
+        let turn = Turn { after: self.last_placed.replace(next), placed: Some(placed) };
+        let task = self.running.spawn(scopes.apply(run::<R>(route, frame, sent, turn)));
         self.slots.insert(task.id(), (number, slots));
     }
 
@@ -349,13 +357,22 @@ fn no_call() -> Error {
     }
 }
 
+/// A batch's place in the order in which the map's batches ask for workers.
+struct Turn {
+    /// Fires (or is dropped) when the batch before this one has its worker.
+    after: Option<oneshot::Receiver<()>>,
+    /// Fired when this batch has its worker; dropped if it gets none.
+    placed: Option<oneshot::Sender<()>>,
+}
+
 /// Runs one batch as one call of its function.
 async fn run<R: DeserializeOwned + Send + 'static>(
     route: Route,
     frame: Vec<u8>,
     sent: usize,
+    turn: Turn,
 ) -> Result<Returned<R>, Error> {
-    let mut decode = BatchDecode::<R> { entry: route.entry, sent, returned: None };
+    let mut decode = BatchDecode::<R> { entry: route.entry, sent, turn, returned: None };
     call::run(route.entry, route.executor, route.breaker, &[&frame], &[], &mut decode).await?;
     Ok(decode.returned.expect("decoded on success"))
 }
@@ -364,10 +381,25 @@ async fn run<R: DeserializeOwned + Send + 'static>(
 struct BatchDecode<R> {
     entry: &'static Entry,
     sent: usize,
+    turn: Turn,
     returned: Option<Returned<R>>,
 }
 
 impl<R: DeserializeOwned + Send + 'static> Decode for BatchDecode<R> {
+    fn turn(&mut self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        let after = self.turn.after.take()?;
+        Some(Box::pin(async move {
+            // An error: the batch before got no worker and is done; this one's turn came.
+            let _ = after.await;
+        }))
+    }
+
+    fn placed(&mut self) {
+        if let Some(placed) = self.turn.placed.take() {
+            let _ = placed.send(());
+        }
+    }
+
     fn decode(&mut self, body: &[u8], _: Attached) -> Result<(), ProtocolError> {
         self.returned = Some(decode_reply(self.entry, self.sent, body)?);
         Ok(())
