@@ -5,10 +5,10 @@
 #[doc(inline)]
 pub use offload_macros::offload;
 pub use offload_runtime::{
-    BreakerState, Cancelled, Deadline, Error, ErrorKind, ExitReason, Latency, Map, MapUnordered, Payload,
-    PoolStats, Progress, ProtocolError, RestartCause, SharedBytes, SharedSlice, Streamed, Transferable,
-    bytemuck, cancelled, checkpoint, is_worker, map, map_stream, progress, progress_message, shutdown, stats,
-    warm_up, with_deadline, with_progress, with_timeout,
+    BreakerState, Cancelled, Deadline, Error, ErrorKind, ExitReason, HostStats, Latency, Map, MapUnordered,
+    Payload, PoolStats, Progress, ProtocolError, RestartCause, SharedBytes, SharedSlice, Streamed,
+    Transferable, bytemuck, cancelled, checkpoint, is_worker, map, map_stream, progress, progress_message,
+    shutdown, stats, warm_up, with_deadline, with_progress, with_timeout,
 };
 
 #[doc(inline)]

@@ -316,6 +316,12 @@ pub(crate) trait Decode: Send {
         false
     }
 
+    /// Whether a call that failed may run again here, as `retries = N` allows: not one that
+    /// streams, nor one whose caller retries it itself (a remote host's).
+    fn may_retry(&self) -> bool {
+        !self.streams()
+    }
+
     /// What the call waits for before it asks for a worker: the batches of one map ask in
     /// input order, since their tasks start in any order and the pool's queue is first come,
     /// first served. The wait counts against the call's deadline.
@@ -323,8 +329,19 @@ pub(crate) trait Decode: Send {
         None
     }
 
-    /// The call has its worker: what waits for its turn behind this call may go on.
-    fn placed(&mut self) {}
+    /// The call has its worker, `pid` (0 where it is not known yet: a remote host's): what
+    /// waits for its turn behind this call may go on.
+    fn placed(&mut self, pid: u32) {
+        let _ = pid;
+    }
+
+    /// A log or progress frame from the worker, before its reply: whether this took it
+    /// (a host relays them to the caller); if not, the caller's subscriber or progress
+    /// callback gets it.
+    fn relay(&mut self, tag: Tag, body: &[u8]) -> bool {
+        let _ = (tag, body);
+        false
+    }
 
     /// An item the function streamed before its reply; whether to read on at once.
     fn item(&mut self, body: &[u8]) -> Pace {
@@ -419,13 +436,14 @@ pub(crate) async fn run(
         entry = entry.name(),
         task,
         pid = tracing::field::Empty,
+        host = tracing::field::Empty,
         queue_wait_us = tracing::field::Empty,
         run_us = tracing::field::Empty,
     );
     // The deadline is the call's, whatever the attempts.
     let function_timeout = executor.settings().timeout.unwrap_or_else(|| entry.timeout());
     let deadline = crate::deadline::for_call(function_timeout);
-    let retries = if decode.streams() { 0 } else { entry.options.retries.unwrap_or(0) };
+    let retries = if decode.may_retry() { entry.options.retries.unwrap_or(0) } else { 0 };
     let mut earlier = Vec::new();
     loop {
         // Each attempt counts in the figures and the breaker as it happens.
@@ -610,7 +628,8 @@ async fn exchange(
             place.give_back();
             return Err(timed_out(None));
         }
-        match place.start(message, fds) {
+        let sending = executor::Sending { entry, end, streams: decode.streams() };
+        match place.start(message, fds, sending) {
             Err(fault) if fault.nothing_sent() && unusable < executor.places() => {
                 unusable += 1;
                 place.discard_unused();
@@ -618,11 +637,14 @@ async fn exchange(
             sent => break (place, sent),
         }
     };
-    decode.placed();
+    let placed_pid = place.id();
+    decode.placed(placed_pid);
     let queue_wait = record.started.elapsed();
     record.queue_wait = Some(queue_wait);
-    let pid = place.id();
-    span.record("pid", pid);
+    span.record("pid", placed_pid);
+    if let Some(host) = place.host() {
+        span.record("host", host);
+    }
     span.record("queue_wait_us", queue_wait.as_micros() as u64);
     tracing::debug!(target: "offload::call", "dispatch");
 
@@ -631,6 +653,7 @@ async fn exchange(
         Ok(sent) => {
             let mut on_frame = |tag: Tag, body: &[u8]| match tag {
                 Tag::Item => decode.item(body),
+                _ if decode.relay(tag, body) => Pace::Continue,
                 _ => {
                     forward(entry, tag, body);
                     Pace::Continue
@@ -643,9 +666,11 @@ async fn exchange(
     let run_time = started.elapsed();
     record.run_time = Some(run_time);
     span.record("run_us", run_time.as_micros() as u64);
-    let Reply { tag, body, range, attached } = match outcome {
+    let Reply { tag, body, range, attached, pid } = match outcome {
         Some(Ok(reply)) => reply,
         None => {
+            // A remote place knows its worker once it answers.
+            let pid = place.id();
             // A worker given a grace period keeps running: not while the caller may get the
             // call's shared buffers back (for a fallback) and use them at the same time.
             place.timed_out(fds.is_empty()).await;
@@ -653,6 +678,7 @@ async fn exchange(
             return Err(timed_out(Some(pid)));
         }
         Some(Err(fault)) => {
+            let pid = place.id();
             return Err(match place.failed(fault).await {
                 Failure::Stopped => Error::Shutdown { entry: entry.name() },
                 Failure::Crashed { exit, stderr } => {
@@ -662,10 +688,16 @@ async fn exchange(
                     Error::MemoryLimit { entry: entry.name(), pid, limit, earlier_attempts: Vec::new() }
                 }
                 Failure::Broken(kind) => protocol_error(entry, kind),
+                Failure::TimedOut { started } => timed_out(started.then_some(pid)),
+                Failure::Error(error) => error,
             });
         }
     };
 
+    let pid = pid.unwrap_or(placed_pid);
+    if pid != placed_pid {
+        span.record("pid", pid);
+    }
     let result = match tag {
         Tag::Return if body.len() > INLINE_PAYLOAD => {
             // Decoded off the runtime, while the place takes its next call.

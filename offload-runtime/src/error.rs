@@ -147,6 +147,17 @@ pub enum Error {
         /// The offloaded function.
         entry: &'static str,
     },
+
+    /// The pool's calls go to other hosts (`OFFLOAD_REMOTE`, the `nats` feature), and none
+    /// can take this one: no host of this build serves it, or the broker is unreachable.
+    /// The call did not run.
+    #[error("`{entry}` has no host to run on: {reason}")]
+    Unavailable {
+        /// The offloaded function.
+        entry: &'static str,
+        /// Why, with the hosts seen and their builds.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -163,7 +174,8 @@ impl Error {
             | Error::Spawn { entry, .. }
             | Error::Protocol { entry, .. }
             | Error::Config { entry, .. }
-            | Error::Shutdown { entry } => entry,
+            | Error::Shutdown { entry }
+            | Error::Unavailable { entry, .. } => entry,
         }
     }
 
@@ -181,6 +193,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             Error::Config { .. } => ErrorKind::Config,
             Error::Shutdown { .. } => ErrorKind::Shutdown,
+            Error::Unavailable { .. } => ErrorKind::Unavailable,
         }
     }
 
@@ -237,6 +250,7 @@ impl Error {
             }
             Error::Config { entry, message } => Error::Config { entry, message: message.clone() },
             &Error::Shutdown { entry } => Error::Shutdown { entry },
+            Error::Unavailable { entry, reason } => Error::Unavailable { entry, reason: reason.clone() },
         }
     }
 }
@@ -267,10 +281,12 @@ pub enum ErrorKind {
     Config,
     /// [`Error::Shutdown`].
     Shutdown,
+    /// [`Error::Unavailable`].
+    Unavailable,
 }
 
 impl ErrorKind {
-    pub(crate) const COUNT: usize = 11;
+    pub(crate) const COUNT: usize = 12;
 
     /// Every kind, in declaration order.
     pub const ALL: [ErrorKind; ErrorKind::COUNT] = [
@@ -285,6 +301,7 @@ impl ErrorKind {
         ErrorKind::PayloadTooLarge,
         ErrorKind::Config,
         ErrorKind::Shutdown,
+        ErrorKind::Unavailable,
     ];
 
     /// A short name for logs and metric labels.
@@ -301,6 +318,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::Config => "config",
             ErrorKind::Shutdown => "shutdown",
+            ErrorKind::Unavailable => "unavailable",
         }
     }
 }
@@ -381,6 +399,9 @@ pub enum ExitReason {
     Signal(i32),
     /// Its end could not be observed.
     Unknown,
+    /// It ran on another host (`OFFLOAD_REMOTE`), which stopped answering or shut down
+    /// before the call ended; the error's stderr lines name the host.
+    HostLost,
 }
 
 impl fmt::Display for ExitReason {
@@ -392,6 +413,7 @@ impl fmt::Display for ExitReason {
                 None => write!(f, "killed by signal {sig}"),
             },
             ExitReason::Unknown => f.write_str("ended in an unknown way"),
+            ExitReason::HostLost => f.write_str("its host went away"),
         }
     }
 }
@@ -459,6 +481,13 @@ pub(crate) enum Failure {
     MemoryLimit { limit: u64 },
     /// It broke the protocol, or the channel to it failed.
     Broken(ProtocolError),
+    /// Its own timeout for the call fired first (a remote host's), or, without `started`,
+    /// the deadline had passed when the call reached it.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    TimedOut { started: bool },
+    /// It ended the call with this error (a remote host's failure, as the caller sees it).
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    Error(Error),
 }
 
 #[cfg(test)]

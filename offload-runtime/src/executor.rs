@@ -2,14 +2,16 @@
 //!
 //! [`crate::call`] owns what a call is: its encoding, deadline, breaker, fallback, figures,
 //! span, and the errors its caller sees. An [`Executor`] owns where it runs: it finds a
-//! [`Place`] for the call (today a worker process of a local pool: [`crate::pool`]), carries
-//! the frames there and back, and, when the place fails, ends it and says how
-//! ([`Failure`]). Which executor serves a pool is a matter of its settings
-//! ([`Placement`]).
+//! [`Place`] for the call (a worker process of a local pool: [`crate::pool`]; or, with the
+//! `nats` feature, a slot on another host: `crate::remote`), carries the frames there and
+//! back, and, when the place fails, ends it and says how ([`Failure`]). Which executor
+//! serves a pool is a matter of its settings ([`Placement`]).
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::pool::{self, Lease, Pool};
@@ -25,6 +27,9 @@ pub(crate) use crate::transport::{Pace, Reply};
 pub(crate) enum Executor {
     /// Worker processes of this process.
     Local(Arc<Pool>),
+    /// Worker hosts, through a broker.
+    #[cfg(feature = "nats")]
+    Remote(Arc<crate::remote::Pool>),
 }
 
 /// The executor serving `entry`, started if it is not running yet, or why it cannot be (its
@@ -32,10 +37,21 @@ pub(crate) enum Executor {
 pub(crate) fn for_entry(entry: &'static Entry) -> Result<Executor, String> {
     let options = Registry::get().options(entry)?;
     let settings = PoolSettings::resolve(entry.pool_label(), options)?;
-    match settings.placement {
+    match &settings.placement {
         Placement::Local => {
             Ok(Executor::Local(pool::get_or_start(entry.pool_key(), entry.pool_label(), settings)))
         }
+        #[cfg(feature = "nats")]
+        Placement::Remote(url) => {
+            let url = url.clone();
+            crate::remote::Pool::get_or_start(entry.pool_key(), entry.pool_label(), &url, settings)
+                .map(Executor::Remote)
+        }
+        #[cfg(not(feature = "nats"))]
+        Placement::Remote(_) => Err(format!(
+            "{} asks for remote hosts, but offload was built without its `nats` feature",
+            crate::settings::remote_variable(entry.pool_label())
+        )),
     }
 }
 
@@ -53,8 +69,12 @@ pub(crate) async fn shutdown(grace: Duration) {
 pub(crate) async fn warm_up_all() -> Result<(), Error> {
     let mut seen: Vec<Arc<Pool>> = Vec::new();
     for entry in Registry::get().entries() {
-        let Executor::Local(pool) =
-            for_entry(entry).map_err(|message| Error::Config { entry: entry.name(), message })?;
+        let executor = for_entry(entry).map_err(|message| Error::Config { entry: entry.name(), message })?;
+        #[allow(irrefutable_let_patterns)]
+        let Executor::Local(pool) = executor else {
+            // Remote hosts start their own workers.
+            continue;
+        };
         if seen.iter().any(|p| Arc::ptr_eq(p, &pool)) {
             continue;
         }
@@ -66,26 +86,41 @@ pub(crate) async fn warm_up_all() -> Result<(), Error> {
 
 /// Every executor's figures; see [`crate::stats`].
 pub(crate) fn stats(breakers: impl Fn(&str) -> Vec<(&'static str, BreakerState)>) -> Vec<PoolStats> {
-    pool::stats(breakers)
+    #[allow(unused_mut)]
+    let mut all = pool::stats(&breakers);
+    #[cfg(feature = "nats")]
+    {
+        all.extend(crate::remote::stats(&breakers));
+        all.sort_by_key(|s| s.name);
+    }
+    all
 }
 
 impl Executor {
     pub(crate) fn settings(&self) -> &PoolSettings {
         match self {
             Executor::Local(pool) => &pool.settings,
+            #[cfg(feature = "nats")]
+            Executor::Remote(pool) => pool.settings(),
         }
     }
 
     pub(crate) fn metrics(&self) -> &PoolMetrics {
         match self {
             Executor::Local(pool) => &pool.metrics,
+            #[cfg(feature = "nats")]
+            Executor::Remote(pool) => pool.metrics(),
         }
     }
 
-    /// How many places a call may find unusable before it gives up looking: every worker
-    /// may have died while idle.
+    /// How many calls can run at once: how many places a call may find unusable before it
+    /// gives up looking (every worker may have died while idle), and what a map keeps busy.
     pub(crate) fn places(&self) -> usize {
-        self.settings().workers.get()
+        match self {
+            Executor::Local(pool) => pool.settings.workers.get(),
+            #[cfg(feature = "nats")]
+            Executor::Remote(pool) => pool.places(),
+        }
     }
 
     /// Waits for a place to run a call: admission to the queue, then a free worker.
@@ -93,6 +128,8 @@ impl Executor {
     pub(crate) async fn acquire(&self) -> Result<Place, AcquireError> {
         match self {
             Executor::Local(pool) => pool.acquire().await.map(Place::Local),
+            #[cfg(feature = "nats")]
+            Executor::Remote(pool) => pool.acquire().await.map(Place::Remote),
         }
     }
 }
@@ -101,16 +138,33 @@ impl Executor {
 /// ways to end it (the call's future was dropped midway), it is killed and replaced.
 pub(crate) enum Place {
     Local(Lease),
+    #[cfg(feature = "nats")]
+    Remote(crate::remote::Lease),
+}
+
+/// What a place that is not a local worker needs to know of the call it is sent.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
+pub(crate) struct Sending {
+    pub(crate) entry: &'static Entry,
+    /// The call's deadline.
+    pub(crate) end: Instant,
+    /// The function streams items: a call of it must not run twice.
+    pub(crate) streams: bool,
 }
 
 /// Why frames could not be exchanged with a [`Place`]; [`Place::failed`] says what it means.
-pub(crate) struct Fault(crate::transport::TransportError);
+pub(crate) enum Fault {
+    Local(crate::transport::TransportError),
+    #[cfg(feature = "nats")]
+    Remote(Failure),
+}
 
 impl Fault {
     /// Nothing of the call reached the place: it was gone before the call came (a worker
     /// that died while idle), and another may take the call.
     pub(crate) fn nothing_sent(&self) -> bool {
-        matches!(self.0, crate::transport::TransportError::NotSent)
+        matches!(self, Fault::Local(crate::transport::TransportError::NotSent))
     }
 }
 
@@ -119,6 +173,17 @@ impl Place {
     pub(crate) fn id(&self) -> u32 {
         match self {
             Place::Local(lease) => lease.pid(),
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => lease.pid(),
+        }
+    }
+
+    /// The host the call runs on, when it is not this one.
+    pub(crate) fn host(&self) -> Option<&str> {
+        match self {
+            Place::Local(_) => None,
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => Some(lease.host()),
         }
     }
 
@@ -126,13 +191,25 @@ impl Place {
     pub(crate) fn give_back(self) {
         match self {
             Place::Local(lease) => lease.release_unused(),
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => lease.release(),
         }
     }
 
     /// Sends as much of the call as can go at once; how many bytes that was.
-    pub(crate) fn start(&mut self, message: &[&[u8]], fds: &[OwnedFd]) -> Result<usize, Fault> {
+    pub(crate) fn start(
+        &mut self,
+        message: &[&[u8]],
+        fds: &[OwnedFd],
+        sending: Sending,
+    ) -> Result<usize, Fault> {
         match self {
-            Place::Local(lease) => lease.start(message, fds).map_err(Fault),
+            Place::Local(lease) => {
+                let _ = sending;
+                lease.start(message, fds).map_err(Fault::Local)
+            }
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => lease.start(message, fds, sending).map_err(Fault::Remote),
         }
     }
 
@@ -146,7 +223,9 @@ impl Place {
         on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) -> Pace + Send),
     ) -> Result<Reply<'_>, Fault> {
         match self {
-            Place::Local(lease) => lease.reply(message, fds, sent, on_frame).await.map_err(Fault),
+            Place::Local(lease) => lease.reply(message, fds, sent, on_frame).await.map_err(Fault::Local),
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => lease.reply(on_frame).await.map_err(Fault::Remote),
         }
     }
 
@@ -154,6 +233,8 @@ impl Place {
     pub(crate) fn take_reply(&mut self) -> Vec<u8> {
         match self {
             Place::Local(lease) => lease.take_reply(),
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => lease.take_reply(),
         }
     }
 
@@ -161,6 +242,8 @@ impl Place {
     pub(crate) fn done(self) {
         match self {
             Place::Local(lease) => lease.release(),
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => lease.release(),
         }
     }
 
@@ -168,6 +251,8 @@ impl Place {
     pub(crate) fn discard_unused(self) {
         match self {
             Place::Local(lease) => lease.died_idle(),
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => lease.release(),
         }
     }
 
@@ -176,6 +261,8 @@ impl Place {
     pub(crate) async fn timed_out(self, may_grace: bool) {
         match self {
             Place::Local(lease) => lease.timed_out(may_grace).await,
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => lease.cancel(),
         }
     }
 
@@ -183,13 +270,22 @@ impl Place {
     pub(crate) fn broke_protocol(self) {
         match self {
             Place::Local(lease) => lease.broke_protocol(),
+            #[cfg(feature = "nats")]
+            Place::Remote(lease) => lease.cancel(),
         }
     }
 
     /// Ends a place whose exchange failed with `fault`, and says how it failed.
     pub(crate) async fn failed(self, fault: Fault) -> Failure {
-        match self {
-            Place::Local(lease) => lease.failed(fault.0).await,
+        match (self, fault) {
+            (Place::Local(lease), Fault::Local(fault)) => lease.failed(fault).await,
+            #[cfg(feature = "nats")]
+            (Place::Remote(lease), Fault::Remote(failure)) => {
+                lease.release();
+                failure
+            }
+            #[cfg(feature = "nats")]
+            _ => unreachable!("a place's faults are its own kind"),
         }
     }
 }

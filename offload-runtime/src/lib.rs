@@ -42,6 +42,8 @@ mod pool;
 mod progress;
 mod protocol;
 mod registry;
+#[cfg(feature = "nats")]
+mod remote;
 mod role;
 mod settings;
 mod shm;
@@ -60,7 +62,7 @@ pub use error::{Error, ErrorKind, ExitReason, Payload, ProtocolError};
 pub use map::{Map, MapUnordered, map, map_stream};
 pub use progress::{Progress, with_progress};
 pub use shm::{SharedBytes, SharedSlice};
-pub use stats::{BreakerState, Latency, PoolStats, RestartCause};
+pub use stats::{BreakerState, HostStats, Latency, PoolStats, RestartCause};
 pub use stream::Streamed;
 pub use worker::{Cancelled, cancelled, checkpoint, progress, progress_message};
 

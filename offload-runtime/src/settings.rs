@@ -51,11 +51,27 @@ pub(crate) struct PoolSettings {
 }
 
 /// Where a pool's calls run: which executor serves it (see `crate::executor`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) enum Placement {
     /// Worker processes this process starts.
     #[default]
     Local,
+    /// Worker hosts behind the NATS broker at this URL (`OFFLOAD_REMOTE`,
+    /// `OFFLOAD_POOL_<NAME>_REMOTE`).
+    Remote(String),
+}
+
+/// The variable that sends a pool's calls to remote hosts: the one set for `pool`, or the
+/// pool's own when neither is.
+#[cfg(not(feature = "nats"))]
+pub(crate) fn remote_variable(pool: &str) -> String {
+    lookup(pool, "REMOTE", |name| std::env::var(name).ok())
+        .map_or_else(|| format!("OFFLOAD_POOL_{}_REMOTE", variable_name(pool)), |(variable, _)| variable)
+}
+
+/// `pool` as it appears in a variable's name.
+fn variable_name(pool: &str) -> String {
+    pool.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
 }
 
 /// The default `max_payload`: 1 GiB.
@@ -74,7 +90,18 @@ impl PoolSettings {
     /// that is not a letter or digit replaced by `_`.
     pub(crate) fn resolve(pool: &str, options: PoolOptions) -> Result<PoolSettings, String> {
         let env = |key: &str| lookup(pool, key, |name| std::env::var(name).ok());
-        resolve_with(options, env, available_cpus())
+        let mut settings = resolve_with(options, env, available_cpus())?;
+        // A host serving calls runs them here, whatever says where this binary's calls go.
+        if !crate::role::is_serving()
+            && let Some((variable, url)) = env("REMOTE")
+        {
+            let url = url.trim();
+            if url.is_empty() {
+                return Err(format!("environment variable {variable} is empty: give the broker's URL"));
+            }
+            settings.placement = Placement::Remote(url.to_owned());
+        }
+        Ok(settings)
     }
 }
 
@@ -85,8 +112,7 @@ fn available_cpus() -> NonZeroUsize {
 /// The environment variable names for `key` of `pool`, most specific first, and the value of
 /// the first that is set.
 fn lookup(pool: &str, key: &str, get: impl Fn(&str) -> Option<String>) -> Option<(String, String)> {
-    let name: String =
-        pool.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    let name = variable_name(pool);
     [format!("OFFLOAD_POOL_{name}_{key}"), format!("OFFLOAD_{key}")]
         .into_iter()
         .find_map(|var| get(&var).map(|value| (var, value)))

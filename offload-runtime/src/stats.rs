@@ -183,6 +183,7 @@ impl PoolMetrics {
             alive: shape.alive,
             busy: shape.busy,
             queued: shape.queued,
+            hosts: shape.hosts,
             submitted: load(&self.submitted),
             succeeded: load(&self.succeeded),
             cancelled: load(&self.cancelled),
@@ -203,6 +204,22 @@ pub(crate) struct PoolShape {
     pub(crate) alive: usize,
     pub(crate) busy: usize,
     pub(crate) queued: usize,
+    /// For a pool whose calls go to other hosts: each host.
+    pub(crate) hosts: Vec<HostStats>,
+}
+
+/// One host that serves a pool's calls (`OFFLOAD_REMOTE`), as [`PoolStats::hosts`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HostStats {
+    /// Its name: `hostname (pid N)`.
+    pub name: String,
+    /// How many of the pool's calls it takes at once: its workers, and one more.
+    pub slots: usize,
+    /// This process's calls it holds now.
+    pub running: usize,
+    /// This process's calls sent to it so far (counting a call again when it was sent again).
+    pub calls: u64,
 }
 
 /// A snapshot of one pool, from [`crate::stats`].
@@ -222,6 +239,10 @@ pub struct PoolStats {
     pub busy: usize,
     /// Calls waiting for a worker now.
     pub queued: usize,
+    /// For a pool whose calls go to other hosts (`OFFLOAD_REMOTE`): the hosts of this build
+    /// heard from, sorted by name; `workers`, `alive` and `busy` then count their slots.
+    /// Empty for a local pool.
+    pub hosts: Vec<HostStats>,
     /// Calls submitted to this pool.
     pub submitted: u64,
     /// Calls that returned the function's value.

@@ -394,7 +394,7 @@ impl<R: DeserializeOwned + Send + 'static> Decode for BatchDecode<R> {
         }))
     }
 
-    fn placed(&mut self) {
+    fn placed(&mut self, _: u32) {
         if let Some(placed) = self.turn.placed.take() {
             let _ = placed.send(());
         }

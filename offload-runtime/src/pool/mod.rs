@@ -134,6 +134,9 @@ pub(crate) enum AcquireError {
     /// The queue is full and the policy is to refuse.
     Overloaded(u64),
     Shutdown,
+    /// No remote host can take the call, and why.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    Unavailable(String),
 }
 
 impl AcquireError {
@@ -142,6 +145,7 @@ impl AcquireError {
             AcquireError::Spawn(source) => Error::Spawn { entry, source },
             AcquireError::Overloaded(queue) => Error::Overloaded { entry, queue },
             AcquireError::Shutdown => Error::Shutdown { entry },
+            AcquireError::Unavailable(reason) => Error::Unavailable { entry, reason },
         }
     }
 }
@@ -402,6 +406,7 @@ impl Pool {
             alive: alive + busy,
             busy,
             queued: self.waiting.load(Ordering::Relaxed),
+            hosts: Vec::new(),
         };
         self.metrics.snapshot(shape, breakers)
     }

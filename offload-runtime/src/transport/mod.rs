@@ -186,7 +186,7 @@ impl Channel {
                 }
                 let attached = Attached { fds: inbox.take_fds(), bulk };
                 *awaiting_reply = false;
-                return Ok(Reply { tag, body: inbox.frame(range.clone()), range, attached });
+                return Ok(Reply { tag, body: inbox.frame(range.clone()), range, attached, pid: None });
             }
             let mut ready = fd.readable().await?;
             let (space, fds) = inbox.space();
@@ -246,6 +246,9 @@ pub(crate) struct Reply<'c> {
     /// The shared buffers' descriptors and the bulk frames (a large byte vector it returns)
     /// that came with the reply.
     pub(crate) attached: Attached,
+    /// The worker that answered, where the place learns it only from the answer (a remote
+    /// host's).
+    pub(crate) pid: Option<u32>,
 }
 
 /// Reads the `len` bytes of a bulk frame whose header is next in `inbox`, into a vector of

@@ -49,6 +49,9 @@ pub static ENTER_WORKER_MODE: extern "C" fn() = enter_worker_mode;
 #[cfg(target_os = "linux")]
 extern "C" fn enter_worker_mode() {
     let Some(value) = std::env::var_os(ENV) else {
+        // Not a worker: perhaps a host that serves other hosts' calls (`OFFLOAD_SERVE`).
+        #[cfg(feature = "nats")]
+        crate::remote::serve_if_asked();
         return;
     };
     crate::role::become_worker();

@@ -1,0 +1,416 @@
+//! Serve mode: the same binary, started with `OFFLOAD_SERVE=nats://broker:4222`, does not
+//! run `main`. Before `main`, it starts its local pools (its own settings and environment),
+//! says it is there, and runs the calls that come to it until SIGTERM or SIGINT; then it
+//! stops taking calls, gives the running ones `OFFLOAD_SERVE_GRACE` (10 s unless set) to
+//! end, stops the rest, and exits.
+//!
+//! A call runs through [`call::run`] on this host's local pool, as a local call does, under
+//! the caller's deadline; what its worker sends (logs, progress, items, the reply) is relayed
+//! to the caller as it comes.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::{Client, Message};
+use bytes::Bytes;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::AbortHandle;
+
+use super::caller::frame_answer;
+use super::wire::{self, Answer, CallHead, Failure, Presence};
+use super::{Config, PREFETCH, PRESENCE_EVERY};
+use crate::call::{self, Decode};
+use crate::error::{Error, ProtocolError};
+use crate::executor::{self, Pace};
+use crate::protocol::{Attached, PanicReport, Tag};
+use crate::registry::{Entry, Registry};
+
+/// The variable that starts serve mode.
+const SERVE: &str = "OFFLOAD_SERVE";
+/// How long running calls get to end after SIGTERM.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves calls and exits, if `OFFLOAD_SERVE` is set; returns otherwise. Runs before `main`,
+/// while the process has one thread.
+pub(crate) fn serve_if_asked() {
+    let Some(url) = std::env::var_os(SERVE) else {
+        return;
+    };
+    // SAFETY: this runs before `main`, when the process has a single thread, so nothing
+    // reads the environment concurrently. The workers this host starts must not serve too.
+    unsafe { std::env::remove_var(SERVE) };
+    crate::role::become_host();
+    let code = match url.to_str().map(str::trim) {
+        Some(url) if !url.is_empty() => match run(url) {
+            Ok(()) => 0,
+            Err(message) => {
+                eprintln!("offload: this host cannot serve: {message}");
+                1
+            }
+        },
+        _ => {
+            eprintln!("offload: {SERVE} must be the broker's URL, such as nats://broker:4222");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(url: &str) -> Result<(), String> {
+    let config = Config::from_env(url)?;
+    let grace = match std::env::var("OFFLOAD_SERVE_GRACE") {
+        Ok(text) => Duration::from_millis(
+            offload_spec::parse_millis(&text, "OFFLOAD_SERVE_GRACE")
+                .map_err(|e| format!("environment variable OFFLOAD_SERVE_GRACE: {e}"))?,
+        ),
+        Err(_) => DEFAULT_GRACE,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("offload-host")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot build its async runtime: {e}"))?;
+    runtime.block_on(serve(config, grace))
+}
+
+/// This host, as its calls' tasks see it.
+struct Host {
+    client: Client,
+    config: Config,
+    presence: Mutex<Presence>,
+    /// Answers to send, in order.
+    outbox: mpsc::UnboundedSender<(String, Bytes)>,
+    /// Room for calls, by pool key: its workers and [`PREFETCH`].
+    room: HashMap<&'static str, Arc<Semaphore>>,
+    /// The calls running, by their reply subject.
+    running: Mutex<HashMap<String, AbortHandle>>,
+    /// Fires when a call ends.
+    ended: Notify,
+    draining: AtomicBool,
+}
+
+async fn serve(config: Config, grace: Duration) -> Result<(), String> {
+    let client = config
+        .connect("offload host", |event| match event {
+            async_nats::Event::Connected => eprintln!("offload: host connected to the broker"),
+            async_nats::Event::Disconnected => eprintln!("offload: host lost the broker; reconnecting"),
+            _ => {}
+        })
+        .await?;
+    let registry = Registry::get();
+    let build = registry.hash();
+    // A host is there to serve: its workers start now, not at the first call.
+    if let Err(error) = executor::warm_up_all().await {
+        eprintln!("offload: {error}");
+    }
+    let mut room = HashMap::new();
+    let mut pools = Vec::new();
+    for entry in registry.entries() {
+        if room.contains_key(entry.pool_key()) {
+            continue;
+        }
+        let Ok((executor, _)) = call::preflight(entry) else { continue };
+        let limit = executor.places() as u32 + PREFETCH;
+        room.insert(entry.pool_key(), Arc::new(Semaphore::new(limit as usize)));
+        pools.push((entry.pool_key().to_owned(), limit));
+    }
+    let (id, name) = identity()?;
+    let presence = Presence {
+        version: wire::VERSION,
+        id: id.clone(),
+        name: name.clone(),
+        build,
+        pools,
+        draining: false,
+    };
+
+    let subscribe_error = |e: async_nats::SubscribeError| format!("cannot subscribe at the broker: {e}");
+    let mut calls =
+        client.subscribe(wire::call_subject(&config.prefix, &id)).await.map_err(subscribe_error)?;
+    let mut cancels =
+        client.subscribe(wire::cancel_subject(&config.prefix, &id)).await.map_err(subscribe_error)?;
+    let (outbox, mut outgoing) = mpsc::unbounded_channel::<(String, Bytes)>();
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            while let Some((subject, payload)) = outgoing.recv().await {
+                if let Err(error) = client.publish(subject, payload).await {
+                    eprintln!("offload: host could not send an answer: {error}");
+                }
+            }
+        })
+    };
+    let host = Arc::new(Host {
+        client: client.clone(),
+        config,
+        presence: Mutex::new(presence),
+        outbox,
+        room,
+        running: Mutex::new(HashMap::new()),
+        ended: Notify::new(),
+        draining: AtomicBool::new(false),
+    });
+    let announcer = {
+        let host = Arc::clone(&host);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(PRESENCE_EVERY);
+            loop {
+                every.tick().await;
+                host.announce().await;
+            }
+        })
+    };
+    eprintln!(
+        "offload: serving {} functions (build {build:016x}) as host {name} at {} under `{}`",
+        registry.entries().count(),
+        host.config.shown(),
+        host.config.prefix
+    );
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let signal_error = |e: std::io::Error| format!("cannot watch for SIGTERM: {e}");
+    let mut sigterm = signal(SignalKind::terminate()).map_err(signal_error)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    loop {
+        tokio::select! {
+            Some(message) = super::next(&mut calls) => host.take(message),
+            Some(message) = super::next(&mut cancels) => host.cancel(&message),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    // Drain: no new calls (they are turned away, and callers stop sending), the running
+    // ones get the grace period.
+    host.draining.store(true, Ordering::Release);
+    host.announce().await;
+    let running = host.running.lock().unwrap_or_else(|p| p.into_inner()).len();
+    eprintln!("offload: host {name} stops taking calls; {running} running get up to {grace:?} to end");
+    let until = tokio::time::Instant::now() + grace;
+    loop {
+        let ended = host.ended.notified();
+        let mut ended = std::pin::pin!(ended);
+        ended.as_mut().enable();
+        if host.running.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(message) = super::next(&mut calls) => host.take(message),
+            Some(message) = super::next(&mut cancels) => host.cancel(&message),
+            () = &mut ended => {}
+            () = tokio::time::sleep_until(until) => break,
+        }
+    }
+    // What still runs is stopped; its callers are told.
+    executor::shutdown(Duration::ZERO).await;
+    let stopped_by = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !host.running.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        && tokio::time::Instant::now() < stopped_by
+    {
+        let _ = tokio::time::timeout_at(stopped_by, host.ended.notified()).await;
+    }
+    announcer.abort();
+    drop(host);
+    let _ = tokio::time::timeout(Duration::from_secs(2), sender).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    eprintln!("offload: host {name} stopped");
+    Ok(())
+}
+
+/// A subject token unique to this host, and a name for people.
+fn identity() -> Result<(String, String), String> {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let pid = std::process::id();
+    let mut random = [0u8; 4];
+    rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty())
+        .map_err(|e| format!("no randomness for the host's name (getrandom: {e})"))?;
+    let token: String =
+        hostname.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    Ok((format!("{token}-{pid}-{:08x}", u32::from_le_bytes(random)), format!("{hostname} (pid {pid})")))
+}
+
+impl Host {
+    fn send(&self, to: String, answer: Vec<u8>) {
+        let _ = self.outbox.send((to, answer.into()));
+    }
+
+    async fn announce(&self) {
+        let mut presence = self.presence.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        presence.draining = self.draining.load(Ordering::Acquire);
+        let subject = wire::presence_subject(&self.config.prefix);
+        let _ = self.client.publish(subject, wire::encode(&presence, &[]).into()).await;
+    }
+
+    /// A call came: run it if it may run here, or say why not.
+    fn take(self: &Arc<Self>, message: Message) {
+        let Some(reply) = message.reply.as_ref().map(|subject| subject.to_string()) else {
+            return;
+        };
+        let failed = |failure| wire::encode(&Answer::Failed { pid: None, failure }, &[]);
+        let (head, at) = match wire::decode::<CallHead>(&message.payload) {
+            Ok(decoded) => decoded,
+            Err(error) => return self.send(reply, failed(Failure::Protocol { message: error.to_string() })),
+        };
+        let build = Registry::get().hash();
+        if head.version != wire::VERSION || head.build != build {
+            let message =
+                format!("this host runs build {build:016x}; the call is for build {:016x}", head.build);
+            return self.send(reply, failed(Failure::Config { message }));
+        }
+        let Some(entry) = Registry::get().lookup(&head.entry) else {
+            let message = format!("this host has no function `{}`", head.entry);
+            return self.send(reply, failed(Failure::Config { message }));
+        };
+        if self.draining.load(Ordering::Acquire) {
+            return self.send(reply, wire::encode(&Answer::Busy, &[]));
+        }
+        // The earlier of the caller's deadline on this clock and the time it had left.
+        let left = wire::until_epoch_ms(head.deadline_ms).min(Duration::from_millis(head.budget_ms));
+        if left.is_zero() {
+            return self.send(reply, failed(Failure::Expired));
+        }
+        let Some(Ok(permit)) =
+            self.room.get(entry.pool_key()).map(|room| Arc::clone(room).try_acquire_owned())
+        else {
+            return self.send(reply, wire::encode(&Answer::Busy, &[]));
+        };
+        let frame = message.payload.slice(at..);
+        let host = Arc::clone(self);
+        // Held while the task is spawned, so that the task, which takes it to say it ended,
+        // finds itself in the table.
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let task = tokio::spawn({
+            let reply = reply.clone();
+            async move {
+                let answer = host.run(entry, frame, left, head.streams, &reply, permit).await;
+                host.send(reply.clone(), answer);
+                host.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&reply);
+                host.ended.notify_waiters();
+            }
+        });
+        running.insert(reply, task.abort_handle());
+    }
+
+    /// A caller gave a call up: dropping its task kills the worker that runs it.
+    fn cancel(&self, message: &Message) {
+        let Ok(reply) = std::str::from_utf8(&message.payload) else { return };
+        let task = self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(reply);
+        if let Some(task) = task {
+            task.abort();
+            self.ended.notify_waiters();
+        }
+    }
+
+    /// Runs a call on the local pool; the answer that ends it.
+    async fn run(
+        &self,
+        entry: &'static Entry,
+        frame: Bytes,
+        left: Duration,
+        streams: bool,
+        reply: &str,
+        _room: OwnedSemaphorePermit,
+    ) -> Vec<u8> {
+        let failed = |error: &Error| {
+            let (pid, failure) = Failure::of(error);
+            wire::encode(&Answer::Failed { pid, failure }, &[])
+        };
+        let (executor, breaker) = match call::preflight(entry) {
+            Ok(found) => found,
+            Err(error) => return failed(&error),
+        };
+        let mut relay = Relay { host: self, reply, pid: 0, streams, answer: None };
+        let deadline = std::time::Instant::now() + left;
+        let result = crate::deadline::with_deadline(
+            deadline,
+            call::run(entry, executor, breaker, &[&frame], &[], &mut relay),
+        )
+        .await;
+        match result {
+            Ok(()) => relay.answer.take().expect("the reply was decoded"),
+            Err(Error::Panicked { pid, message, location, .. }) => {
+                let report =
+                    postcard::to_stdvec(&PanicReport { message, location }).expect("a report encodes");
+                frame_answer(pid, Tag::Panicked, &report, &[])
+            }
+            Err(error) => failed(&error),
+        }
+    }
+}
+
+/// Takes a call's frames as the local pool delivers them, and relays them to the caller.
+struct Relay<'a> {
+    host: &'a Host,
+    reply: &'a str,
+    pid: u32,
+    streams: bool,
+    answer: Option<Vec<u8>>,
+}
+
+impl Relay<'_> {
+    fn answer_with(&mut self, body: &[u8], attached: Attached) -> Result<(), ProtocolError> {
+        if !attached.fds.is_empty() {
+            return Err(ProtocolError::Invalid(
+                "the function returned a `SharedBytes` or `SharedSlice`, which cannot go to another host"
+                    .into(),
+            ));
+        }
+        let answer = frame_answer(self.pid, Tag::Return, body, &attached.bulk);
+        let max = self.host.client.max_payload();
+        self.answer = Some(if answer.len() > max {
+            let failure =
+                Failure::PayloadTooLarge { return_value: true, len: answer.len() as u64, max: max as u64 };
+            wire::encode(&Answer::Failed { pid: Some(self.pid), failure }, &[])
+        } else {
+            answer
+        });
+        Ok(())
+    }
+}
+
+impl Decode for Relay<'_> {
+    fn decode(&mut self, body: &[u8], attached: Attached) -> Result<(), ProtocolError> {
+        self.answer_with(body, attached)
+    }
+
+    fn decode_off_runtime(
+        &mut self,
+        frame: Vec<u8>,
+        body: Range<usize>,
+        attached: Attached,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<(), ProtocolError>> + Send + '_>> {
+        Box::pin(async move { self.answer_with(&frame[body], attached) })
+    }
+
+    fn streams(&self) -> bool {
+        self.streams
+    }
+
+    fn may_retry(&self) -> bool {
+        // The caller retries, on whichever host: one count of attempts across hosts.
+        false
+    }
+
+    fn placed(&mut self, pid: u32) {
+        self.pid = pid;
+    }
+
+    fn item(&mut self, body: &[u8]) -> Pace {
+        self.host.send(self.reply.to_owned(), frame_answer(self.pid, Tag::Item, body, &[]));
+        Pace::Continue
+    }
+
+    fn relay(&mut self, tag: Tag, body: &[u8]) -> bool {
+        self.host.send(self.reply.to_owned(), frame_answer(self.pid, tag, body, &[]));
+        true
+    }
+}
