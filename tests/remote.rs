@@ -70,6 +70,20 @@ fn refuses_to_wait(x: u64) -> u64 {
     x
 }
 
+/// Streams `n` numbers, reporting progress as it goes.
+#[offload(timeout = "20s")]
+fn counts(n: u64) -> impl Iterator<Item = u64> {
+    (1..=n).inspect(move |i| {
+        std::thread::sleep(Duration::from_millis(1));
+        offload::progress_message(*i, n, || format!("at {i}"));
+    })
+}
+
+#[offload(timeout = "20s")]
+fn shared_len(bytes: offload::SharedBytes) -> usize {
+    bytes.len()
+}
+
 // ---- The broker, the hosts, and the process each test runs in. ----
 
 /// Where `nats-server` is: on `PATH`, or where Debian's package puts it.
@@ -320,6 +334,33 @@ fn calls_run_on_other_hosts() {
             Err(Error::PayloadTooLarge { max, len, .. }) => {
                 assert_eq!(max, 1 << 20);
                 assert!(len > 2 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // A stream's items, and progress reports, come back as they are made.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = {
+            let seen = Arc::clone(&seen);
+            move |progress: offload::Progress| seen.lock().unwrap().push(progress.done)
+        };
+        let items = offload::with_progress(record, async {
+            let mut stream = counts(200);
+            let mut items = Vec::new();
+            while let Some(item) = stream.next().await {
+                items.push(item.unwrap());
+            }
+            items
+        })
+        .await;
+        assert_eq!(items, (1..=200).collect::<Vec<u64>>());
+        let seen = seen.lock().unwrap().clone();
+        assert!(!seen.is_empty() && seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+        assert_eq!(seen.last(), Some(&200));
+        // Shared memory does not cross hosts, and the error says so.
+        match shared_len(offload::SharedBytes::from_slice(b"abc").unwrap()).await {
+            Err(Error::Config { message, .. }) => {
+                assert!(message.contains("cannot go to another host"), "{message}")
             }
             other => panic!("{other:?}"),
         }
