@@ -69,9 +69,9 @@ fn run(url: &str) -> Result<(), String> {
         ),
         Err(_) => DEFAULT_GRACE,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("offload-host")
+    // One thread: the host relays frames, its workers do the work; on one thread no frame
+    // waits for another thread to wake.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot build its async runtime: {e}"))?;
@@ -291,8 +291,13 @@ impl Host {
         let task = tokio::spawn({
             let reply = reply.clone();
             async move {
-                let answer = host.run(entry, frame, left, head.streams, &reply, permit).await;
-                host.send(reply.clone(), answer);
+                let (answer, relayed) = host.run(entry, frame, left, head.streams, &reply, permit).await;
+                if relayed {
+                    // After the frames relayed before it, which the outbox sends in order.
+                    host.send(reply.clone(), answer);
+                } else if let Err(error) = host.client.publish(reply.clone(), answer.into()).await {
+                    eprintln!("offload: host could not send an answer: {error}");
+                }
                 host.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&reply);
                 host.ended.notify_waiters();
             }
@@ -310,7 +315,8 @@ impl Host {
         }
     }
 
-    /// Runs a call on the local pool; the answer that ends it.
+    /// Runs a call on the local pool; the answer that ends it, and whether frames were
+    /// relayed before it.
     async fn run(
         &self,
         entry: &'static Entry,
@@ -319,23 +325,23 @@ impl Host {
         streams: bool,
         reply: &str,
         _room: OwnedSemaphorePermit,
-    ) -> Vec<u8> {
+    ) -> (Vec<u8>, bool) {
         let failed = |error: &Error| {
             let (pid, failure) = Failure::of(error);
             wire::encode(&Answer::Failed { pid, failure }, &[])
         };
         let (executor, breaker) = match call::preflight(entry) {
             Ok(found) => found,
-            Err(error) => return failed(&error),
+            Err(error) => return (failed(&error), false),
         };
-        let mut relay = Relay { host: self, reply, pid: 0, streams, answer: None };
+        let mut relay = Relay { host: self, reply, pid: 0, streams, answer: None, relayed: false };
         let deadline = std::time::Instant::now() + left;
         let result = crate::deadline::with_deadline(
             deadline,
             call::run(entry, executor, breaker, &[&frame], &[], &mut relay),
         )
         .await;
-        match result {
+        let answer = match result {
             Ok(()) => relay.answer.take().expect("the reply was decoded"),
             Err(Error::Panicked { pid, message, location, .. }) => {
                 let report =
@@ -343,7 +349,8 @@ impl Host {
                 frame_answer(pid, Tag::Panicked, &report, &[])
             }
             Err(error) => failed(&error),
-        }
+        };
+        (answer, relay.relayed)
     }
 }
 
@@ -354,6 +361,8 @@ struct Relay<'a> {
     pid: u32,
     streams: bool,
     answer: Option<Vec<u8>>,
+    /// Frames went to the caller before the answer.
+    relayed: bool,
 }
 
 impl Relay<'_> {
@@ -405,11 +414,13 @@ impl Decode for Relay<'_> {
     }
 
     fn item(&mut self, body: &[u8]) -> Pace {
+        self.relayed = true;
         self.host.send(self.reply.to_owned(), frame_answer(self.pid, Tag::Item, body, &[]));
         Pace::Continue
     }
 
     fn relay(&mut self, tag: Tag, body: &[u8]) -> bool {
+        self.relayed = true;
         self.host.send(self.reply.to_owned(), frame_answer(self.pid, tag, body, &[]));
         true
     }
