@@ -79,6 +79,12 @@ fn counts(n: u64) -> impl Iterator<Item = u64> {
     })
 }
 
+/// Leaves a mark at `path`.
+#[offload(timeout = "20s")]
+fn mark(path: String) -> bool {
+    std::fs::write(path, b"ran").is_ok()
+}
+
 #[offload(timeout = "20s")]
 fn shared_len(bytes: offload::SharedBytes) -> usize {
     bytes.len()
@@ -533,6 +539,21 @@ fn a_timeout_or_a_dropped_call_kills_the_remote_worker() {
             support::eventually(Duration::from_secs(3), || !support::alive(worker)),
             "worker {worker} lives"
         );
+
+        // A call whose deadline is too close when it reaches the host (under a millisecond
+        // left) is never started there.
+        for i in 0..20 {
+            let path = dir.join(format!("mark-{i}")).to_str().unwrap().to_owned();
+            match offload::with_timeout(Duration::from_micros(900), mark(path)).await {
+                Err(Error::Timeout { pid: None, .. }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        // The host has one worker, which takes its calls in turn: once this one is done, any
+        // of the calls before would have left its mark.
+        assert!(mark(dir.join("last").to_str().unwrap().to_owned()).await.unwrap());
+        let marks: Vec<_> = (0..20).filter(|i| dir.join(format!("mark-{i}")).exists()).collect();
+        assert!(marks.is_empty(), "expired calls ran: {marks:?}");
 
         // A dropped call: its host is told, and kills the worker.
         let path = dir.join("dropped").to_str().unwrap().to_owned();
