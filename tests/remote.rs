@@ -6,6 +6,8 @@
 //! process, and setting it in a running test binary would race the other tests. That
 //! process starts the broker and the hosts, as children that die with it.
 
+#[path = "support/capture.rs"]
+mod capture;
 mod support;
 
 use std::io::{BufRead, BufReader, Read};
@@ -77,6 +79,13 @@ fn counts(n: u64) -> impl Iterator<Item = u64> {
         std::thread::sleep(Duration::from_millis(1));
         offload::progress_message(*i, n, || format!("at {i}"));
     })
+}
+
+#[offload(timeout = "20s")]
+fn chatty(n: u32) -> u32 {
+    tracing::info!(n, "working on it");
+    tracing::warn!("almost done");
+    std::process::id()
 }
 
 /// Leaves a mark at `path`.
@@ -627,7 +636,32 @@ fn calls_resume_after_the_broker_restarts() {
     block_on(async {
         assert_eq!(square(3).await.unwrap(), 9);
         assert_eq!(refuses_to_wait(3).await.unwrap(), 3);
+        // Calls out on the host when the broker goes: each ends, lost with the broker (or
+        // done just before), long before its 20 s timeout.
+        let mut out = tokio::task::JoinSet::new();
+        for _ in 0..2 {
+            out.spawn(nap(1_000));
+        }
+        let busy = support::eventually_async(Duration::from_secs(5), || {
+            offload::stats().iter().any(|pool| pool.name.ends_with("nap") && pool.busy == 2)
+        })
+        .await;
+        assert!(busy);
+        let killed = Instant::now();
         broker.kill();
+        while let Some(joined) = out.join_next().await {
+            match joined.unwrap() {
+                Ok(_) => {}
+                Err(Error::Unavailable { reason, .. }) => {
+                    assert!(
+                        reason.contains("lost the broker") || reason.contains("cannot be reached"),
+                        "{reason}"
+                    )
+                }
+                Err(other) => panic!("{other}"),
+            }
+        }
+        assert!(killed.elapsed() < Duration::from_secs(5), "{:?}", killed.elapsed());
         // A pool that does not wait fails at once with the reason; one that waits fails at
         // its deadline.
         let started = Instant::now();
@@ -687,4 +721,27 @@ fn sigterm_lets_running_calls_finish() {
     assert!(status.success(), "{status:?}");
     assert!(host.said("stops taking calls"));
     assert!(host.said("stopped"));
+}
+
+#[test]
+fn logs_come_back_from_the_host_in_the_calls_span() {
+    let Some(port) = own_process("logs_come_back_from_the_host_in_the_calls_span", Duration::from_secs(60))
+    else {
+        return;
+    };
+    let broker = Broker::start(port);
+    let host = Host::start(&broker, &[]);
+    let capture = capture::Capture::default();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pid = tracing::subscriber::with_default(capture.clone(), || runtime.block_on(chatty(7))).unwrap();
+    let events = capture.events();
+    let forwarded: Vec<_> = events.iter().filter(|e| e.target == "offload::worker").collect();
+    let messages: Vec<&str> = forwarded.iter().map(|e| e.fields["message"].as_str()).collect();
+    assert_eq!(messages, ["working on it", "almost done"], "{events:#?}");
+    assert_eq!(forwarded[0].fields["fields"], "n=7");
+    for event in &forwarded {
+        assert_eq!(event.spans["entry"], "remote::chatty");
+        assert_eq!(event.spans["pid"], pid.to_string(), "the remote worker's pid is on the span");
+        assert!(event.spans["host"].contains(&format!("(pid {})", host.pid)), "{event:?}");
+    }
 }

@@ -669,13 +669,14 @@ async fn exchange(
     let Reply { tag, body, range, attached, pid } = match outcome {
         Some(Ok(reply)) => reply,
         None => {
-            // A remote place knows its worker once it answers.
-            let pid = place.id();
+            // A remote place knows its worker once it answers: 0 until then (no local
+            // worker has pid 0), and then no worker is known to have been stopped.
+            let pid = Some(place.id()).filter(|&pid| pid != 0);
             // A worker given a grace period keeps running: not while the caller may get the
             // call's shared buffers back (for a fallback) and use them at the same time.
             place.timed_out(fds.is_empty()).await;
             tracing::warn!(target: "offload::call", ?timeout, "offload call timed out; its worker is stopped");
-            return Err(timed_out(Some(pid)));
+            return Err(timed_out(pid));
         }
         Some(Err(fault)) => {
             let pid = place.id();

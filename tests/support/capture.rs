@@ -26,6 +26,7 @@ pub struct Captured {
 struct State {
     next: AtomicU64,
     spans: Mutex<HashMap<u64, HashMap<String, String>>>,
+    metadata: Mutex<HashMap<u64, &'static Metadata<'static>>>,
     events: Mutex<Vec<Captured>>,
 }
 
@@ -68,6 +69,7 @@ impl Subscriber for Capture {
         let mut fields = Fields::default();
         attrs.record(&mut fields);
         self.0.spans.lock().unwrap().insert(id, fields.0);
+        self.0.metadata.lock().unwrap().insert(id, attrs.metadata());
         Id::from_u64(id)
     }
 
@@ -99,6 +101,14 @@ impl Subscriber for Capture {
             fields: fields.0,
             spans: context,
         });
+    }
+
+    fn current_span(&self) -> tracing_core::span::Current {
+        let top = STACK.with(|stack| stack.borrow().last().copied());
+        match top.and_then(|id| Some((id, *self.0.metadata.lock().unwrap().get(&id)?))) {
+            Some((id, metadata)) => tracing_core::span::Current::new(Id::from_u64(id), metadata),
+            None => tracing_core::span::Current::none(),
+        }
     }
 
     fn enter(&self, span: &Id) {

@@ -362,8 +362,9 @@ impl Lease {
             }
             let (head, at) = wire::decode::<Answer>(&answer.payload).map_err(Failure::Broken)?;
             match head {
+                Answer::Started { pid } => self.ran_in(pid),
                 Answer::Frame { pid, tag, bulk } => {
-                    self.pid = pid;
+                    self.ran_in(pid);
                     let tag = Tag::from_u8(tag).ok_or_else(|| {
                         Failure::Broken(ProtocolError::Invalid(format!("a host sent a frame tagged {tag}")))
                     })?;
@@ -408,6 +409,15 @@ impl Lease {
                 // The call did not start there: another host, or this one once it has room.
                 Answer::Busy => self.resend_elsewhere().await?,
             }
+        }
+    }
+
+    /// The call runs in worker `pid` of its host.
+    fn ran_in(&mut self, pid: u32) {
+        if self.pid != pid {
+            // The call's span (this future runs in it) gets the remote worker.
+            tracing::Span::current().record("pid", pid);
+            self.pid = pid;
         }
     }
 

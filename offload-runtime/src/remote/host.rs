@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ use crate::registry::{Entry, Registry};
 
 /// The variable that starts serve mode.
 const SERVE: &str = "OFFLOAD_SERVE";
+/// After how long a running call tells its caller which worker runs it.
+const STARTED_AFTER: Duration = Duration::from_millis(50);
 /// How long running calls get to end after SIGTERM.
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
@@ -334,13 +336,32 @@ impl Host {
             Ok(found) => found,
             Err(error) => return (failed(&error), false),
         };
-        let mut relay = Relay { host: self, reply, pid: 0, streams, answer: None, relayed: false };
+        let pid = AtomicU32::new(0);
+        let mut relay = Relay { host: self, reply, pid: &pid, streams, answer: None, relayed: false };
         let deadline = std::time::Instant::now() + left;
-        let result = crate::deadline::with_deadline(
-            deadline,
-            call::run(entry, executor, breaker, &[&frame], &[], &mut relay),
-        )
-        .await;
+        let message = [&frame[..]];
+        let mut started = false;
+        let result = {
+            let call = crate::deadline::with_deadline(
+                deadline,
+                call::run(entry, executor, breaker, &message, &[], &mut relay),
+            );
+            let mut call = std::pin::pin!(call);
+            // A call that runs a while tells its caller which worker runs it (its errors and
+            // span name it); a short one says so with its answer.
+            loop {
+                tokio::select! {
+                    result = &mut call => break result,
+                    () = tokio::time::sleep(STARTED_AFTER), if !started => {
+                        let pid = pid.load(Ordering::Relaxed);
+                        if pid != 0 {
+                            self.send(reply.to_owned(), wire::encode(&Answer::Started { pid }, &[]));
+                            started = true;
+                        }
+                    }
+                }
+            }
+        };
         let answer = match result {
             Ok(()) => relay.answer.take().expect("the reply was decoded"),
             Err(Error::Panicked { pid, message, location, .. }) => {
@@ -350,7 +371,7 @@ impl Host {
             }
             Err(error) => failed(&error),
         };
-        (answer, relay.relayed)
+        (answer, started || relay.relayed)
     }
 }
 
@@ -358,7 +379,8 @@ impl Host {
 struct Relay<'a> {
     host: &'a Host,
     reply: &'a str,
-    pid: u32,
+    /// The worker that runs the call, once it has one.
+    pid: &'a AtomicU32,
     streams: bool,
     answer: Option<Vec<u8>>,
     /// Frames went to the caller before the answer.
@@ -373,12 +395,13 @@ impl Relay<'_> {
                     .into(),
             ));
         }
-        let answer = frame_answer(self.pid, Tag::Return, body, &attached.bulk);
+        let pid = self.pid.load(Ordering::Relaxed);
+        let answer = frame_answer(pid, Tag::Return, body, &attached.bulk);
         let max = self.host.client.max_payload();
         self.answer = Some(if answer.len() > max {
             let failure =
                 Failure::PayloadTooLarge { return_value: true, len: answer.len() as u64, max: max as u64 };
-            wire::encode(&Answer::Failed { pid: Some(self.pid), failure }, &[])
+            wire::encode(&Answer::Failed { pid: Some(pid), failure }, &[])
         } else {
             answer
         });
@@ -410,18 +433,21 @@ impl Decode for Relay<'_> {
     }
 
     fn placed(&mut self, pid: u32) {
-        self.pid = pid;
+        self.pid.store(pid, Ordering::Relaxed);
     }
 
     fn item(&mut self, body: &[u8]) -> Pace {
         self.relayed = true;
-        self.host.send(self.reply.to_owned(), frame_answer(self.pid, Tag::Item, body, &[]));
+        self.host.send(
+            self.reply.to_owned(),
+            frame_answer(self.pid.load(Ordering::Relaxed), Tag::Item, body, &[]),
+        );
         Pace::Continue
     }
 
     fn relay(&mut self, tag: Tag, body: &[u8]) -> bool {
         self.relayed = true;
-        self.host.send(self.reply.to_owned(), frame_answer(self.pid, tag, body, &[]));
+        self.host.send(self.reply.to_owned(), frame_answer(self.pid.load(Ordering::Relaxed), tag, body, &[]));
         true
     }
 }

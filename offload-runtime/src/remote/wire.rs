@@ -78,6 +78,8 @@ pub(crate) enum Answer {
     /// A frame from the worker (its tag as on the local channel), its body after the head,
     /// then the bulk byte vectors of these lengths.
     Frame { pid: u32, tag: u8, bulk: Vec<u64> },
+    /// The call runs on the host, in this worker (sent when it has run a while).
+    Started { pid: u32 },
     /// The call failed on the host.
     Failed { pid: Option<u32>, failure: Failure },
     /// The host has no room for the call, or is shutting down: it did not start it.
