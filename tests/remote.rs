@@ -88,6 +88,14 @@ fn chatty(n: u32) -> u32 {
     std::process::id()
 }
 
+/// Leaves a mark at `path`, takes `ms`, and names its host.
+#[offload(timeout = "20s")]
+fn marked_nap(path: String, ms: u64) -> u32 {
+    std::fs::write(path, b"ran").unwrap();
+    std::thread::sleep(Duration::from_millis(ms));
+    my_host()
+}
+
 /// Leaves a mark at `path`.
 #[offload(timeout = "20s")]
 fn mark(path: String) -> bool {
@@ -412,6 +420,11 @@ fn a_host_holds_no_more_than_its_slots() {
         }
         assert_eq!(per_host.get(&first.pid), Some(&4), "{per_host:?}");
         assert_eq!(per_host.get(&second.pid), Some(&4), "{per_host:?}");
+        // Sent once each: the caller sent only where there was room, and no host had to turn
+        // a call away.
+        let stats = offload::stats();
+        let pool = stats.iter().find(|pool| pool.name.ends_with("nap")).unwrap();
+        assert_eq!(pool.hosts.iter().map(|host| host.calls).sum::<u64>(), 8, "{:?}", pool.hosts);
     });
 }
 
@@ -698,29 +711,46 @@ fn calls_resume_after_the_broker_restarts() {
 }
 
 #[test]
-fn sigterm_lets_running_calls_finish() {
-    let Some(port) = own_process("sigterm_lets_running_calls_finish", Duration::from_secs(120)) else {
+fn sigterm_lets_running_calls_finish_and_stops_the_rest() {
+    let Some(port) =
+        own_process("sigterm_lets_running_calls_finish_and_stops_the_rest", Duration::from_secs(120))
+    else {
         return;
     };
     let broker = Broker::start(port);
-    let mut host = Host::start(&broker, &[("OFFLOAD_SERVE_GRACE", "5s")]);
+    // Two workers: a short call and a hung one run at once.
+    let mut host = Host::start(&broker, &[("OFFLOAD_WORKERS", "2"), ("OFFLOAD_SERVE_GRACE", "1s")]);
+    let dir = std::env::temp_dir().join(format!("offload-remote-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let marked = |name: &str| dir.join(name).to_str().unwrap().to_owned();
     block_on(async {
-        assert_eq!(square(1).await.unwrap(), 1);
-        let running = tokio::spawn(nap(1_000));
-        // The call is on the host once the host's pool reports it... from here, by the
-        // caller's figures.
-        let on_host = support::eventually_async(Duration::from_secs(5), || {
-            offload::stats().iter().any(|pool| pool.name.ends_with("nap") && pool.busy == 1)
+        let short = tokio::spawn(marked_nap(marked("short"), 500));
+        let hung = tokio::spawn(hang(marked("hung")));
+        // Both run on the host (they left their marks) when it is told to stop.
+        let running = support::eventually_async(Duration::from_secs(10), || {
+            dir.join("short").exists() && dir.join("hung").exists()
         })
         .await;
-        assert!(on_host);
+        assert!(running);
+        let stopped = Instant::now();
         host.sigterm();
-        assert_eq!(running.await.unwrap().unwrap(), host.pid);
+        // The short call ends within the grace period, as it would have.
+        assert_eq!(short.await.unwrap().unwrap(), host.pid);
+        // The hung one is stopped when the grace period is over.
+        match hung.await.unwrap() {
+            Err(Error::Crashed { exit: ExitReason::HostLost, stderr, .. }) => {
+                assert!(stderr.iter().any(|line| line.contains("shut down")), "{stderr:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // 1 s of grace, and a margin for a loaded machine.
+        assert!(stopped.elapsed() < Duration::from_secs(4), "{:?}", stopped.elapsed());
     });
     let status = host.exited_within(Duration::from_secs(5)).expect("the host exited");
     assert!(status.success(), "{status:?}");
     assert!(host.said("stops taking calls"));
     assert!(host.said("stopped"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -281,7 +281,11 @@ impl Place {
             (Place::Local(lease), Fault::Local(fault)) => lease.failed(fault).await,
             #[cfg(feature = "nats")]
             (Place::Remote(lease), Fault::Remote(failure)) => {
-                lease.release();
+                match failure {
+                    // What the host sent made no sense: it is told to stop the call.
+                    Failure::Broken(_) => lease.cancel(),
+                    _ => lease.release(),
+                }
                 failure
             }
             #[cfg(feature = "nats")]

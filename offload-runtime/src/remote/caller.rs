@@ -137,6 +137,7 @@ impl Pool {
             pid: 0,
             reply: None,
             sent: false,
+            downs: 0,
             ended: false,
         })
     }
@@ -194,7 +195,7 @@ impl Pool {
                 *view.holding.entry(self.key).or_default() += 1;
                 *view.calls.entry(self.key).or_default() += 1;
                 drop(view);
-                return Some(Slot { pool: Arc::clone(self), host });
+                return Some(Slot { pool: Arc::clone(self), host, holds: true });
             }
         }
     }
@@ -234,6 +235,8 @@ impl Drop for Decrement<'_> {
 struct Slot {
     pool: Arc<Pool>,
     host: Arc<Host>,
+    /// Whether this holds the room (see [`Slot::take`]).
+    holds: bool,
 }
 
 impl Slot {
@@ -241,10 +244,19 @@ impl Slot {
     fn full(&self) {
         self.host.view().full.push(self.pool.key);
     }
+
+    /// The room, to give back elsewhere; this slot no longer holds it.
+    fn take(&mut self) -> Slot {
+        let holds = std::mem::replace(&mut self.holds, false);
+        Slot { pool: Arc::clone(&self.pool), host: Arc::clone(&self.host), holds }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if !self.holds {
+            return;
+        }
         if let Some(holding) = self.host.view().holding.get_mut(self.pool.key) {
             *holding = holding.saturating_sub(1);
         }
@@ -269,6 +281,8 @@ pub(crate) struct Lease {
     /// The answer that holds the reply, and where its body is.
     reply: Option<(bytes::Bytes, Range<usize>)>,
     sent: bool,
+    /// The connection's losses when the call was sent.
+    downs: u64,
     ended: bool,
 }
 
@@ -337,6 +351,7 @@ impl Lease {
             if !self.sent {
                 let message = self.message.clone().expect("made by start");
                 let subject = wire::call_subject(&self.pool.link.config.prefix, &self.slot.host.id);
+                self.downs = self.pool.link.downs();
                 self.pool
                     .link
                     .client
@@ -349,7 +364,7 @@ impl Lease {
             let answer = tokio::select! {
                 answer = self.answers.recv() => answer,
                 () = host.lost() => None,
-                () = link.is_down() => None,
+                () = link.went_down_since(self.downs) => None,
             };
             let Some(answer) = answer else {
                 return Err(self.host_lost());
@@ -397,7 +412,7 @@ impl Lease {
                     self.ended = true;
                     self.pid = pid.unwrap_or(self.pid);
                     return Err(match failure {
-                        wire::Failure::TimedOut => Failure::TimedOut { started: true },
+                        wire::Failure::TimedOut => Failure::TimedOut { started: pid.is_some() },
                         wire::Failure::Expired => Failure::TimedOut { started: false },
                         failure => Failure::Error(
                             failure
@@ -428,6 +443,8 @@ impl Lease {
         let slot = self.pool.slot().await.map_err(|e| Failure::Error(e.into_error(self.entry)))?;
         self.slot = slot;
         self.sent = false;
+        // The call's span names the host it went to.
+        tracing::Span::current().record("host", self.slot.host.name.as_str());
         Ok(())
     }
 
@@ -437,7 +454,7 @@ impl Lease {
 
     fn host_lost(&mut self) -> Failure {
         self.ended = true;
-        if !self.pool.link.is_connected() {
+        if self.pool.link.downs() != self.downs || !self.pool.link.is_connected() {
             let broker = self.pool.link.config.shown();
             return self.unavailable(format!("lost the broker at {broker} while the call ran"));
         }
@@ -476,8 +493,12 @@ impl Drop for Lease {
             let client = self.pool.link.client.clone();
             let subject = wire::cancel_subject(&self.pool.link.config.prefix, &self.slot.host.id);
             let call = bytes::Bytes::from(self.reply_to.clone().into_bytes());
+            // The room is given back once the host is told, so that the next call does not
+            // reach the host before the cancel.
+            let slot = self.slot.take();
             super::runtime().spawn(async move {
                 let _ = client.publish(subject, call).await;
+                drop(slot);
             });
         }
     }
@@ -490,19 +511,19 @@ fn split_bulk(
     at: usize,
     lens: &[u64],
 ) -> Result<(Range<usize>, Vec<Vec<u8>>), ProtocolError> {
-    let bulk_len: u64 = lens.iter().sum();
-    let body_end = (payload.len() as u64)
-        .checked_sub(bulk_len)
-        .filter(|end| *end >= at as u64)
-        .ok_or_else(|| ProtocolError::Invalid("a host's reply is shorter than its bulk frames".into()))?
-        as usize;
+    let bad = || ProtocolError::Invalid("a host's reply does not hold the bulk frames it announces".into());
+    let bulk_len = lens.iter().try_fold(0u64, |sum, &len| sum.checked_add(len)).ok_or_else(bad)?;
+    let body_end =
+        (payload.len() as u64).checked_sub(bulk_len).filter(|end| *end >= at as u64).ok_or_else(bad)?;
+    // Every length fits: together they are at most the payload's.
+    let mut from = body_end as usize;
     let mut bulk = Vec::with_capacity(lens.len());
-    let mut from = body_end;
     for &len in lens {
-        bulk.push(payload[from..from + len as usize].to_vec());
-        from += len as usize;
+        let to = from + len as usize;
+        bulk.push(payload[from..to].to_vec());
+        from = to;
     }
-    Ok((at..body_end, bulk))
+    Ok((at..body_end as usize, bulk))
 }
 
 /// Encodes a frame's answer: its body, then its bulk byte vectors.
@@ -527,5 +548,8 @@ mod tests {
         assert_eq!(&message[range], b"body");
         assert_eq!(vectors, [b"one".to_vec(), b"three".to_vec()]);
         assert!(split_bulk(&message, at, &[1 << 20]).is_err());
+        // Lengths that overflow when added are refused, not a panic.
+        assert!(split_bulk(&message, at, &[u64::MAX, 2]).is_err());
+        assert!(split_bulk(&message, at, &[u64::MAX]).is_err());
     }
 }

@@ -33,6 +33,8 @@ use crate::registry::{Entry, Registry};
 const SERVE: &str = "OFFLOAD_SERVE";
 /// After how long a running call tells its caller which worker runs it.
 const STARTED_AFTER: Duration = Duration::from_millis(50);
+/// How many calls cancelled before they came are remembered.
+const EARLY_CANCELS: usize = 1024;
 /// How long running calls get to end after SIGTERM.
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
@@ -45,6 +47,16 @@ pub(crate) fn serve_if_asked() {
     // SAFETY: this runs before `main`, when the process has a single thread, so nothing
     // reads the environment concurrently. The workers this host starts must not serve too.
     unsafe { std::env::remove_var(SERVE) };
+    // A setuid, setgid or file-capabilities program must not take calls from a broker that
+    // whoever runs it names.
+    // SAFETY: a plain query of the auxiliary vector.
+    if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+        eprintln!(
+            "offload: {SERVE} is set, but this program runs with elevated privileges (setuid, setgid or file \
+             capabilities: AT_SECURE), and such a program never serves calls"
+        );
+        std::process::exit(1);
+    }
     crate::role::become_host();
     let code = match url.to_str().map(str::trim) {
         Some(url) if !url.is_empty() => match run(url) {
@@ -93,6 +105,8 @@ struct Host {
     running: Mutex<HashMap<String, AbortHandle>>,
     /// Fires when a call ends.
     ended: Notify,
+    /// The last calls cancelled before they came, by reply subject.
+    cancelled_early: Mutex<std::collections::VecDeque<String>>,
     draining: AtomicBool,
 }
 
@@ -155,6 +169,7 @@ async fn serve(config: Config, grace: Duration) -> Result<(), String> {
         room,
         running: Mutex::new(HashMap::new()),
         ended: Notify::new(),
+        cancelled_early: Mutex::new(std::collections::VecDeque::new()),
         draining: AtomicBool::new(false),
     });
     let announcer = {
@@ -180,6 +195,8 @@ async fn serve(config: Config, grace: Duration) -> Result<(), String> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(signal_error)?;
     loop {
         tokio::select! {
+            // Calls before cancels: a caller's cancel comes after its call.
+            biased;
             Some(message) = super::next(&mut calls) => host.take(message),
             Some(message) = super::next(&mut cancels) => host.cancel(&message),
             _ = sigterm.recv() => break,
@@ -202,12 +219,16 @@ async fn serve(config: Config, grace: Duration) -> Result<(), String> {
             break;
         }
         tokio::select! {
+            biased;
             Some(message) = super::next(&mut calls) => host.take(message),
             Some(message) = super::next(&mut cancels) => host.cancel(&message),
             () = &mut ended => {}
             () = tokio::time::sleep_until(until) => break,
         }
     }
+    // From now on a call sent here is answered "no responders" by the broker, and goes to
+    // another host.
+    let _ = calls.unsubscribe().await;
     // What still runs is stopped; its callers are told.
     executor::shutdown(Duration::ZERO).await;
     let stopped_by = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -277,8 +298,16 @@ impl Host {
         }
         // The earlier of the caller's deadline on this clock and the time it had left.
         let left = wire::until_epoch_ms(head.deadline_ms).min(Duration::from_millis(head.budget_ms));
-        if left.is_zero() {
+        if left < Duration::from_millis(1) {
             return self.send(reply, failed(Failure::Expired));
+        }
+        {
+            let mut early = self.cancelled_early.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = early.iter().position(|cancelled| *cancelled == reply) {
+                // Its caller gave it up already.
+                early.remove(at);
+                return;
+            }
         }
         let Some(Ok(permit)) =
             self.room.get(entry.pool_key()).map(|room| Arc::clone(room).try_acquire_owned())
@@ -311,9 +340,19 @@ impl Host {
     fn cancel(&self, message: &Message) {
         let Ok(reply) = std::str::from_utf8(&message.payload) else { return };
         let task = self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(reply);
-        if let Some(task) = task {
-            task.abort();
-            self.ended.notify_waiters();
+        match task {
+            Some(task) => {
+                task.abort();
+                self.ended.notify_waiters();
+            }
+            // Its call has not come (or has ended): if it comes, it does not run.
+            None => {
+                let mut early = self.cancelled_early.lock().unwrap_or_else(|p| p.into_inner());
+                if early.len() == EARLY_CANCELS {
+                    early.pop_front();
+                }
+                early.push_back(reply.to_owned());
+            }
         }
     }
 
@@ -337,7 +376,8 @@ impl Host {
             Err(error) => return (failed(&error), false),
         };
         let pid = AtomicU32::new(0);
-        let mut relay = Relay { host: self, reply, pid: &pid, streams, answer: None, relayed: false };
+        let mut relay =
+            Relay { host: self, reply, pid: &pid, streams, answer: None, relayed: false, too_large: None };
         let deadline = std::time::Instant::now() + left;
         let message = [&frame[..]];
         let mut started = false;
@@ -385,6 +425,9 @@ struct Relay<'a> {
     answer: Option<Vec<u8>>,
     /// Frames went to the caller before the answer.
     relayed: bool,
+    /// A streamed item was over the broker's limit (its size, the limit): the call ends
+    /// with that error.
+    too_large: Option<(u64, u64)>,
 }
 
 impl Relay<'_> {
@@ -398,12 +441,13 @@ impl Relay<'_> {
         let pid = self.pid.load(Ordering::Relaxed);
         let answer = frame_answer(pid, Tag::Return, body, &attached.bulk);
         let max = self.host.client.max_payload();
-        self.answer = Some(if answer.len() > max {
-            let failure =
-                Failure::PayloadTooLarge { return_value: true, len: answer.len() as u64, max: max as u64 };
-            wire::encode(&Answer::Failed { pid: Some(pid), failure }, &[])
-        } else {
-            answer
+        let too_large = self.too_large.or((answer.len() > max).then_some((answer.len() as u64, max as u64)));
+        self.answer = Some(match too_large {
+            Some((len, max)) => {
+                let failure = Failure::PayloadTooLarge { return_value: true, len, max };
+                wire::encode(&Answer::Failed { pid: Some(pid), failure }, &[])
+            }
+            None => answer,
         });
         Ok(())
     }
@@ -437,17 +481,32 @@ impl Decode for Relay<'_> {
     }
 
     fn item(&mut self, body: &[u8]) -> Pace {
+        if self.too_large.is_some() {
+            // An item before could not go: the stream ends with that error, without a gap.
+            return Pace::Continue;
+        }
+        let answer = frame_answer(self.pid.load(Ordering::Relaxed), Tag::Item, body, &[]);
+        let max = self.host.client.max_payload();
+        if answer.len() > max {
+            self.too_large = Some((answer.len() as u64, max as u64));
+            return Pace::Continue;
+        }
         self.relayed = true;
-        self.host.send(
-            self.reply.to_owned(),
-            frame_answer(self.pid.load(Ordering::Relaxed), Tag::Item, body, &[]),
-        );
+        self.host.send(self.reply.to_owned(), answer);
         Pace::Continue
     }
 
     fn relay(&mut self, tag: Tag, body: &[u8]) -> bool {
+        let answer = frame_answer(self.pid.load(Ordering::Relaxed), tag, body, &[]);
+        if answer.len() > self.host.client.max_payload() {
+            eprintln!(
+                "offload: host dropped a {tag:?} frame of {} bytes, over the broker's limit",
+                answer.len()
+            );
+            return true;
+        }
         self.relayed = true;
-        self.host.send(self.reply.to_owned(), frame_answer(self.pid.load(Ordering::Relaxed), tag, body, &[]));
+        self.host.send(self.reply.to_owned(), answer);
         true
     }
 }

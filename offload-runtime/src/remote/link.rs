@@ -26,6 +26,8 @@ pub(crate) struct Link {
     pub(super) changed: Notify,
     /// Fires when the connection is lost: the answers to the calls out are lost with it.
     down: Notify,
+    /// How many times the connection was lost.
+    downs: AtomicU64,
     /// Since when the connection has been up, if it is.
     connected_since: Mutex<Option<Instant>>,
     /// The connection has been up at least once.
@@ -136,6 +138,7 @@ impl Link {
             hosts: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             down: Notify::new(),
+            downs: AtomicU64::new(0),
             connected_since: Mutex::new(None),
             was_up: AtomicBool::new(false),
             born: Instant::now(),
@@ -187,6 +190,7 @@ impl Link {
             }
             Event::Disconnected => {
                 *lock(&self.connected_since) = None;
+                self.downs.fetch_add(1, Ordering::AcqRel);
                 self.down.notify_waiters();
                 tracing::warn!(target: "offload::remote", broker = %self.config.shown(), "offload: lost the broker");
             }
@@ -215,13 +219,19 @@ impl Link {
         Some(since.get_or_insert_with(Instant::now).elapsed())
     }
 
-    /// Waits until the connection is down.
-    pub(super) async fn is_down(&self) {
+    /// How many times the connection was lost so far: a call sent at one count lost its
+    /// answers if the count has moved, even if the connection is back.
+    pub(super) fn downs(&self) -> u64 {
+        self.downs.load(Ordering::Acquire)
+    }
+
+    /// Waits until the connection is lost after `downs` losses.
+    pub(super) async fn went_down_since(&self, downs: u64) {
         loop {
             let down = self.down.notified();
             let mut down = std::pin::pin!(down);
             down.as_mut().enable();
-            if !self.is_connected() {
+            if self.downs() != downs {
                 return;
             }
             down.await;

@@ -52,6 +52,14 @@ extern "C" fn enter_worker_mode() {
         // Not a worker: perhaps a host that serves other hosts' calls (`OFFLOAD_SERVE`).
         #[cfg(feature = "nats")]
         crate::remote::serve_if_asked();
+        #[cfg(not(feature = "nats"))]
+        if std::env::var_os("OFFLOAD_SERVE").is_some() {
+            eprintln!(
+                "offload: OFFLOAD_SERVE is set, but this program was built without offload's `nats` feature, \
+                 so it cannot serve other hosts' calls"
+            );
+            std::process::exit(EXIT_SETUP_FAILED);
+        }
         return;
     };
     crate::role::become_worker();
