@@ -3,7 +3,8 @@
 //! - round trip: one call at a time of a function that returns its 64-byte argument, served
 //!   by a host of one worker, against a raw `async-nats` request-reply of the same 64 bytes
 //!   to a responder process; the median of each over interleaved rounds, and the ratio; with
-//!   the host's workers polling for their next call 50 µs (the default) and 1 ms;
+//!   the host's workers polling for their next call 50 µs (a local pool's default) and 1 ms
+//!   (a host's default);
 //! - a CPU-bound batch (calls of about 20 ms of arithmetic each) on one host of one worker,
 //!   then on two such hosts: the speed-up (2.0x would be linear).
 //!
@@ -62,9 +63,9 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
         let client = async_nats::connect(&url).await.unwrap();
-        // A host whose worker polls for its next call for the default 50 µs after each
-        // answer, then sleeps; then one whose worker polls for 1 ms, longer than a round
-        // trip through the broker.
+        // A host whose worker polls for its next call for 50 µs after each answer (a local
+        // pool's default), then sleeps; then one whose worker polls for 1 ms (a host's
+        // default), longer than a round trip through the broker.
         for spin in ["50", "1000"] {
             let mut host = start_host(&url, spin);
             let (remote, raw) = round_trips(&client).await;
@@ -77,11 +78,11 @@ fn main() {
             let _ = host.kill();
             let _ = host.wait();
         }
-        children.push(start_host(&url, "50"));
+        children.push(start_host(&url, "1000"));
 
         let iters = common::calibrate(Duration::from_millis(20));
         let one = batch(iters).await;
-        children.push(start_host(&url, "50"));
+        children.push(start_host(&url, "1000"));
         let both = offload::stats().iter().any(|pool| pool.name.ends_with("crunch") && pool.hosts.len() == 2);
         let until = Instant::now() + Duration::from_secs(5);
         let mut seen = both;

@@ -775,3 +775,74 @@ fn logs_come_back_from_the_host_in_the_calls_span() {
         assert!(event.spans["host"].contains(&format!("(pid {})", host.pid)), "{event:?}");
     }
 }
+
+/// The other caller of `a_full_host_turns_calls_away_and_loses_none`, in a process of its
+/// own: four calls of 400 ms, then how many times it sent them.
+#[test]
+#[ignore = "a helper that a_full_host_turns_calls_away_and_loses_none runs"]
+fn other_caller() {
+    if std::env::var("OFFLOAD_TEST_INNER").as_deref() != Ok("other_caller") {
+        return;
+    }
+    block_on(async {
+        let mut naps = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            naps.spawn(nap(400));
+        }
+        while let Some(joined) = naps.join_next().await {
+            joined.unwrap().unwrap();
+        }
+        let stats = offload::stats();
+        let pool = stats.iter().find(|pool| pool.name.ends_with("nap")).unwrap();
+        println!("SENT {}", pool.hosts.iter().map(|host| host.calls).sum::<u64>());
+    });
+}
+
+#[test]
+fn a_full_host_turns_calls_away_and_loses_none() {
+    let Some(port) = own_process("a_full_host_turns_calls_away_and_loses_none", Duration::from_secs(120))
+    else {
+        return;
+    };
+    let broker = Broker::start(port);
+    // One worker: room for two calls.
+    let host = Host::start(&broker, &[]);
+    let mut other = dies_with_us(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["other_caller", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("OFFLOAD_TEST_INNER", "other_caller")
+            .env("OFFLOAD_REMOTE", broker.url())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )
+    .spawn()
+    .unwrap();
+    block_on(async {
+        // Both callers send to the host while it is full with the other's calls: each sees
+        // room that the other took, and the host turns the extra calls away.
+        let mut naps = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            naps.spawn(nap(400));
+        }
+        while let Some(joined) = naps.join_next().await {
+            assert_eq!(joined.unwrap().unwrap(), host.pid);
+        }
+        let stats = offload::stats();
+        let pool = stats.iter().find(|pool| pool.name.ends_with("nap")).unwrap();
+        let sent: u64 = pool.hosts.iter().map(|host| host.calls).sum();
+        let mut output = String::new();
+        other.stdout.take().unwrap().read_to_string(&mut output).unwrap();
+        let status = other.wait().unwrap();
+        assert!(status.success() && output.contains("1 passed"), "{output}");
+        // The harness's own words may share the line.
+        let other_sent: u64 = output
+            .split("SENT ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("the other caller says what it sent: {output}"))
+            .parse()
+            .unwrap();
+        // Ten calls, all answered; some sent more than once because the host had no room.
+        assert!(sent + other_sent > 10, "{sent} + {other_sent} sends: the host never turned a call away");
+    });
+}

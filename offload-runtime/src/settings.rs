@@ -74,6 +74,11 @@ fn variable_name(pool: &str) -> String {
     pool.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
 }
 
+/// The default `spin_us` of a host that serves other hosts' calls (`OFFLOAD_SERVE`): its
+/// next call comes a broker round trip after its answer, a few hundred microseconds, and a
+/// worker asleep by then costs more than the round trip's own work.
+const HOST_SPIN_US: u64 = 1_000;
+
 /// The default `max_payload`: 1 GiB.
 pub(crate) const DEFAULT_MAX_PAYLOAD: u64 = offload_spec::defaults::MAX_PAYLOAD;
 
@@ -138,7 +143,11 @@ fn resolve_with(
         max_payload: given.max_payload.unwrap_or(defaults::MAX_PAYLOAD).min(MAX_MAX_PAYLOAD),
         placement: Placement::Local,
         grace: given.grace.map(Duration::from_millis),
-        spin_us: given.spin_us.unwrap_or(defaults::SPIN_US),
+        spin_us: given.spin_us.unwrap_or(if crate::role::is_serving() {
+            HOST_SPIN_US
+        } else {
+            defaults::SPIN_US
+        }),
     })
 }
 

@@ -440,6 +440,9 @@ impl Lease {
     /// until it says how much it has.
     async fn resend_elsewhere(&mut self) -> Result<(), Failure> {
         self.slot.full();
+        // The room it held is given back before it waits for room: calls turned away must
+        // not hold the room they wait for.
+        drop(self.slot.take());
         let slot = self.pool.slot().await.map_err(|e| Failure::Error(e.into_error(self.entry)))?;
         self.slot = slot;
         self.sent = false;
