@@ -102,6 +102,12 @@ fn mark(path: String) -> bool {
     std::fs::write(path, b"ran").is_ok()
 }
 
+/// Streams 2 MiB items without end.
+#[offload(timeout = "20s")]
+fn big_items() -> impl Iterator<Item = Vec<u8>> {
+    std::iter::repeat_with(|| vec![1u8; 2 << 20])
+}
+
 #[offload(timeout = "20s")]
 fn shared_len(bytes: offload::SharedBytes) -> usize {
     bytes.len()
@@ -133,8 +139,14 @@ fn dies_with_us(command: &mut Command) -> &mut Command {
     }
 }
 
+/// A free loopback port below Linux's range for outgoing connections (from 32768), so that
+/// no client connection takes it while its broker is down for a restart.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    (0..1_000u32)
+        .map(|i| 20_000 + ((seed ^ std::process::id()).wrapping_add(i.wrapping_mul(7_919)) % 12_000) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port between 20000 and 32000")
 }
 
 struct Broker {
@@ -380,6 +392,15 @@ fn calls_run_on_other_hosts() {
         let seen = seen.lock().unwrap().clone();
         assert!(!seen.is_empty() && seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
         assert_eq!(seen.last(), Some(&200));
+        // A streamed item over the broker's limit ends the stream with that error, at once.
+        let started = Instant::now();
+        let mut stream = big_items();
+        match stream.next().await {
+            Some(Err(Error::PayloadTooLarge { max, .. })) => assert_eq!(max, 1 << 20),
+            other => panic!("{:?}", other.map(|item| item.map(|bytes| bytes.len()))),
+        }
+        assert!(stream.next().await.is_none());
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
         // Shared memory does not cross hosts, and the error says so.
         match shared_len(offload::SharedBytes::from_slice(b"abc").unwrap()).await {
             Err(Error::Config { message, .. }) => {
@@ -549,16 +570,19 @@ fn a_timeout_or_a_dropped_call_kills_the_remote_worker() {
     block_on(async {
         // The caller's timeout: the caller gets `Timeout` at its deadline; the host kills the
         // worker.
+        // (A first call finds the host.)
+        assert_eq!(square(2).await.unwrap(), 4);
         let path = dir.join("timeout").to_str().unwrap().to_owned();
         let started = Instant::now();
-        match offload::with_timeout(Duration::from_secs(1), hang(path)).await {
+        match offload::with_timeout(Duration::from_secs(2), hang(path)).await {
             Err(Error::Timeout { pid: Some(_), .. }) => {}
             other => panic!("{other:?}"),
         }
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        // The timeout, and a margin for a loaded machine; the host's own timeout is 30 s.
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         let worker = worker_of("timeout");
         assert!(
-            support::eventually(Duration::from_secs(3), || !support::alive(worker)),
+            support::eventually(Duration::from_secs(10), || !support::alive(worker)),
             "worker {worker} lives"
         );
 
@@ -591,7 +615,7 @@ fn a_timeout_or_a_dropped_call_kills_the_remote_worker() {
         .unwrap();
         call.abort();
         assert!(
-            support::eventually(Duration::from_secs(3), || !support::alive(worker)),
+            support::eventually(Duration::from_secs(10), || !support::alive(worker)),
             "worker {worker} lives"
         );
         // The host serves on.
@@ -719,7 +743,7 @@ fn sigterm_lets_running_calls_finish_and_stops_the_rest() {
     };
     let broker = Broker::start(port);
     // Two workers: a short call and a hung one run at once.
-    let mut host = Host::start(&broker, &[("OFFLOAD_WORKERS", "2"), ("OFFLOAD_SERVE_GRACE", "1s")]);
+    let mut host = Host::start(&broker, &[("OFFLOAD_WORKERS", "2"), ("OFFLOAD_SERVE_GRACE", "2s")]);
     let dir = std::env::temp_dir().join(format!("offload-remote-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let marked = |name: &str| dir.join(name).to_str().unwrap().to_owned();
@@ -743,8 +767,8 @@ fn sigterm_lets_running_calls_finish_and_stops_the_rest() {
             }
             other => panic!("{other:?}"),
         }
-        // 1 s of grace, and a margin for a loaded machine.
-        assert!(stopped.elapsed() < Duration::from_secs(4), "{:?}", stopped.elapsed());
+        // 2 s of grace, and a margin for a loaded machine (the default grace is 10 s).
+        assert!(stopped.elapsed() < Duration::from_secs(5), "{:?}", stopped.elapsed());
     });
     let status = host.exited_within(Duration::from_secs(5)).expect("the host exited");
     assert!(status.success(), "{status:?}");
@@ -785,6 +809,11 @@ fn other_caller() {
         return;
     }
     block_on(async {
+        // Knows the host, then waits for the word to send.
+        nap(0).await.unwrap();
+        println!("READY");
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go).unwrap();
         let mut naps = tokio::task::JoinSet::new();
         for _ in 0..4 {
             naps.spawn(nap(400));
@@ -794,7 +823,8 @@ fn other_caller() {
         }
         let stats = offload::stats();
         let pool = stats.iter().find(|pool| pool.name.ends_with("nap")).unwrap();
-        println!("SENT {}", pool.hosts.iter().map(|host| host.calls).sum::<u64>());
+        // Less the first call.
+        println!("SENT {}", pool.hosts.iter().map(|host| host.calls).sum::<u64>() - 1);
     });
 }
 
@@ -812,26 +842,40 @@ fn a_full_host_turns_calls_away_and_loses_none() {
             .args(["other_caller", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
             .env("OFFLOAD_TEST_INNER", "other_caller")
             .env("OFFLOAD_REMOTE", broker.url())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
     )
     .spawn()
     .unwrap();
+    let mut other_out = BufReader::new(other.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("READY") {
+        line.clear();
+        assert!(other_out.read_line(&mut line).unwrap() > 0, "the other caller ended early");
+    }
     block_on(async {
-        // Both callers send to the host while it is full with the other's calls: each sees
-        // room that the other took, and the host turns the extra calls away.
+        // This caller fills the host; then the other sends too. Each sees room that the
+        // other took, and the host turns the extra calls away.
         let mut naps = tokio::task::JoinSet::new();
         for _ in 0..6 {
             naps.spawn(nap(400));
         }
+        let full = support::eventually_async(Duration::from_secs(10), || {
+            offload::stats().iter().any(|pool| pool.name.ends_with("nap") && pool.busy == 2)
+        })
+        .await;
+        assert!(full);
+        use std::io::Write;
+        writeln!(other.stdin.take().unwrap(), "GO").unwrap();
         while let Some(joined) = naps.join_next().await {
             assert_eq!(joined.unwrap().unwrap(), host.pid);
         }
         let stats = offload::stats();
         let pool = stats.iter().find(|pool| pool.name.ends_with("nap")).unwrap();
         let sent: u64 = pool.hosts.iter().map(|host| host.calls).sum();
-        let mut output = String::new();
-        other.stdout.take().unwrap().read_to_string(&mut output).unwrap();
+        let mut output = line.clone();
+        other_out.read_to_string(&mut output).unwrap();
         let status = other.wait().unwrap();
         assert!(status.success() && output.contains("1 passed"), "{output}");
         // The harness's own words may share the line.

@@ -15,6 +15,10 @@
 //!   -> pool       local workers: slots, queue,
 //!                 leases, recycling, shutdown
 //!   -> supervisor spawn and reap  | transport: one worker's channel
+//!   -> remote     (the `nats` feature) other hosts through a broker: caller (a pool's
+//!                 places on hosts), link (the connection, the hosts seen), wire (the
+//!                 messages); host: serve mode, which runs the calls that come through
+//!                 call::run on its own local pools
 //!
 //! Used by call: breaker, fallback, deadline (the caller's deadlines), progress (the
 //! caller's progress callback). On their own: lag (the lag monitor), histogram.

@@ -137,7 +137,6 @@ impl Pool {
             pid: 0,
             reply: None,
             sent: false,
-            downs: 0,
             ended: false,
         })
     }
@@ -150,8 +149,10 @@ impl Pool {
             let changed = self.link.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
+            // Counted before the connection is looked at: a loss after this is seen.
+            let downs = self.link.downs();
             let connected = self.link.is_connected();
-            if connected && let Some(slot) = self.take_room() {
+            if connected && let Some(slot) = self.take_room(downs) {
                 return Ok(slot);
             }
             let hosts = self.our_hosts();
@@ -179,7 +180,7 @@ impl Pool {
     }
 
     /// Takes room on the host of this build with the most.
-    fn take_room(self: &Arc<Self>) -> Option<Slot> {
+    fn take_room(self: &Arc<Self>, downs: u64) -> Option<Slot> {
         let mut hosts = self.our_hosts();
         loop {
             let (at, _) = hosts
@@ -195,7 +196,7 @@ impl Pool {
                 *view.holding.entry(self.key).or_default() += 1;
                 *view.calls.entry(self.key).or_default() += 1;
                 drop(view);
-                return Some(Slot { pool: Arc::clone(self), host, holds: true });
+                return Some(Slot { pool: Arc::clone(self), host, holds: true, downs });
             }
         }
     }
@@ -237,6 +238,9 @@ struct Slot {
     host: Arc<Host>,
     /// Whether this holds the room (see [`Slot::take`]).
     holds: bool,
+    /// The connection's losses before the room was taken: a call sent with it lost its
+    /// answers if the count moves.
+    downs: u64,
 }
 
 impl Slot {
@@ -248,7 +252,7 @@ impl Slot {
     /// The room, to give back elsewhere; this slot no longer holds it.
     fn take(&mut self) -> Slot {
         let holds = std::mem::replace(&mut self.holds, false);
-        Slot { pool: Arc::clone(&self.pool), host: Arc::clone(&self.host), holds }
+        Slot { pool: Arc::clone(&self.pool), host: Arc::clone(&self.host), holds, downs: self.downs }
     }
 }
 
@@ -281,8 +285,6 @@ pub(crate) struct Lease {
     /// The answer that holds the reply, and where its body is.
     reply: Option<(bytes::Bytes, Range<usize>)>,
     sent: bool,
-    /// The connection's losses when the call was sent.
-    downs: u64,
     ended: bool,
 }
 
@@ -351,7 +353,6 @@ impl Lease {
             if !self.sent {
                 let message = self.message.clone().expect("made by start");
                 let subject = wire::call_subject(&self.pool.link.config.prefix, &self.slot.host.id);
-                self.downs = self.pool.link.downs();
                 self.pool
                     .link
                     .client
@@ -361,10 +362,13 @@ impl Lease {
                 self.sent = true;
             }
             let (host, link) = (Arc::clone(&self.slot.host), Arc::clone(&self.pool.link));
+            let downs = self.slot.downs;
             let answer = tokio::select! {
+                // An answer that came wins over a loss noticed at the same time.
+                biased;
                 answer = self.answers.recv() => answer,
                 () = host.lost() => None,
-                () = link.went_down_since(self.downs) => None,
+                () = link.went_down_since(downs) => None,
             };
             let Some(answer) = answer else {
                 return Err(self.host_lost());
@@ -456,11 +460,13 @@ impl Lease {
     }
 
     fn host_lost(&mut self) -> Failure {
-        self.ended = true;
-        if self.pool.link.downs() != self.downs || !self.pool.link.is_connected() {
+        if self.pool.link.downs() != self.slot.downs || !self.pool.link.is_connected() {
+            // The host may still run the call: it is told to stop (once the connection is
+            // back) when the lease is dropped.
             let broker = self.pool.link.config.shown();
             return self.unavailable(format!("lost the broker at {broker} while the call ran"));
         }
+        self.ended = true;
         Failure::Error(Error::Crashed {
             entry: self.entry,
             pid: self.pid,

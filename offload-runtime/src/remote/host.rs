@@ -32,7 +32,7 @@ use crate::registry::{Entry, Registry};
 /// The variable that starts serve mode.
 const SERVE: &str = "OFFLOAD_SERVE";
 /// After how long a running call tells its caller which worker runs it.
-const STARTED_AFTER: Duration = Duration::from_millis(50);
+const STARTED_AFTER: Duration = Duration::from_millis(5);
 /// How many calls cancelled before they came are remembered.
 const EARLY_CANCELS: usize = 1024;
 /// How long running calls get to end after SIGTERM.
@@ -101,8 +101,8 @@ struct Host {
     outbox: mpsc::UnboundedSender<(String, Bytes)>,
     /// Room for calls, by pool key: its workers and [`PREFETCH`].
     room: HashMap<&'static str, Arc<Semaphore>>,
-    /// The calls running, by their reply subject.
-    running: Mutex<HashMap<String, AbortHandle>>,
+    /// The calls running, by their reply subject, with the room each takes.
+    running: Mutex<HashMap<String, (AbortHandle, OwnedSemaphorePermit)>>,
     /// Fires when a call ends.
     ended: Notify,
     /// The last calls cancelled before they came, by reply subject.
@@ -195,10 +195,11 @@ async fn serve(config: Config, grace: Duration) -> Result<(), String> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(signal_error)?;
     loop {
         tokio::select! {
-            // Calls before cancels: a caller's cancel comes after its call.
+            // Cancels before calls: a cancel frees room that the caller's next call, sent
+            // right after it, may need (a cancel that beats its call is remembered).
             biased;
-            Some(message) = super::next(&mut calls) => host.take(message),
             Some(message) = super::next(&mut cancels) => host.cancel(&message),
+            Some(message) = super::next(&mut calls) => host.take(message),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -219,16 +220,22 @@ async fn serve(config: Config, grace: Duration) -> Result<(), String> {
             break;
         }
         tokio::select! {
+            // The grace period ends even while calls keep coming.
             biased;
-            Some(message) = super::next(&mut calls) => host.take(message),
-            Some(message) = super::next(&mut cancels) => host.cancel(&message),
-            () = &mut ended => {}
             () = tokio::time::sleep_until(until) => break,
+            Some(message) = super::next(&mut cancels) => host.cancel(&message),
+            Some(message) = super::next(&mut calls) => host.take(message),
+            () = &mut ended => {}
         }
     }
     // From now on a call sent here is answered "no responders" by the broker, and goes to
-    // another host.
-    let _ = calls.unsubscribe().await;
+    // another host; those already on their way are turned away.
+    if calls.drain().await.is_ok() {
+        let drained_by = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(message)) = tokio::time::timeout_at(drained_by, super::next(&mut calls)).await {
+            host.take(message);
+        }
+    }
     // What still runs is stopped; its callers are told.
     executor::shutdown(Duration::ZERO).await;
     let stopped_by = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -322,26 +329,32 @@ impl Host {
         let task = tokio::spawn({
             let reply = reply.clone();
             async move {
-                let (answer, relayed) = host.run(entry, frame, left, head.streams, &reply, permit).await;
+                let (answer, relayed) = host.run(entry, frame, left, head.streams, &reply).await;
+                // Its room is free before its caller hears of it and sends the next call.
+                host.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&reply);
                 if relayed {
                     // After the frames relayed before it, which the outbox sends in order.
                     host.send(reply.clone(), answer);
                 } else if let Err(error) = host.client.publish(reply.clone(), answer.into()).await {
                     eprintln!("offload: host could not send an answer: {error}");
                 }
-                host.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&reply);
                 host.ended.notify_waiters();
             }
         });
-        running.insert(reply, task.abort_handle());
+        running.insert(reply, (task.abort_handle(), permit));
     }
 
     /// A caller gave a call up: dropping its task kills the worker that runs it.
     fn cancel(&self, message: &Message) {
+        // A reply subject is short; anything long is not a cancel of ours.
+        if message.payload.len() > 256 {
+            return;
+        }
         let Ok(reply) = std::str::from_utf8(&message.payload) else { return };
         let task = self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(reply);
         match task {
-            Some(task) => {
+            // Its room is free at once.
+            Some((task, _room)) => {
                 task.abort();
                 self.ended.notify_waiters();
             }
@@ -365,7 +378,6 @@ impl Host {
         left: Duration,
         streams: bool,
         reply: &str,
-        _room: OwnedSemaphorePermit,
     ) -> (Vec<u8>, bool) {
         let failed = |error: &Error| {
             let (pid, failure) = Failure::of(error);
@@ -376,8 +388,17 @@ impl Host {
             Err(error) => return (failed(&error), false),
         };
         let pid = AtomicU32::new(0);
-        let mut relay =
-            Relay { host: self, reply, pid: &pid, streams, answer: None, relayed: false, too_large: None };
+        let too_large = Notify::new();
+        let mut relay = Relay {
+            host: self,
+            reply,
+            pid: &pid,
+            streams,
+            answer: None,
+            relayed: false,
+            too_large: None,
+            stop: &too_large,
+        };
         let deadline = std::time::Instant::now() + left;
         let message = [&frame[..]];
         let mut started = false;
@@ -392,6 +413,9 @@ impl Host {
             loop {
                 tokio::select! {
                     result = &mut call => break result,
+                    // A streamed item over the broker's limit ends the call (its worker is
+                    // stopped as for a dropped call).
+                    () = too_large.notified() => break Ok(()),
                     () = tokio::time::sleep(STARTED_AFTER), if !started => {
                         let pid = pid.load(Ordering::Relaxed);
                         if pid != 0 {
@@ -402,14 +426,18 @@ impl Host {
                 }
             }
         };
-        let answer = match result {
-            Ok(()) => relay.answer.take().expect("the reply was decoded"),
-            Err(Error::Panicked { pid, message, location, .. }) => {
+        let answer = match (result, relay.too_large) {
+            (_, Some((len, max))) => {
+                let failure = Failure::PayloadTooLarge { return_value: true, len, max };
+                wire::encode(&Answer::Failed { pid: Some(pid.load(Ordering::Relaxed)), failure }, &[])
+            }
+            (Ok(()), None) => relay.answer.take().expect("the reply was decoded"),
+            (Err(Error::Panicked { pid, message, location, .. }), None) => {
                 let report =
                     postcard::to_stdvec(&PanicReport { message, location }).expect("a report encodes");
                 frame_answer(pid, Tag::Panicked, &report, &[])
             }
-            Err(error) => failed(&error),
+            (Err(error), None) => failed(&error),
         };
         (answer, started || relay.relayed)
     }
@@ -428,6 +456,8 @@ struct Relay<'a> {
     /// A streamed item was over the broker's limit (its size, the limit): the call ends
     /// with that error.
     too_large: Option<(u64, u64)>,
+    /// Told when an item is over the limit.
+    stop: &'a Notify,
 }
 
 impl Relay<'_> {
@@ -489,6 +519,7 @@ impl Decode for Relay<'_> {
         let max = self.host.client.max_payload();
         if answer.len() > max {
             self.too_large = Some((answer.len() as u64, max as u64));
+            self.stop.notify_one();
             return Pace::Continue;
         }
         self.relayed = true;
