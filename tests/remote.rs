@@ -270,11 +270,11 @@ impl Drop for Host {
     }
 }
 
-/// In the process a test runs in: the broker's port. In the harness: `None`, after running
+/// In the process a test runs in: its broker, started. In the harness: `None`, after running
 /// the test in a process of its own (calls to remote hosts, on a free port) within `limit`.
-fn own_process(test: &str, limit: Duration) -> Option<u16> {
+fn own_process(test: &str, limit: Duration) -> Option<Broker> {
     if std::env::var("OFFLOAD_TEST_INNER").as_deref() == Ok(test) {
-        return Some(std::env::var("OFFLOAD_TEST_PORT").unwrap().parse().unwrap());
+        return Some(Broker::start(std::env::var("OFFLOAD_TEST_PORT").unwrap().parse().unwrap()));
     }
     let port = free_port();
     let mut child = dies_with_us(
@@ -315,6 +315,20 @@ fn own_process(test: &str, limit: Duration) -> Option<u16> {
     None
 }
 
+/// Starts `calls` calls of `nap(ms)`, and waits until hosts hold `held` of them.
+async fn naps_holding(calls: usize, ms: u64, held: usize) -> tokio::task::JoinSet<Result<u32, Error>> {
+    let mut naps = tokio::task::JoinSet::new();
+    for _ in 0..calls {
+        naps.spawn(nap(ms));
+    }
+    let holding = support::eventually_async(Duration::from_secs(10), || {
+        offload::stats().iter().any(|pool| pool.name.ends_with("nap") && pool.busy == held)
+    })
+    .await;
+    assert!(holding, "hosts never held {held} calls: {:?}", offload::stats());
+    naps
+}
+
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -328,8 +342,7 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 #[test]
 fn calls_run_on_other_hosts() {
-    let Some(port) = own_process("calls_run_on_other_hosts", Duration::from_secs(120)) else { return };
-    let broker = Broker::start(port);
+    let Some(broker) = own_process("calls_run_on_other_hosts", Duration::from_secs(120)) else { return };
     let hosts = [Host::start(&broker, &[]), Host::start(&broker, &[])];
     block_on(async {
         let mut calls = tokio::task::JoinSet::new();
@@ -422,10 +435,9 @@ fn calls_run_on_other_hosts() {
 
 #[test]
 fn a_host_holds_no_more_than_its_slots() {
-    let Some(port) = own_process("a_host_holds_no_more_than_its_slots", Duration::from_secs(120)) else {
+    let Some(broker) = own_process("a_host_holds_no_more_than_its_slots", Duration::from_secs(120)) else {
         return;
     };
-    let broker = Broker::start(port);
     let first = Host::start(&broker, &[]);
     let second = Host::start(&broker, &[]);
     block_on(async {
@@ -451,11 +463,10 @@ fn a_host_holds_no_more_than_its_slots() {
 
 #[test]
 fn a_host_that_joins_takes_work_within_a_second() {
-    let Some(port) = own_process("a_host_that_joins_takes_work_within_a_second", Duration::from_secs(120))
+    let Some(broker) = own_process("a_host_that_joins_takes_work_within_a_second", Duration::from_secs(120))
     else {
         return;
     };
-    let broker = Broker::start(port);
     let _first = Host::start(&broker, &[]);
     block_on(async {
         // Keep four calls of 50 ms going: more than the first host's two slots.
@@ -492,8 +503,7 @@ fn a_host_that_joins_takes_work_within_a_second() {
 
 #[test]
 fn a_killed_host_loses_no_call() {
-    let Some(port) = own_process("a_killed_host_loses_no_call", Duration::from_secs(180)) else { return };
-    let broker = Broker::start(port);
+    let Some(broker) = own_process("a_killed_host_loses_no_call", Duration::from_secs(180)) else { return };
     let mut doomed = Host::start(&broker, &[("OFFLOAD_WORKERS", "2")]);
     let survivor = Host::start(&broker, &[("OFFLOAD_WORKERS", "2")]);
     let doomed_pid = doomed.pid;
@@ -553,12 +563,11 @@ fn a_killed_host_loses_no_call() {
 
 #[test]
 fn a_timeout_or_a_dropped_call_kills_the_remote_worker() {
-    let Some(port) =
+    let Some(broker) =
         own_process("a_timeout_or_a_dropped_call_kills_the_remote_worker", Duration::from_secs(120))
     else {
         return;
     };
-    let broker = Broker::start(port);
     let _host = Host::start(&broker, &[]);
     let dir = std::env::temp_dir().join(format!("offload-remote-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -626,11 +635,10 @@ fn a_timeout_or_a_dropped_call_kills_the_remote_worker() {
 
 #[test]
 fn with_no_host_of_this_build_a_call_fails_fast() {
-    let Some(port) = own_process("with_no_host_of_this_build_a_call_fails_fast", Duration::from_secs(60))
+    let Some(broker) = own_process("with_no_host_of_this_build_a_call_fails_fast", Duration::from_secs(60))
     else {
         return;
     };
-    let broker = Broker::start(port);
     block_on(async {
         let started = Instant::now();
         match square(2).await {
@@ -665,25 +673,17 @@ fn with_no_host_of_this_build_a_call_fails_fast() {
 
 #[test]
 fn calls_resume_after_the_broker_restarts() {
-    let Some(port) = own_process("calls_resume_after_the_broker_restarts", Duration::from_secs(120)) else {
+    let Some(mut broker) = own_process("calls_resume_after_the_broker_restarts", Duration::from_secs(120))
+    else {
         return;
     };
-    let mut broker = Broker::start(port);
     let _host = Host::start(&broker, &[]);
     block_on(async {
         assert_eq!(square(3).await.unwrap(), 9);
         assert_eq!(refuses_to_wait(3).await.unwrap(), 3);
         // Calls out on the host when the broker goes: each ends, lost with the broker (or
         // done just before), long before its 20 s timeout.
-        let mut out = tokio::task::JoinSet::new();
-        for _ in 0..2 {
-            out.spawn(nap(1_000));
-        }
-        let busy = support::eventually_async(Duration::from_secs(5), || {
-            offload::stats().iter().any(|pool| pool.name.ends_with("nap") && pool.busy == 2)
-        })
-        .await;
-        assert!(busy);
+        let mut out = naps_holding(2, 1_000, 2).await;
         let killed = Instant::now();
         broker.kill();
         while let Some(joined) = out.join_next().await {
@@ -736,12 +736,11 @@ fn calls_resume_after_the_broker_restarts() {
 
 #[test]
 fn sigterm_lets_running_calls_finish_and_stops_the_rest() {
-    let Some(port) =
+    let Some(broker) =
         own_process("sigterm_lets_running_calls_finish_and_stops_the_rest", Duration::from_secs(120))
     else {
         return;
     };
-    let broker = Broker::start(port);
     // Two workers: a short call and a hung one run at once.
     let mut host = Host::start(&broker, &[("OFFLOAD_WORKERS", "2"), ("OFFLOAD_SERVE_GRACE", "2s")]);
     let dir = std::env::temp_dir().join(format!("offload-remote-drain-{}", std::process::id()));
@@ -779,11 +778,10 @@ fn sigterm_lets_running_calls_finish_and_stops_the_rest() {
 
 #[test]
 fn logs_come_back_from_the_host_in_the_calls_span() {
-    let Some(port) = own_process("logs_come_back_from_the_host_in_the_calls_span", Duration::from_secs(60))
+    let Some(broker) = own_process("logs_come_back_from_the_host_in_the_calls_span", Duration::from_secs(60))
     else {
         return;
     };
-    let broker = Broker::start(port);
     let host = Host::start(&broker, &[]);
     let capture = capture::Capture::default();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -830,11 +828,10 @@ fn other_caller() {
 
 #[test]
 fn a_full_host_turns_calls_away_and_loses_none() {
-    let Some(port) = own_process("a_full_host_turns_calls_away_and_loses_none", Duration::from_secs(120))
+    let Some(broker) = own_process("a_full_host_turns_calls_away_and_loses_none", Duration::from_secs(120))
     else {
         return;
     };
-    let broker = Broker::start(port);
     // One worker: room for two calls.
     let host = Host::start(&broker, &[]);
     let mut other = dies_with_us(
@@ -857,15 +854,7 @@ fn a_full_host_turns_calls_away_and_loses_none() {
     block_on(async {
         // This caller fills the host; then the other sends too. Each sees room that the
         // other took, and the host turns the extra calls away.
-        let mut naps = tokio::task::JoinSet::new();
-        for _ in 0..6 {
-            naps.spawn(nap(400));
-        }
-        let full = support::eventually_async(Duration::from_secs(10), || {
-            offload::stats().iter().any(|pool| pool.name.ends_with("nap") && pool.busy == 2)
-        })
-        .await;
-        assert!(full);
+        let mut naps = naps_holding(6, 400, 2).await;
         use std::io::Write;
         writeln!(other.stdin.take().unwrap(), "GO").unwrap();
         while let Some(joined) = naps.join_next().await {
