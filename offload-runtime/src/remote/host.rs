@@ -183,8 +183,11 @@ async fn serve(config: Config, grace: Duration) -> Result<(), String> {
         })
     };
     eprintln!(
-        "offload: serving {} functions (build {build:016x}) as host {name} at {} under `{}`",
-        registry.entries().count(),
+        "offload: serving {} (build {build:016x}) as host {name} at {} under `{}`",
+        match registry.entries().count() {
+            1 => "1 function".to_owned(),
+            n => format!("{n} functions"),
+        },
         host.config.shown(),
         host.config.prefix
     );
