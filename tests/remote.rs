@@ -879,3 +879,42 @@ fn a_full_host_turns_calls_away_and_loses_none() {
         assert!(sent + other_sent > 10, "{sent} + {other_sent} sends: the host never turned a call away");
     });
 }
+
+#[test]
+fn shutdown_ends_remote_calls_after_its_grace() {
+    let Some(broker) = own_process("shutdown_ends_remote_calls_after_its_grace", Duration::from_secs(60))
+    else {
+        return;
+    };
+    let _host = Host::start(&broker, &[]);
+    let dir = std::env::temp_dir().join(format!("offload-remote-shutdown-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let marker = dir.join("hung");
+    block_on(async {
+        assert_eq!(square(2).await.unwrap(), 4);
+        let hung = tokio::spawn(hang(marker.to_str().unwrap().to_owned()));
+        assert!(support::eventually_async(Duration::from_secs(10), || marker.exists()).await);
+        let worker: u32 = std::fs::read_to_string(&marker).unwrap().parse().unwrap();
+        let started = Instant::now();
+        offload::shutdown(Duration::from_secs(1)).await;
+        // The call out gets the grace period, then ends as a local one would.
+        match hung.await.unwrap() {
+            Err(Error::Shutdown { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let took = started.elapsed();
+        // 1 s of grace, and a margin for a loaded machine (the call's timeout is 30 s).
+        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+        // Its host is told, and stops the worker.
+        assert!(
+            support::eventually(Duration::from_secs(10), || !support::alive(worker)),
+            "worker {worker} lives"
+        );
+        // New calls are refused.
+        match square(3).await {
+            Err(Error::Shutdown { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -62,7 +62,11 @@ pub(crate) fn is_shut_down() -> bool {
 
 /// Stops every executor; see [`crate::shutdown`].
 pub(crate) async fn shutdown(grace: Duration) {
-    pool::shutdown(grace).await
+    #[cfg(feature = "nats")]
+    let deadline = tokio::time::Instant::now() + grace;
+    pool::shutdown(grace).await;
+    #[cfg(feature = "nats")]
+    crate::remote::shutdown(deadline).await;
 }
 
 /// Starts every executor's workers now; see [`crate::warm_up`].
@@ -281,11 +285,8 @@ impl Place {
             (Place::Local(lease), Fault::Local(fault)) => lease.failed(fault).await,
             #[cfg(feature = "nats")]
             (Place::Remote(lease), Fault::Remote(failure)) => {
-                match failure {
-                    // What the host sent made no sense: it is told to stop the call.
-                    Failure::Broken(_) => lease.cancel(),
-                    _ => lease.release(),
-                }
+                // Unless the host ended the call itself, it is told to stop it.
+                lease.cancel();
                 failure
             }
             #[cfg(feature = "nats")]

@@ -83,7 +83,9 @@ pub fn stats() -> Vec<PoolStats> {
 /// Stops every pool: new calls fail with [`Error::Shutdown`], calls already running get up
 /// to `grace` to finish, then their workers are killed (those calls fail with
 /// [`Error::Shutdown`] too). Returns once every worker process has exited and been reaped,
-/// so nothing is left behind: no process, no socket, no pipe.
+/// so nothing is left behind: no process, no socket, no pipe. Calls out on other hosts (the
+/// `nats` feature) get the same grace, then end the same way, and their hosts are told to
+/// stop them.
 ///
 /// Shutdown is for the whole process and final: pools do not start again.
 pub async fn shutdown(grace: std::time::Duration) {

@@ -8,11 +8,11 @@
 
 use std::ops::Range;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::link::{Host, Link};
 use super::wire::{self, Answer, CallHead};
@@ -32,12 +32,42 @@ pub(crate) struct Pool {
     metrics: PoolMetrics,
     /// Calls waiting for a host with room.
     waiting: AtomicUsize,
+    /// [`shutdown`] began: no new calls.
+    closed: AtomicBool,
+    /// [`shutdown`]'s grace period is over: the calls still out end.
+    stopped: AtomicBool,
+    stop: Notify,
 }
 
 static POOLS: Mutex<Vec<Arc<Pool>>> = Mutex::new(Vec::new());
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Stops every remote pool: new calls fail with `Error::Shutdown`; the calls out get until
+/// `deadline` to end, then end with `Error::Shutdown` too, and their hosts are told to stop
+/// them. See [`crate::shutdown`].
+pub(crate) async fn shutdown(deadline: tokio::time::Instant) {
+    let pools: Vec<Arc<Pool>> = lock(&POOLS).clone();
+    for pool in &pools {
+        pool.closed.store(true, Ordering::Release);
+        pool.link.changed.notify_waiters();
+    }
+    for pool in &pools {
+        loop {
+            let changed = pool.link.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if pool.holding() == 0 || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break;
+            }
+        }
+    }
+    for pool in &pools {
+        pool.stopped.store(true, Ordering::Release);
+        pool.stop.notify_waiters();
+    }
 }
 
 /// Every remote pool's figures; see [`crate::stats`].
@@ -67,6 +97,9 @@ impl Pool {
             settings,
             metrics: PoolMetrics::new(name),
             waiting: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            stop: Notify::new(),
         });
         pools.push(Arc::clone(&pool));
         Ok(pool)
@@ -78,6 +111,24 @@ impl Pool {
 
     pub(crate) fn metrics(&self) -> &PoolMetrics {
         &self.metrics
+    }
+
+    /// This caller's calls out on hosts.
+    fn holding(&self) -> u32 {
+        self.link.hosts().iter().map(|host| host.view().holding.get(self.key).copied().unwrap_or(0)).sum()
+    }
+
+    /// Waits until [`shutdown`]'s grace period is over.
+    async fn stopped(&self) {
+        loop {
+            let stop = self.stop.notified();
+            let mut stop = std::pin::pin!(stop);
+            stop.as_mut().enable();
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            stop.await;
+        }
     }
 
     /// The hosts of this build, not lost.
@@ -149,6 +200,9 @@ impl Pool {
             let changed = self.link.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
+            if self.closed.load(Ordering::Acquire) {
+                return Err(AcquireError::Shutdown);
+            }
             // Counted before the connection is looked at: a loss after this is seen.
             let downs = self.link.downs();
             let connected = self.link.is_connected();
@@ -361,14 +415,16 @@ impl Lease {
                     .map_err(|e| self.unavailable(format!("the broker did not take the call: {e}")))?;
                 self.sent = true;
             }
-            let (host, link) = (Arc::clone(&self.slot.host), Arc::clone(&self.pool.link));
+            let (host, pool) = (Arc::clone(&self.slot.host), Arc::clone(&self.pool));
             let downs = self.slot.downs;
             let answer = tokio::select! {
                 // An answer that came wins over a loss noticed at the same time.
                 biased;
                 answer = self.answers.recv() => answer,
                 () = host.lost() => None,
-                () = link.went_down_since(downs) => None,
+                () = pool.link.went_down_since(downs) => None,
+                // Dropped unanswered, the lease tells the host to stop the call.
+                () = pool.stopped() => return Err(Failure::Stopped),
             };
             let Some(answer) = answer else {
                 return Err(self.host_lost());
@@ -489,7 +545,8 @@ impl Lease {
         self.ended = true;
     }
 
-    /// The call is given up (its deadline passed): its host is told to stop it.
+    /// The call is given up (its deadline passed, it failed here): its host is told to stop
+    /// it, unless the host ended it or never had it.
     pub(crate) fn cancel(self) {
         // Dropping does it.
     }

@@ -23,7 +23,7 @@ mod wire;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-pub(crate) use caller::{Lease, Pool, stats};
+pub(crate) use caller::{Lease, Pool, shutdown, stats};
 pub(crate) use host::serve_if_asked;
 
 /// How often a host says it is there.
