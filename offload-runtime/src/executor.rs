@@ -213,7 +213,10 @@ impl Place {
                 lease.start(message, fds).map_err(Fault::Local)
             }
             #[cfg(feature = "nats")]
-            Place::Remote(lease) => lease.start(message, fds, sending).map_err(Fault::Remote),
+            Place::Remote(lease) => {
+                let Sending { entry, end, streams } = sending;
+                lease.start(message, fds, (entry, end, streams)).map_err(Fault::Remote)
+            }
         }
     }
 

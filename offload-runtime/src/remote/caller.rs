@@ -18,11 +18,12 @@ use super::link::{Host, Link};
 use super::wire::{self, Answer, CallHead};
 use super::{LOST_AFTER, PRESENCE_EVERY};
 use crate::error::{Error, ExitReason, Failure, Payload, ProtocolError};
-use crate::executor::{AcquireError, Pace, Reply, Sending};
+use crate::pool::AcquireError;
 use crate::protocol::{Attached, Tag};
-use crate::registry::Registry;
+use crate::registry::{Entry, Registry};
 use crate::settings::{Overload, PoolSettings};
 use crate::stats::{BreakerState, HostStats, PoolMetrics, PoolShape, PoolStats};
+use crate::transport::{Pace, Reply};
 
 pub(crate) struct Pool {
     key: &'static str,
@@ -351,15 +352,16 @@ impl Lease {
         &self.slot.host.name
     }
 
-    /// Makes the call's message. Nothing is sent yet: that is [`Lease::reply`]'s, which can
-    /// wait for the broker.
+    /// Makes the call's message: a call of `function` due by `end`, which streams items if
+    /// `streams`. Nothing is sent yet: that is [`Lease::reply`]'s, which can wait for the
+    /// broker.
     pub(crate) fn start(
         &mut self,
         message: &[&[u8]],
         fds: &[OwnedFd],
-        sending: Sending,
+        (function, end, streams): (&'static Entry, tokio::time::Instant, bool),
     ) -> Result<usize, Failure> {
-        let entry = sending.entry.name();
+        let entry = function.name();
         self.entry = entry;
         if !fds.is_empty() {
             return Err(Failure::Error(Error::Config {
@@ -370,14 +372,14 @@ impl Lease {
                         .into(),
             }));
         }
-        let left = sending.end.saturating_duration_since(tokio::time::Instant::now());
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
         let head = CallHead {
             version: wire::VERSION,
             build: Registry::get().hash(),
-            entry: sending.entry.key.to_owned(),
+            entry: function.key.to_owned(),
             deadline_ms: wire::epoch_ms_after(left),
             budget_ms: left.as_millis().try_into().unwrap_or(u64::MAX),
-            streams: sending.streams,
+            streams,
         };
         let bytes = wire::encode(&head, message);
         let max = self.pool.link.client.max_payload();

@@ -13,7 +13,11 @@
 //! - [`wire`]: subjects and messages, no I/O;
 //! - [`link`]: one connection per broker: its client, the hosts seen, the answers' inbox;
 //! - [`caller`]: the executor of a pool whose calls go to hosts, and its places;
-//! - [`host`]: serve mode, entered before `main` when `OFFLOAD_SERVE` is set.
+//! - [`host`]: serve mode, entered before `main` when `OFFLOAD_SERVE` is set. It sits
+//!   above `call`, as a stub does: it makes the calls that come to it.
+//!
+//! `caller` is below the executor seam, beside the local `pool`: it uses the transport's
+//! and the pool's types, never the executor's.
 
 mod caller;
 mod host;
