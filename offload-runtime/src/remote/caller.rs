@@ -539,7 +539,8 @@ impl Lease {
 
     /// The whole answer that holds the reply (its body at the range [`Lease::reply`] gave).
     pub(crate) fn take_reply(&mut self) -> Vec<u8> {
-        self.reply.take().map(|(payload, _)| payload.to_vec()).unwrap_or_default()
+        // Without a copy where the answer's bytes are its own allocation.
+        self.reply.take().map(|(payload, _)| Vec::from(payload)).unwrap_or_default()
     }
 
     /// The call is over, answered or not sent: its room is given back.
