@@ -184,7 +184,6 @@ impl Pool {
             reply_to,
             answers,
             message: None,
-            refused: None,
             entry: "",
             pid: 0,
             reply: None,
@@ -301,7 +300,10 @@ struct Slot {
 impl Slot {
     /// The host said it had no room: none is taken there until it says how much it has.
     fn full(&self) {
-        self.host.view().full.push(self.pool.key);
+        let mut view = self.host.view();
+        if !view.full.contains(&self.pool.key) {
+            view.full.push(self.pool.key);
+        }
     }
 
     /// The room, to give back elsewhere; this slot no longer holds it.
@@ -333,8 +335,6 @@ pub(crate) struct Lease {
     answers: mpsc::UnboundedReceiver<Message>,
     /// The call's message, once made: sent again if a host turns it away.
     message: Option<bytes::Bytes>,
-    /// Why the call cannot go at all, found when it was made.
-    refused: Option<Failure>,
     entry: &'static str,
     pid: u32,
     /// The answer that holds the reply, and where its body is.
@@ -402,9 +402,6 @@ impl Lease {
         &mut self,
         on_frame: &mut (dyn FnMut(Tag, &[u8]) -> Pace + Send),
     ) -> Result<Reply<'_>, Failure> {
-        if let Some(refused) = self.refused.take() {
-            return Err(refused);
-        }
         loop {
             if !self.sent {
                 let message = self.message.clone().expect("made by start");
