@@ -23,12 +23,10 @@ fn chatty(n: u32) -> u32 {
 #[test]
 fn worker_events_reach_the_parent_subscriber_with_call_context() {
     let capture = capture::Capture::default();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let pid = tracing::subscriber::with_default(capture.clone(), || runtime.block_on(chatty(7))).unwrap();
+    let pid = capture.run(chatty(7)).unwrap();
 
     let events = capture.events();
-    let forwarded: Vec<_> = events.iter().filter(|e| e.target == "offload::worker").collect();
-    let messages: Vec<&str> = forwarded.iter().map(|e| e.fields["message"].as_str()).collect();
+    let (forwarded, messages) = capture.forwarded();
     assert_eq!(messages, ["working on it", "fine print", "almost done"], "{events:#?}");
     assert_eq!(forwarded[0].level, Level::INFO);
     assert_eq!(forwarded[1].level, Level::DEBUG);

@@ -784,12 +784,9 @@ fn logs_come_back_from_the_host_in_the_calls_span() {
     };
     let host = Host::start(&broker, &[]);
     let capture = capture::Capture::default();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let pid = tracing::subscriber::with_default(capture.clone(), || runtime.block_on(chatty(7))).unwrap();
-    let events = capture.events();
-    let forwarded: Vec<_> = events.iter().filter(|e| e.target == "offload::worker").collect();
-    let messages: Vec<&str> = forwarded.iter().map(|e| e.fields["message"].as_str()).collect();
-    assert_eq!(messages, ["working on it", "almost done"], "{events:#?}");
+    let pid = capture.run(chatty(7)).unwrap();
+    let (forwarded, messages) = capture.forwarded();
+    assert_eq!(messages, ["working on it", "almost done"], "{:#?}", capture.events());
     assert_eq!(forwarded[0].fields["fields"], "n=7");
     for event in &forwarded {
         assert_eq!(event.spans["entry"], "remote::chatty");

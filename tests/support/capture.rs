@@ -42,6 +42,20 @@ impl Capture {
     pub fn events(&self) -> Vec<Captured> {
         self.0.events.lock().unwrap().clone()
     }
+
+    /// Runs `future` on a current-thread runtime, with this as the default subscriber.
+    pub fn run<F: std::future::Future>(&self, future: F) -> F::Output {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        tracing::subscriber::with_default(self.clone(), || runtime.block_on(future))
+    }
+
+    /// The events the workers emitted, as forwarded to this process, and their messages.
+    pub fn forwarded(&self) -> (Vec<Captured>, Vec<String>) {
+        let forwarded: Vec<Captured> =
+            self.events().into_iter().filter(|e| e.target == "offload::worker").collect();
+        let messages = forwarded.iter().map(|e| e.fields["message"].clone()).collect();
+        (forwarded, messages)
+    }
 }
 
 #[derive(Default)]
