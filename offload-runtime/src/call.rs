@@ -329,8 +329,11 @@ pub(crate) trait Decode: Send {
         None
     }
 
-    /// The call has its worker, `pid` (0 where it is not known yet: a remote host's): what
-    /// waits for its turn behind this call may go on.
+    /// The call is in line for a worker (it asked the pool once, which serves in order):
+    /// what waits for its turn behind this call may ask now.
+    fn in_line(&mut self) {}
+
+    /// The call has its worker, `pid` (0 where it is not known yet: a remote host's).
     fn placed(&mut self, pid: u32) {
         let _ = pid;
     }
@@ -604,8 +607,19 @@ async fn exchange(
         tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
         return Err(timed_out(None));
     }
+    let mut in_line = false;
     let (mut place, sent) = loop {
-        let mut place = match before(deadline.as_mut(), executor.acquire()).await {
+        let acquire = executor.acquire();
+        let mut acquire = std::pin::pin!(acquire);
+        let acquired = std::future::poll_fn(|cx| {
+            let poll = acquire.as_mut().poll(cx);
+            // Asked once, the call waits in the pool's queue (or has its place).
+            if !std::mem::replace(&mut in_line, true) {
+                decode.in_line();
+            }
+            poll
+        });
+        let mut place = match before(deadline.as_mut(), acquired).await {
             Some(Ok(place)) => place,
             Some(Err(e)) => {
                 tracing::debug!(target: "offload::call", error = ?e, "offload call got no worker");

@@ -112,8 +112,8 @@ pub(super) struct Engine<R> {
     finished: BTreeMap<u64, Vec<Indexed<R>>>,
     next_out: u64,
     ready: VecDeque<Indexed<R>>,
-    /// Fires when the batch sent last has its worker: the next one asks for one then.
-    last_placed: Option<oneshot::Receiver<()>>,
+    /// Fires when the batch sent last is in line for a worker: the next one asks then.
+    last_in_line: Option<oneshot::Receiver<()>>,
 }
 
 impl<R: DeserializeOwned + Send + 'static> Engine<R> {
@@ -132,7 +132,7 @@ impl<R: DeserializeOwned + Send + 'static> Engine<R> {
             finished: BTreeMap::new(),
             next_out: 0,
             ready: VecDeque::new(),
-            last_placed: None,
+            last_in_line: None,
         }
     }
 
@@ -292,8 +292,8 @@ impl<R: DeserializeOwned + Send + 'static> Engine<R> {
         let scopes = crate::deadline::scopes();
         // The batches ask for workers in order: a hung batch never gets a worker ahead of
         // one before it, whose results the map hands out first.
-        let (placed, next) = oneshot::channel();
-        let turn = Turn { after: self.last_placed.replace(next), placed: Some(placed) };
+        let (in_line, next) = oneshot::channel();
+        let turn = Turn { after: self.last_in_line.replace(next), in_line: Some(in_line) };
         let task = self.running.spawn(scopes.apply(run::<R>(route, frame, sent, turn)));
         self.slots.insert(task.id(), (number, slots));
     }
@@ -359,10 +359,10 @@ fn no_call() -> Error {
 
 /// A batch's place in the order in which the map's batches ask for workers.
 struct Turn {
-    /// Fires (or is dropped) when the batch before this one has its worker.
+    /// Fires (or is dropped) when the batch before this one is in line for a worker.
     after: Option<oneshot::Receiver<()>>,
-    /// Fired when this batch has its worker; dropped if it gets none.
-    placed: Option<oneshot::Sender<()>>,
+    /// Fired when this batch is in line for a worker; dropped if it never asks.
+    in_line: Option<oneshot::Sender<()>>,
 }
 
 /// Runs one batch as one call of its function.
@@ -394,9 +394,9 @@ impl<R: DeserializeOwned + Send + 'static> Decode for BatchDecode<R> {
         }))
     }
 
-    fn placed(&mut self, _: u32) {
-        if let Some(placed) = self.turn.placed.take() {
-            let _ = placed.send(());
+    fn in_line(&mut self) {
+        if let Some(in_line) = self.turn.in_line.take() {
+            let _ = in_line.send(());
         }
     }
 
