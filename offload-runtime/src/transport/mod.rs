@@ -146,15 +146,10 @@ impl Channel {
         let Channel { registered, stream, inbox, max_frame, awaiting_reply } = self;
         inbox.shrink();
         drop(inbox.take_fds());
-        let mut written = sent;
         let total: usize = message.iter().map(|part| part.len()).sum();
         let fd = registration(registered, stream)?;
-        while written < total {
-            let mut ready = fd.writable().await?;
-            match ready.try_io(|_| send_with_fds(stream, message, written, fds, SendFlags::DONTWAIT)) {
-                Ok(n) => written += n?,
-                Err(_would_block) => continue,
-            }
+        if sent < total {
+            write_rest(stream, message, fds, sent).await?;
         }
         *awaiting_reply = true;
 
@@ -275,6 +270,35 @@ async fn read_bulk(
     Ok(bytes)
 }
 
+/// Writes `message` from byte `written` on, waiting for room in the socket's buffer.
+///
+/// The socket's registration asks only for readability: every read the worker makes frees
+/// room in this end's buffer, and a registration for writability would wake the runtime for
+/// each of them, a wasted wake-up per call (it cost a quarter of a round trip on one CPU).
+/// A message that does not fit at once (a large one) waits for room on a registration of
+/// its own, of a duplicate of the descriptor, made for this write only.
+async fn write_rest(
+    stream: &UnixStream,
+    message: &[&[u8]],
+    fds: &[OwnedFd],
+    mut written: usize,
+) -> Result<(), TransportError> {
+    let total: usize = message.iter().map(|part| part.len()).sum();
+    let dup = stream.try_clone()?;
+    // SAFETY: `dup` is an open descriptor owned by the registration, closed only when it is
+    // dropped.
+    let room =
+        unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }.map_err(io::Error::from)?;
+    while written < total {
+        let mut ready = room.writable().await?;
+        match ready.try_io(|room| send_with_fds(room.get_ref(), message, written, fds, SendFlags::DONTWAIT)) {
+            Ok(n) => written += n?,
+            Err(_would_block) => continue,
+        }
+    }
+    Ok(())
+}
+
 /// Clears a readable mark the previous reply left on the socket. The worker sends only what
 /// it is asked for, and that reply was read whole, so nothing is left to read: without this,
 /// the first read for the next reply would be a wasted system call (`EAGAIN`), made only to
@@ -302,10 +326,8 @@ fn registration<'c>(
     // SAFETY: the descriptor is open and stays the same file for as long as the
     // registration exists: `registered` is declared before `stream`, so it is dropped
     // first, and the stream is never replaced.
-    let fd = unsafe {
-        AsyncFd::register_with_interest(stream.as_raw_fd(), Interest::READABLE | Interest::WRITABLE)
-    }
-    .map_err(io::Error::from)?;
+    let fd = unsafe { AsyncFd::register_with_interest(stream.as_raw_fd(), Interest::READABLE) }
+        .map_err(io::Error::from)?;
     Ok(&registered.insert(Registered { runtime, fd }).fd)
 }
 
@@ -318,6 +340,43 @@ struct Registered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message many times the socket's buffer waits for room on its own registration, and
+    /// its reply is then read on the registration for readability.
+    #[test]
+    fn a_message_larger_than_the_socket_buffer_is_written_whole() {
+        use std::io::{Read, Write};
+        const LEN: usize = 16 << 20;
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut got = vec![0u8; LEN];
+            theirs.read_exact(&mut got).unwrap();
+            let mut reply = crate::protocol::FrameBuf::new(Tag::Return);
+            reply.body().extend_from_slice(b"done");
+            theirs.write_all(&reply.finish().unwrap()).unwrap();
+            got.iter().map(|&b| u64::from(b)).sum::<u64>()
+        });
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let message = vec![1u8; LEN];
+        rt.block_on(async {
+            let mut channel = Channel::new(ours, 1 << 20);
+            let sent = channel.start_send(&[&message], &[]).unwrap();
+            assert!(
+                sent < LEN,
+                "the socket took {sent} bytes at once: the test needs a message that does not fit"
+            );
+            let reply = tokio::time::timeout(
+                Duration::from_secs(20),
+                channel.round_trip(&[&message], &[], sent, &mut |_, _| Pace::Continue),
+            )
+            .await
+            .expect("the rest is written and the reply read")
+            .unwrap();
+            assert_eq!((reply.tag, reply.body), (Tag::Return, &b"done"[..]));
+        });
+        assert_eq!(peer.join().unwrap(), LEN as u64);
+    }
 
     #[test]
     fn a_reply_over_its_budget_names_the_limit() {

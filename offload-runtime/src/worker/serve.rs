@@ -331,6 +331,12 @@ fn recv_spinning(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
             std::thread::yield_now();
         }
     }
+    {
+        use std::os::fd::AsFd;
+        let fd = stream.as_fd();
+        let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+        let _ = rustix::event::poll(&mut pfd, None);
+    }
     recv_with_fds(stream, buf, fds, rustix::net::RecvFlags::empty())
 }
 
