@@ -609,7 +609,7 @@ async fn exchange(
     }
     let mut in_line = false;
     let (mut place, sent) = loop {
-        let acquire = executor.acquire();
+        let acquire = executor.acquire(message, fds);
         let mut acquire = std::pin::pin!(acquire);
         let acquired = std::future::poll_fn(|cx| {
             let poll = acquire.as_mut().poll(cx);
@@ -644,10 +644,23 @@ async fn exchange(
         }
         let sending = executor::Sending { entry, end, streams: decode.streams() };
         match place.start(message, fds, sending) {
-            Err(fault) if fault.nothing_sent() && unusable < executor.places() => {
-                unusable += 1;
+            Err(fault) if fault.nothing_sent() && (unusable < executor.places() || place.is_ahead()) => {
+                unusable += usize::from(!place.is_ahead());
                 place.discard_unused();
             }
+            // A call sent ahead to a busy worker is still queued: it waits there for the call
+            // before it to end, or is withdrawn, then looks for a place again.
+            Ok(sent) => match before(deadline.as_mut(), place.turn()).await {
+                Some(Ok(true)) => break (place, Ok(sent)),
+                Some(Ok(false)) => {}
+                Some(Err(fault)) => break (place, Err(fault)),
+                None => {
+                    let pid = place.id();
+                    tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
+                    let started = place.timed_out(false).await;
+                    return Err(timed_out(started.then_some(pid)));
+                }
+            },
             sent => break (place, sent),
         }
     };
@@ -688,7 +701,11 @@ async fn exchange(
             let pid = Some(place.id()).filter(|&pid| pid != 0);
             // A worker given a grace period keeps running: not while the caller may get the
             // call's shared buffers back (for a fallback) and use them at the same time.
-            place.timed_out(fds.is_empty()).await;
+            if !place.timed_out(fds.is_empty()).await {
+                // Sent ahead to a busy worker, and withdrawn before it started.
+                tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
+                return Err(timed_out(None));
+            }
             tracing::warn!(target: "offload::call", ?timeout, "offload call timed out; its worker is stopped");
             return Err(timed_out(pid));
         }

@@ -14,7 +14,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::Error;
-use crate::pool::{self, Lease, Pool};
+use crate::pool::pipe::{Ahead, GaveUp, Handover};
+use crate::pool::{self, Acquired, Lease, Pool};
 use crate::registry::{Entry, Registry};
 use crate::settings::{Placement, PoolSettings};
 use crate::stats::{BreakerState, PoolMetrics, PoolStats};
@@ -127,11 +128,14 @@ impl Executor {
         }
     }
 
-    /// Waits for a place to run a call: admission to the queue, then a free worker.
-    /// Cancel-safe.
-    pub(crate) async fn acquire(&self) -> Result<Place, AcquireError> {
+    /// Waits for a place to run a call: admission to the queue, then a free worker (or, for
+    /// a small call when none is free, a busy worker it is sent ahead to: `message` goes
+    /// there at once). Cancel-safe.
+    pub(crate) async fn acquire(&self, message: &[&[u8]], fds: &[OwnedFd]) -> Result<Place, AcquireError> {
         match self {
-            Executor::Local(pool) => pool.acquire().await.map(Place::Local),
+            Executor::Local(pool) => {
+                pool.acquire(pool::pipe::may_go_ahead(message, fds)).await.map(Place::local)
+            }
             #[cfg(feature = "nats")]
             Executor::Remote(pool) => pool.acquire().await.map(Place::Remote),
         }
@@ -142,6 +146,8 @@ impl Executor {
 /// ways to end it (the call's future was dropped midway), it is killed and replaced.
 pub(crate) enum Place {
     Local(Lease),
+    /// Sent ahead to a busy local worker: the worker is the call's once the call before ends.
+    Ahead(Ahead),
     #[cfg(feature = "nats")]
     Remote(crate::remote::Lease),
 }
@@ -160,6 +166,8 @@ pub(crate) struct Sending {
 /// Why frames could not be exchanged with a [`Place`]; [`Place::failed`] says what it means.
 pub(crate) enum Fault {
     Local(crate::transport::TransportError),
+    /// A call sent ahead started, and its worker was lost with the call before it.
+    Lost(Failure),
     #[cfg(feature = "nats")]
     Remote(Failure),
 }
@@ -173,10 +181,24 @@ impl Fault {
 }
 
 impl Place {
-    /// The worker's pid, for the call's span and errors.
+    /// A place behind a busy worker's call: one that cannot take the call gives no sign
+    /// that workers die while idle.
+    pub(crate) fn is_ahead(&self) -> bool {
+        matches!(self, Place::Ahead(_))
+    }
+
+    fn local(acquired: Acquired) -> Place {
+        match acquired {
+            Acquired::Lease(lease) => Place::Local(lease),
+            Acquired::Ahead(ahead) => Place::Ahead(ahead),
+        }
+    }
+
+    /// The worker's pid, for the call's span and errors; 0 while it has none.
     pub(crate) fn id(&self) -> u32 {
         match self {
             Place::Local(lease) => lease.pid(),
+            Place::Ahead(ahead) => ahead.pid(),
             #[cfg(feature = "nats")]
             Place::Remote(lease) => lease.pid(),
         }
@@ -185,7 +207,7 @@ impl Place {
     /// The host the call runs on, when it is not this one.
     pub(crate) fn host(&self) -> Option<&str> {
         match self {
-            Place::Local(_) => None,
+            Place::Local(_) | Place::Ahead(_) => None,
             #[cfg(feature = "nats")]
             Place::Remote(lease) => Some(lease.host()),
         }
@@ -195,6 +217,11 @@ impl Place {
     pub(crate) fn give_back(self) {
         match self {
             Place::Local(lease) => lease.release_unused(),
+            Place::Ahead(ahead) => {
+                if let GaveUp::Started(Some(lease)) = ahead.give_up(crate::stats::RestartCause::Abandoned) {
+                    drop(lease);
+                }
+            }
             #[cfg(feature = "nats")]
             Place::Remote(lease) => lease.release(),
         }
@@ -212,11 +239,27 @@ impl Place {
                 let _ = sending;
                 lease.start(message, fds).map_err(Fault::Local)
             }
+            Place::Ahead(ahead) => ahead.start(message).map_err(Fault::Local),
             #[cfg(feature = "nats")]
             Place::Remote(lease) => {
                 let Sending { entry, end, streams } = sending;
                 lease.start(message, fds, (entry, end, streams)).map_err(Fault::Remote)
             }
+        }
+    }
+
+    /// Waits until the place is the call's own: at once, unless the call was sent ahead to a
+    /// busy worker; then until the call before it there ends. `false`: the call was withdrawn
+    /// from there before it started, and looks for a place again.
+    pub(crate) async fn turn(&mut self) -> Result<bool, Fault> {
+        let Place::Ahead(ahead) = self else { return Ok(true) };
+        match ahead.turn().await {
+            Handover::Lease(lease) => {
+                *self = Place::Local(lease);
+                Ok(true)
+            }
+            Handover::Again => Ok(false),
+            Handover::Lost(failure) => Err(Fault::Lost(failure)),
         }
     }
 
@@ -231,6 +274,7 @@ impl Place {
     ) -> Result<Reply<'_>, Fault> {
         match self {
             Place::Local(lease) => lease.reply(message, fds, sent, on_frame).await.map_err(Fault::Local),
+            Place::Ahead(_) => unreachable!("a call sent ahead has its worker before it reads"),
             #[cfg(feature = "nats")]
             Place::Remote(lease) => lease.reply(on_frame).await.map_err(Fault::Remote),
         }
@@ -240,6 +284,9 @@ impl Place {
     pub(crate) fn take_reply(&mut self) -> Vec<u8> {
         match self {
             Place::Local(lease) => lease.take_reply(),
+            Place::Ahead(_) => {
+                unreachable!("a reply comes from a worker of the call's own")
+            }
             #[cfg(feature = "nats")]
             Place::Remote(lease) => lease.take_reply(),
         }
@@ -249,6 +296,9 @@ impl Place {
     pub(crate) fn done(self) {
         match self {
             Place::Local(lease) => lease.release(),
+            Place::Ahead(_) => {
+                unreachable!("a reply comes from a worker of the call's own")
+            }
             #[cfg(feature = "nats")]
             Place::Remote(lease) => lease.release(),
         }
@@ -258,25 +308,36 @@ impl Place {
     pub(crate) fn discard_unused(self) {
         match self {
             Place::Local(lease) => lease.died_idle(),
+            Place::Ahead(_) => {}
             #[cfg(feature = "nats")]
             Place::Remote(lease) => lease.release(),
         }
     }
 
     /// The call's deadline passed while it ran: the place is ended.
-    /// With `may_grace`, the place may get a grace period to return (see `grace`).
-    pub(crate) async fn timed_out(self, may_grace: bool) {
+    /// With `may_grace`, the place may get a grace period to return (see `grace`). Says
+    /// whether the call had started: a call sent ahead may not have.
+    pub(crate) async fn timed_out(self, may_grace: bool) -> bool {
         match self {
             Place::Local(lease) => lease.timed_out(may_grace).await,
+            Place::Ahead(ahead) => match ahead.give_up(crate::stats::RestartCause::Timeout) {
+                GaveUp::Withdrawn => return false,
+                GaveUp::Started(Some(lease)) => lease.timed_out(false).await,
+                GaveUp::Started(None) => {}
+            },
             #[cfg(feature = "nats")]
             Place::Remote(lease) => lease.cancel(),
         }
+        true
     }
 
     /// The place sent something the protocol does not allow here: it is ended.
     pub(crate) fn broke_protocol(self) {
         match self {
             Place::Local(lease) => lease.broke_protocol(),
+            Place::Ahead(_) => {
+                unreachable!("a reply comes from a worker of the call's own")
+            }
             #[cfg(feature = "nats")]
             Place::Remote(lease) => lease.cancel(),
         }
@@ -286,13 +347,13 @@ impl Place {
     pub(crate) async fn failed(self, fault: Fault) -> Failure {
         match (self, fault) {
             (Place::Local(lease), Fault::Local(fault)) => lease.failed(fault).await,
+            (_, Fault::Lost(failure)) => failure,
             #[cfg(feature = "nats")]
             (Place::Remote(lease), Fault::Remote(failure)) => {
                 // Unless the host ended the call itself, it is told to stop it.
                 lease.cancel();
                 failure
             }
-            #[cfg(feature = "nats")]
             _ => unreachable!("a place's faults are its own kind"),
         }
     }

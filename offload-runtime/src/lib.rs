@@ -39,6 +39,7 @@ mod deadline;
 mod error;
 mod executor;
 mod fallback;
+mod gate;
 mod histogram;
 pub mod lag;
 mod map;

@@ -11,6 +11,7 @@
 //! overload policy says whether a call that finds it full waits (backpressure) or is refused
 //! (load shedding).
 
+pub(crate) mod pipe;
 pub(crate) mod supervisor;
 
 use std::collections::{HashMap, HashSet};
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 
+use self::pipe::{Ahead, Behind, Handover, Pipe};
 use self::supervisor::{Cause, Ending, ExitInfo, Worker, WorkerConfig};
 use crate::error::{Error, ExitReason, Failure, ProtocolError};
 use crate::protocol::Tag;
@@ -115,9 +117,26 @@ pub(crate) struct Pool {
     closed: AtomicBool,
     /// Shutdown's grace is over and the workers still running calls were killed.
     stopped: AtomicBool,
-    /// Calls waiting for admission or a worker.
+    /// Calls waiting for admission or a worker (calls sent ahead included).
     waiting: AtomicUsize,
+    /// Busy workers that take a call ahead now (see [`pipe`]), by pid.
+    open_pipes: Mutex<Vec<(u32, Arc<Pipe>)>>,
+    /// Signalled, one waiter at a time, when a busy worker starts to take a call ahead.
+    opened: Notify,
+    /// Calls that wait for a worker to send their call ahead to.
+    seeking_ahead: AtomicUsize,
+    /// Signalled when a worker goes back to its slot: a call sent ahead behind a long one
+    /// moves there.
+    idle: Notify,
     pub(crate) metrics: PoolMetrics,
+}
+
+/// What a call gets from [`Pool::acquire`].
+pub(crate) enum Acquired {
+    /// A worker of its own, its call not yet sent.
+    Lease(Lease),
+    /// Its call sent ahead to a busy worker.
+    Ahead(Ahead),
 }
 
 enum Slot {
@@ -217,6 +236,10 @@ impl Pool {
             closed: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
+            open_pipes: Mutex::new(Vec::new()),
+            opened: Notify::new(),
+            seeking_ahead: AtomicUsize::new(0),
+            idle: Notify::new(),
             metrics: PoolMetrics::new(name),
             settings,
         });
@@ -248,13 +271,14 @@ impl Pool {
         }))
     }
 
-    /// Waits for admission and a free worker, starting one if its slot is empty.
-    /// Cancel-safe: a dropped future gives back its permits and its slot, and a call that
-    /// was only queued never reaches a worker.
-    pub(crate) async fn acquire(self: &Arc<Self>) -> Result<Lease, AcquireError> {
+    /// Waits for admission and a free worker, starting one if its slot is empty; or, if the
+    /// call `may_go_ahead` (it is small), a place behind a busy worker's call when no worker
+    /// is free (see [`pipe`]). Cancel-safe: a dropped future gives back its permits and its
+    /// slot, and a call that was only queued never reaches a worker.
+    pub(crate) async fn acquire(self: &Arc<Self>, may_go_ahead: bool) -> Result<Acquired, AcquireError> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Decrement(&self.waiting);
-        let admitted = match &self.admission {
+        let mut admitted = match &self.admission {
             None => None,
             Some(admission) => Some(match self.settings.overload {
                 Overload::Wait => {
@@ -266,7 +290,14 @@ impl Pool {
                 })?,
             }),
         };
-        let permit = Arc::clone(&self.permits).acquire_owned().await.map_err(|_| AcquireError::Shutdown)?;
+        let permit = if may_go_ahead {
+            match self.permit_or_ahead(&mut admitted).await? {
+                Ok(permit) => permit,
+                Err(ahead) => return Ok(Acquired::Ahead(ahead)),
+            }
+        } else {
+            Arc::clone(&self.permits).acquire_owned().await.map_err(|_| AcquireError::Shutdown)?
+        };
         let slot = take_slot(&mut lock(&self.slots));
         let mut held = HeldSlot { pool: self, slot: Some(slot) };
         let worker = self.ready_worker(&mut held).await?;
@@ -282,12 +313,53 @@ impl Pool {
             }
             leased.insert(worker.pid);
         }
-        Ok(Lease {
+        Ok(Acquired::Lease(Lease {
             pool: Arc::clone(self),
             worker: Some(worker),
             permits: Some((permit, admitted)),
             graced: false,
-        })
+        }))
+    }
+
+    /// Waits for a free worker's permit, or a place behind a busy worker's call, whichever
+    /// comes first. Calls that wait take their turn to go ahead in the order they came; a
+    /// call that finds others waiting waits behind them.
+    async fn permit_or_ahead(
+        self: &Arc<Self>,
+        admitted: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Result<OwnedSemaphorePermit, Ahead>, AcquireError> {
+        if self.seeking_ahead.load(Ordering::Relaxed) == 0
+            && self.permits.available_permits() == 0
+            && let Some(ahead) = self.reserve_ahead(admitted)
+        {
+            return Ok(Err(ahead));
+        }
+        self.seeking_ahead.fetch_add(1, Ordering::Relaxed);
+        let _seeking = Decrement(&self.seeking_ahead);
+        let mut acquire = std::pin::pin!(Arc::clone(&self.permits).acquire_owned());
+        loop {
+            let mut opened = std::pin::pin!(self.opened.notified());
+            let permit = std::future::poll_fn(|cx| match acquire.as_mut().poll(cx) {
+                std::task::Poll::Ready(permit) => std::task::Poll::Ready(Some(permit)),
+                std::task::Poll::Pending => opened.as_mut().poll(cx).map(|()| None),
+            })
+            .await;
+            match permit {
+                Some(permit) => {
+                    let permit = permit.map_err(|_| AcquireError::Shutdown)?;
+                    // A turn to go ahead that came with the permit passes to the next call.
+                    if !lock(&self.open_pipes).is_empty() {
+                        self.opened.notify_one();
+                    }
+                    return Ok(Ok(permit));
+                }
+                None => {
+                    if let Some(ahead) = self.reserve_ahead(admitted) {
+                        return Ok(Err(ahead));
+                    }
+                }
+            }
+        }
     }
 
     /// Turns the held slot into a live worker.
@@ -420,6 +492,8 @@ impl Pool {
             drop(worker.end(Ending::Retire, Cause::Shutdown));
         } else {
             slots.push(Slot::Ready(worker));
+            drop(slots);
+            self.idle.notify_waiters();
         }
     }
 
@@ -491,10 +565,13 @@ impl Lease {
 
     /// Sends as much of `message` as the socket takes now.
     pub(crate) fn start(&mut self, message: &[&[u8]], fds: &[OwnedFd]) -> Result<usize, TransportError> {
+        self.worker().pipe().sending();
         self.worker().channel().start_send(message, fds)
     }
 
-    /// Sends the rest of `message` and waits for the reply.
+    /// Sends the rest of `message` and waits for the reply. Once the call is whole in the
+    /// worker's hands, the worker takes a call ahead (see [`pipe`]), unless it is due for
+    /// recycling after this one.
     pub(crate) async fn reply(
         &mut self,
         message: &[&[u8]],
@@ -502,7 +579,64 @@ impl Lease {
         sent: usize,
         on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) -> crate::transport::Pace + Send),
     ) -> Result<Reply<'_>, TransportError> {
-        self.worker().channel().round_trip(message, fds, sent, on_frame).await
+        self.worker().channel().finish_send(message, fds, sent).await?;
+        let accepting = !self.pool.is_closed()
+            && self.pool.settings.max_tasks.is_none_or(|max| self.worker().calls + 2 <= max);
+        let (pid, pipe) = (self.pid(), Arc::clone(self.worker().pipe()));
+        if pipe.open(accepting) {
+            lock(&self.pool.open_pipes).push((pid, Arc::clone(&pipe)));
+            self.pool.opened.notify_one();
+        }
+        let reply = self.worker().channel().read_reply(on_frame).await?;
+        if matches!(reply.tag, Tag::Return | Tag::Panicked | Tag::Fault) {
+            pipe.accept();
+        }
+        Ok(reply)
+    }
+
+    /// The call ends: no call goes ahead to its worker any more. The call that did, if any.
+    fn close_pipe(&mut self) -> Option<Behind> {
+        let pid = self.pid();
+        lock(&self.pool.open_pipes).retain(|(p, _)| *p != pid);
+        self.worker().pipe().close()
+    }
+
+    /// Hands the worker, with this call's permits, to the call sent ahead to it.
+    fn hand_to(&mut self, behind: Behind) {
+        let pipe = Arc::clone(self.worker().pipe());
+        let lease = Lease {
+            pool: Arc::clone(&self.pool),
+            worker: self.worker.take(),
+            permits: self.permits.take(),
+            graced: false,
+        };
+        behind.hand(&pipe, Handover::Lease(lease));
+    }
+
+    /// This call ends without its reply accepted, and its worker goes: the call sent ahead
+    /// to it, if any, has not started (a worker starts it only once this reply is accepted,
+    /// see [`crate::gate`]), so it is withdrawn and looks for a worker again. `true` if it
+    /// had started after all (the reply was accepted and the call's future dropped before it
+    /// gave the worker back): then the worker passes to it instead, and nothing ends.
+    fn settle_ahead(&mut self) -> bool {
+        let Some(behind) = self.close_pipe() else { return false };
+        if behind.gave_up().is_some() {
+            // Nobody waits for it: the worker goes with this call.
+            return false;
+        }
+        let pipe = Arc::clone(self.worker().pipe());
+        let Err(behind) = behind.withdraw(&pipe) else { return false };
+        if self.worker().channel().awaiting_reply() {
+            // A worker that ignores its gate: what it sends next cannot be told apart.
+            let lost = ProtocolError::Invalid(
+                "the worker started a call before the reply to the one before it was accepted".into(),
+            );
+            behind.hand(&pipe, Handover::Lost(Failure::Broken(lost)));
+            return false;
+        }
+        self.worker().calls += 1;
+        self.hand_to(behind);
+        true
     }
 
     /// The buffer that holds the last reply.
@@ -518,7 +652,10 @@ impl Lease {
 
     /// The call ran past its deadline: kill the worker and replace it, or, with a grace
     /// period, give it the period to return in the background.
-    pub(crate) async fn timed_out(self, may_grace: bool) {
+    pub(crate) async fn timed_out(mut self, may_grace: bool) {
+        if self.settle_ahead() {
+            return;
+        }
         let lease = if may_grace { self.try_grace(RestartCause::Timeout) } else { Some(self) };
         if let Some(lease) = lease {
             let _ended = lease.end(Ending::Kill, RestartCause::Timeout).await;
@@ -562,7 +699,9 @@ impl Lease {
         supervisor::signal_cancel(pid);
         runtime.spawn(async move {
             let returned = tokio::time::timeout(grace, async {
-                self.reply(&[], &[], 0, &mut |_, _| crate::transport::Pace::Continue)
+                self.worker()
+                    .channel()
+                    .read_reply(&mut |_, _| crate::transport::Pace::Continue)
                     .await
                     .is_ok_and(|reply| matches!(reply.tag, Tag::Return | Tag::Panicked | Tag::Fault))
             })
@@ -574,6 +713,8 @@ impl Lease {
                 kept
             };
             if kept {
+                // The reply is set aside, and the worker serves the next call.
+                self.worker().pipe().accept();
                 self.release();
             } else {
                 tracing::warn!(target: "offload::pool", pool = self.pool.name, pid, ?grace,
@@ -585,12 +726,14 @@ impl Lease {
     }
 
     /// The worker sent a frame the protocol does not allow here: kill it and replace it.
-    pub(crate) fn broke_protocol(self) {
+    pub(crate) fn broke_protocol(mut self) {
+        self.settle_ahead();
         drop(self.end(Ending::Kill, RestartCause::Protocol));
     }
 
     /// Ends the worker after the exchange failed with `error`, and says how it failed.
-    pub(crate) async fn failed(self, error: TransportError) -> Failure {
+    pub(crate) async fn failed(mut self, error: TransportError) -> Failure {
+        self.settle_ahead();
         let pid = self.pid();
         if self.pool.is_stopped() {
             // Killed by shutdown once its grace was over. (A worker that dies on its own
@@ -637,13 +780,29 @@ impl Lease {
     /// The call went well: the worker goes back to the pool, or is replaced if it has served
     /// `max_tasks` calls or its resident memory is above `max_rss`.
     pub(crate) fn release(mut self) {
-        let mut worker = self.worker.take().expect("present until the lease ends");
-        let pid = worker.pid;
-        worker.calls += 1;
+        let behind = self.close_pipe();
+        self.worker().calls += 1;
+        let worker = self.worker.as_ref().expect("present until the lease ends");
         let settings = &self.pool.settings;
         let worn_out = settings.max_tasks.is_some_and(|max| worker.calls >= max);
         let bloated =
             settings.max_rss.is_some_and(|max| worker.resident_bytes().is_some_and(|rss| rss > max));
+        if let Some(behind) = behind {
+            if let Some(cause) = behind.gave_up() {
+                // The call sent ahead was given up on after it started: its worker goes.
+                drop(self.end(Ending::Kill, cause));
+                return;
+            }
+            let pipe = Arc::clone(self.worker().pipe());
+            let going = worn_out || bloated || self.pool.is_closed();
+            match if going { behind.withdraw(&pipe) } else { Err(behind) } {
+                // Withdrawn: it looks for another worker, and this one goes as below.
+                Ok(()) => {}
+                Err(behind) => return self.hand_to(behind),
+            }
+        }
+        let worker = self.worker.take().expect("present until the lease ends");
+        let pid = worker.pid;
         if (worn_out || bloated) && !self.pool.is_closed() {
             tracing::info!(target: "offload::pool",
                 pool = self.pool.name,
@@ -700,12 +859,15 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(worker) = self.worker.take() {
-            let lease = Lease {
+            let mut lease = Lease {
                 pool: Arc::clone(&self.pool),
                 worker: Some(worker),
                 permits: self.permits.take(),
                 graced: self.graced,
             };
+            if lease.settle_ahead() {
+                return;
+            }
             if let Some(lease) = lease.try_grace(RestartCause::Abandoned) {
                 lease.abandon();
             }

@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
+use super::pipe::Pipe;
 use crate::error::{ExitReason, Payload};
+use crate::gate::Gate;
 use crate::protocol::env::{ENV, WorkerEnv};
 use crate::protocol::{self, FRAME_SLACK, Hello, PROTOCOL_VERSION, Tag};
 use crate::registry::Registry;
@@ -46,6 +48,8 @@ pub(crate) struct Worker {
     /// `None` once handed to the reaper.
     child: Option<Child>,
     stderr: Arc<StderrTail>,
+    /// Its gate and second handle, for calls sent ahead; set by the handshake.
+    pipe: Option<Arc<Pipe>>,
 }
 
 /// How a worker is to be ended.
@@ -101,6 +105,11 @@ impl ExitInfo {
 impl Worker {
     pub(crate) fn channel(&mut self) -> &mut Channel {
         self.channel.as_mut().expect("open until the worker is ended")
+    }
+
+    /// Its side for calls sent ahead.
+    pub(crate) fn pipe(&self) -> &Arc<Pipe> {
+        self.pipe.as_ref().expect("set by the handshake")
     }
 
     /// Whether the worker is unusable: its channel is gone, or it sent unasked data.
@@ -384,9 +393,17 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
         }
         None => Arc::new(StderrTail::default()),
     };
+    let writer = ours.try_clone();
     let channel = Channel::new(ours, max_payload as usize + FRAME_SLACK);
-    let mut worker = Worker { pid, channel: Some(channel), calls: 0, child: Some(child), stderr };
-    match handshake(worker.channel(), secret, pid) {
+    let mut worker = Worker { pid, channel: Some(channel), calls: 0, child: Some(child), stderr, pipe: None };
+    let shaken = handshake(worker.channel(), secret, pid).and_then(|()| {
+        let gate = worker.channel().take_fds().into_iter().next().ok_or("sent no gate with its handshake")?;
+        let gate = Gate::open(gate)?;
+        let writer = writer.map_err(|e| format!("its socket could not be duplicated: {e}"))?;
+        worker.pipe = Some(Arc::new(Pipe::new(gate, writer)));
+        Ok(())
+    });
+    match shaken {
         Ok(()) => {
             tracing::info!(target: "offload::supervisor", pid, "offload worker started");
             Ok(worker)

@@ -27,11 +27,24 @@ pub(crate) enum Next {
 }
 
 /// Bytes read from a channel, and the descriptors that came with them.
+///
+/// Descriptors belong to frames: a sender attaches them to the first byte of the frames it
+/// writes in one go, and a receive that brings descriptors ends right after the bytes they
+/// came with (Linux never reads past them in the same call). So the descriptors of one
+/// receive belong to the last frame that begins in its bytes; the reader notes that frame's
+/// place in the stream, and hands the descriptors out with it, not with a frame before it
+/// (a reply read in the same receive as the start of the next call's, when calls are sent
+/// ahead).
 #[derive(Default)]
 pub(crate) struct FrameReader {
     buf: Vec<u8>,
-    /// Descriptors received since they were last taken.
+    /// Descriptors received and not yet taken, oldest first.
     fds: Vec<OwnedFd>,
+    /// For the descriptors in `fds`, in order: where in the stream the frame they belong to
+    /// begins, and how many are its.
+    owners: Vec<(u64, usize)>,
+    /// Where in the stream `buf[0]` is.
+    base: u64,
     /// Valid bytes in `buf`.
     filled: usize,
     /// Length of the frame last handed out, dropped from the front on the next call.
@@ -45,6 +58,7 @@ impl FrameReader {
         if self.consumed > 0 {
             self.buf.copy_within(self.consumed..self.filled, 0);
             self.filled -= self.consumed;
+            self.base += self.consumed as u64;
             self.consumed = 0;
         }
         if self.filled < HEADER {
@@ -90,24 +104,60 @@ impl FrameReader {
         (&mut self.buf[self.filled..], &mut self.fds)
     }
 
-    /// Counts `n` more bytes read into [`FrameReader::space`].
+    /// Counts `n` more bytes read into [`FrameReader::space`], with the descriptors that
+    /// came with them.
     pub(crate) fn advance(&mut self, n: usize) {
+        let before = self.filled;
         self.filled += n;
+        let start = self.last_frame_start(before).unwrap_or(before);
+        self.own_new_fds(self.base + start as u64);
     }
 
-    /// Where descriptors that come with a bulk frame's body go.
+    /// Where the last frame that begins at or after `from` begins in `buf`, walking the
+    /// frames from the next one to hand out.
+    fn last_frame_start(&self, from: usize) -> Option<usize> {
+        let (mut at, mut last) = (self.consumed, None);
+        while at < self.filled {
+            if at >= from {
+                last = Some(at);
+            }
+            let Some(header) = self.buf.get(at..at + HEADER) else { break };
+            // The length counts the tag and the body, not itself.
+            let len = u32::from_le_bytes(header[..4].try_into().expect("four bytes")) as usize;
+            at = at.saturating_add(4).saturating_add(len);
+        }
+        last
+    }
+
+    /// Notes that the descriptors received last, and not yet noted, belong to the frame
+    /// that begins at `owner` in the stream.
+    fn own_new_fds(&mut self, owner: u64) {
+        let noted: usize = self.owners.iter().map(|&(_, n)| n).sum();
+        if self.fds.len() > noted {
+            self.owners.push((owner, self.fds.len() - noted));
+        }
+    }
+
+    /// Where descriptors that come with a bulk frame's body go; they belong to the bulk
+    /// frame being read.
     pub(crate) fn fds_mut(&mut self) -> &mut Vec<OwnedFd> {
         &mut self.fds
     }
 
-    /// The descriptors received since they were last taken.
+    /// The descriptors of the frame last handed out (and of any frame before it that left
+    /// its own), not those of frames after it.
     pub(crate) fn take_fds(&mut self) -> Vec<OwnedFd> {
-        std::mem::take(&mut self.fds)
+        self.own_new_fds(self.base);
+        let mine = self.owners.iter().take_while(|&&(owner, _)| owner <= self.base).count();
+        let count: usize = self.owners.drain(..mine).map(|(_, n)| n).sum();
+        self.fds.drain(..count).collect()
     }
 
     /// Refuses more descriptors than one frame may carry, so that a peer cannot make this
     /// side hold an unbounded number of them.
-    pub(crate) fn check_fds(&self) -> Result<(), ProtocolError> {
+    pub(crate) fn check_fds(&mut self) -> Result<(), ProtocolError> {
+        // Those that came with a bulk frame's body belong to that frame, at the front.
+        self.own_new_fds(self.base);
         if self.fds.len() > super::fds::MAX {
             return Err(ProtocolError::Invalid(format!(
                 "the worker sent {} descriptors with one reply, over the {} one reply may carry",
@@ -136,6 +186,7 @@ impl FrameReader {
         let rest = self.buf[self.consumed..self.filled].to_vec();
         let buf = std::mem::take(&mut self.buf);
         self.filled = rest.len();
+        self.base += self.consumed as u64;
         self.consumed = 0;
         self.buf = rest;
         buf
@@ -213,6 +264,36 @@ mod tests {
         assert!(matches!(reader.next(2), Ok(None)));
         feed(&mut reader, &[9, 0, 0, 0, Tag::Return as u8]);
         assert!(matches!(reader.next(2), Err(ProtocolError::FrameTooLarge { len: 9, max: 2 })));
+    }
+
+    /// A receive that ends a reply and brings the whole next one, with the next one's
+    /// descriptors: they go with the next reply, not with the first.
+    #[test]
+    fn descriptors_go_with_the_frame_they_came_with() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let mut reader = FrameReader::default();
+        feed(&mut reader, &[3, 0, 0, 0, Tag::Return as u8, 1]);
+        assert!(reader.next(100).unwrap().is_none());
+        // The rest of the first, and all of the second, with two descriptors.
+        let (space, fds) = reader.space();
+        let bytes = [2, 2, 0, 0, 0, Tag::Return as u8, 7];
+        space[..bytes.len()].copy_from_slice(&bytes);
+        fds.extend((0..2).map(|_| OwnedFd::from(null.try_clone().unwrap())));
+        reader.advance(bytes.len());
+        let Some(Next::Frame(Tag::Return, range)) = reader.next(100).unwrap() else { panic!("a frame") };
+        assert_eq!(reader.frame(range), &[1, 2]);
+        assert!(reader.take_fds().is_empty(), "the first reply came without descriptors");
+        let Some(Next::Frame(Tag::Return, range)) = reader.next(100).unwrap() else { panic!("a frame") };
+        assert_eq!(reader.frame(range), &[7]);
+        assert_eq!(reader.take_fds().len(), 2);
+        // Descriptors with the first bytes of a frame are its own.
+        let (space, fds) = reader.space();
+        let bytes = [2, 0, 0, 0, Tag::Return as u8, 9];
+        space[..bytes.len()].copy_from_slice(&bytes);
+        fds.push(OwnedFd::from(null.try_clone().unwrap()));
+        reader.advance(bytes.len());
+        let Some(Next::Frame(Tag::Return, _)) = reader.next(100).unwrap() else { panic!("a frame") };
+        assert_eq!(reader.take_fds().len(), 1);
     }
 
     #[test]

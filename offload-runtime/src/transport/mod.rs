@@ -133,25 +133,33 @@ impl Channel {
         }
     }
 
-    /// Sends the rest of `message` after [`Channel::start_send`] wrote `sent` bytes of it,
-    /// and waits for the reply frame, on the current Tokio runtime. Log, progress and item
-    /// frames that come before the reply go to `on_frame`, which says whether to read on.
-    pub(crate) async fn round_trip(
+    /// Sends the rest of `message` after [`Channel::start_send`] wrote `sent` bytes of it:
+    /// then the worker has the whole call.
+    pub(crate) async fn finish_send(
         &mut self,
         message: &[&[u8]],
         fds: &[OwnedFd],
         sent: usize,
+    ) -> Result<(), TransportError> {
+        let total: usize = message.iter().map(|part| part.len()).sum();
+        if sent < total {
+            write_rest(&self.stream, message, fds, sent).await?;
+        }
+        self.awaiting_reply = true;
+        Ok(())
+    }
+
+    /// Waits for the reply frame of the call the worker has, on the current Tokio runtime.
+    /// Log, progress and item frames that come before the reply go to `on_frame`, which says
+    /// whether to read on.
+    pub(crate) async fn read_reply(
+        &mut self,
         on_frame: &mut (dyn FnMut(Tag, &[u8]) -> Pace + Send),
     ) -> Result<Reply<'_>, TransportError> {
         let Channel { registered, stream, inbox, max_frame, awaiting_reply } = self;
         inbox.shrink();
         drop(inbox.take_fds());
-        let total: usize = message.iter().map(|part| part.len()).sum();
         let fd = registration(registered, stream)?;
-        if sent < total {
-            write_rest(stream, message, fds, sent).await?;
-        }
-        *awaiting_reply = true;
 
         // Everything that comes before the reply, bulk frames included, counts against one
         // budget: a worker cannot grow the caller past its limit by sending many frames.
@@ -197,6 +205,11 @@ impl Channel {
 }
 
 impl Channel {
+    /// The descriptors that came with the frame last received (the handshake's).
+    pub(crate) fn take_fds(&mut self) -> Vec<OwnedFd> {
+        self.inbox.take_fds()
+    }
+
     /// Whether the whole call was written and its reply is still to come: the worker has the
     /// call, and a reply, if it comes, can be read and set aside.
     pub(crate) fn awaiting_reply(&self) -> bool {
@@ -366,13 +379,14 @@ mod tests {
                 sent < LEN,
                 "the socket took {sent} bytes at once: the test needs a message that does not fit"
             );
-            let reply = tokio::time::timeout(
-                Duration::from_secs(20),
-                channel.round_trip(&[&message], &[], sent, &mut |_, _| Pace::Continue),
-            )
-            .await
-            .expect("the rest is written and the reply read")
-            .unwrap();
+            let exchange = async {
+                channel.finish_send(&[&message], &[], sent).await?;
+                channel.read_reply(&mut |_, _| Pace::Continue).await
+            };
+            let reply = tokio::time::timeout(Duration::from_secs(20), exchange)
+                .await
+                .expect("the rest is written and the reply read")
+                .unwrap();
             assert_eq!((reply.tag, reply.body), (Tag::Return, &b"done"[..]));
         });
         assert_eq!(peer.join().unwrap(), LEN as u64);

@@ -9,6 +9,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use crate::error::{Payload, ProtocolError};
+use crate::gate::Gate;
 use crate::protocol::env::WorkerEnv;
 use crate::protocol::reader::{FrameReader, KEEP_BUFFER, Next, fresh_bytes};
 use crate::protocol::{self, Attached, FrameBuf, Hello, MAX_FRAME, PROTOCOL_VERSION, PanicReport, Tag};
@@ -104,15 +105,36 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
     };
     let mut frame = FrameBuf::new(Tag::Hello);
     protocol::append(frame.body(), &hello, Payload::Message).map_err(std::io::Error::other)?;
-    (&stream).write_all(&frame.finish().map_err(std::io::Error::other)?)?;
+    // The gate goes with the hello: every call passes it before it runs (see `crate::gate`).
+    let gate = Gate::create()?;
+    let hello = frame.finish().map_err(std::io::Error::other)?;
+    let mut sent = 0;
+    while sent < hello.len() {
+        let fds = if sent == 0 { std::slice::from_ref(gate.fd()) } else { &[] };
+        sent += send_with_fds(&stream, &[&hello], sent, fds, rustix::net::SendFlags::empty())?;
+    }
 
     let mut inbox = FrameReader::default();
     let mut reply = Vec::new();
+    let mut calls = 0;
     loop {
         let Some((tag, body, attached)) = next_call(&mut inbox, &stream)? else {
             // The parent closed the channel: it is done with us, or gone.
             return Ok(());
         };
+        calls += 1;
+        let spin = std::time::Duration::from_micros(SPIN_US.load(Ordering::Relaxed));
+        let closed = || {
+            let mut byte = [0u8; 1];
+            let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+            matches!(rustix::net::recv(&stream, &mut byte, peek), Ok((0, _)))
+        };
+        if !gate.claim(calls, spin, &closed).map_err(std::io::Error::other)? {
+            // Sent ahead, behind the call before it, and withdrawn by the parent since: it
+            // never runs, and nobody waits for an answer.
+            drop(attached);
+            continue;
+        }
         reply = answer(tag, inbox.frame(body), attached, reply);
         let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
         let reply_bulk = REPLY_BULK.with(|b| b.borrow_mut().take());
@@ -162,8 +184,8 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
 }
 
 /// Reads the next call or batch frame, and the bulk frames before it: its tag, where its
-/// body is in `inbox`, and what came with it. `None` at end of stream. The parent sends one
-/// call and waits for its reply, so nothing follows a call frame.
+/// body is in `inbox`, and what came with it. `None` at end of stream. The parent may have
+/// sent the next call behind it (see `crate::gate`).
 fn next_call(
     inbox: &mut FrameReader,
     stream: &UnixStream,
