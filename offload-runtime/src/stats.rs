@@ -84,6 +84,8 @@ pub(crate) struct PoolMetrics {
     submitted: AtomicU64,
     succeeded: AtomicU64,
     cancelled: AtomicU64,
+    sent_ahead: AtomicU64,
+    withdrawn: AtomicU64,
     failed: [AtomicU64; ErrorKind::COUNT],
     restarts: [AtomicU64; RestartCause::ALL.len()],
     queue_wait: Histogram,
@@ -99,6 +101,8 @@ impl PoolMetrics {
             submitted: AtomicU64::new(0),
             succeeded: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            sent_ahead: AtomicU64::new(0),
+            withdrawn: AtomicU64::new(0),
             failed: std::array::from_fn(|_| AtomicU64::new(0)),
             restarts: std::array::from_fn(|_| AtomicU64::new(0)),
             queue_wait: Histogram::new(),
@@ -156,6 +160,16 @@ impl PoolMetrics {
     }
 
     /// A call whose future was dropped before it ended.
+    /// A call was written behind a busy worker's call.
+    pub(crate) fn sent_ahead(&self) {
+        self.sent_ahead.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call sent ahead was taken back before it started.
+    pub(crate) fn withdrawn(&self) {
+        self.withdrawn.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn cancelled(&self) {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
@@ -187,6 +201,8 @@ impl PoolMetrics {
             submitted: load(&self.submitted),
             succeeded: load(&self.succeeded),
             cancelled: load(&self.cancelled),
+            sent_ahead: load(&self.sent_ahead),
+            withdrawn: load(&self.withdrawn),
             failed: std::array::from_fn(|i| load(&self.failed[i])),
             restarts: std::array::from_fn(|i| load(&self.restarts[i])),
             breakers,
@@ -249,6 +265,13 @@ pub struct PoolStats {
     pub succeeded: u64,
     /// Calls whose future was dropped before they ended.
     pub cancelled: u64,
+    /// Calls written to a busy worker behind the call it ran, to start as soon as it
+    /// answered (small calls, when no worker was free; see the README's "Pipelining").
+    pub sent_ahead: u64,
+    /// Calls sent ahead and taken back before they started: the call before failed, the
+    /// call's deadline passed or its future was dropped, or another worker became free.
+    /// Each looked for a worker again, or ended, as if it had waited in the queue.
+    pub withdrawn: u64,
     failed: [u64; ErrorKind::COUNT],
     restarts: [u64; RestartCause::ALL.len()],
     /// Circuit breaker state of each function in the pool that has one.

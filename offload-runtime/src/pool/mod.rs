@@ -625,7 +625,15 @@ impl Lease {
             return false;
         }
         let pipe = Arc::clone(self.worker().pipe());
-        let Err(behind) = behind.withdraw(&pipe) else { return false };
+        let behind = match behind.withdraw(&pipe) {
+            Ok(sent) => {
+                if sent {
+                    self.pool.metrics.withdrawn();
+                }
+                return false;
+            }
+            Err(behind) => behind,
+        };
         if self.worker().channel().awaiting_reply() {
             // A worker that ignores its gate: what it sends next cannot be told apart.
             let lost = ProtocolError::Invalid(
@@ -797,7 +805,11 @@ impl Lease {
             let going = worn_out || bloated || self.pool.is_closed();
             match if going { behind.withdraw(&pipe) } else { Err(behind) } {
                 // Withdrawn: it looks for another worker, and this one goes as below.
-                Ok(()) => {}
+                Ok(sent) => {
+                    if sent {
+                        self.pool.metrics.withdrawn();
+                    }
+                }
                 Err(behind) => return self.hand_to(behind),
             }
         }

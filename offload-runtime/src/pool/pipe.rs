@@ -209,11 +209,12 @@ impl Behind {
     }
 
     /// Withdraws it from `pipe`'s worker, which is going away or may not run it: it looks
-    /// for a worker again. `Err(self)` if the worker claimed it already.
-    pub(crate) fn withdraw(self, pipe: &Pipe) -> Result<(), Behind> {
+    /// for a worker again. `Ok(true)` if it had been written there; `Err(self)` if the
+    /// worker claimed it already.
+    pub(crate) fn withdraw(self, pipe: &Pipe) -> Result<bool, Behind> {
         if self.gave_up.is_some() || !self.written || pipe.gate.withdraw(self.n) {
             let _ = self.hand.send(Handover::Again);
-            Ok(())
+            Ok(self.written && self.gave_up.is_none())
         } else {
             Err(self)
         }
@@ -265,6 +266,7 @@ impl Ahead {
         match self.pipe.write(self.n, message) {
             Ok(None) => {
                 self.written = true;
+                self.pool.metrics.sent_ahead();
                 return Ok(total);
             }
             Err(()) => {
@@ -299,6 +301,7 @@ impl Ahead {
                 idle.as_mut().enable();
                 if self.pool.permits.available_permits() > 0 && self.pipe.withdraw(self.n) {
                     self.settled = true;
+                    self.pool.metrics.withdrawn();
                     return Handover::Again;
                 }
                 let handed = std::future::poll_fn(|cx| match std::pin::Pin::new(&mut self.handed).poll(cx) {
@@ -333,6 +336,9 @@ impl Ahead {
 
     fn abandon(&mut self, cause: RestartCause) -> GaveUp {
         if self.pipe.withdraw(self.n) {
+            if self.written {
+                self.pool.metrics.withdrawn();
+            }
             return GaveUp::Withdrawn;
         }
         if self.pipe.give_up(self.n, cause) {

@@ -1,0 +1,228 @@
+//! Small calls sent ahead to a busy worker, behind the call it runs, when no worker is free:
+//! nothing a caller sees changes. A call sent ahead whose worker is killed for the call before
+//! it (a timeout, a crash) runs on another worker, once; one whose own deadline passes, or
+//! whose future is dropped, never runs, and its worker lives on; one behind a long call moves
+//! to a worker that becomes free; `max_tasks` still counts every call.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use offload::{Error, ExitReason, RestartCause, offload};
+
+/// Says it started (a file named after its process), then sleeps `ms`.
+fn hold_for(dir: &str, ms: u64) -> u32 {
+    let pid = std::process::id();
+    std::fs::write(Path::new(dir).join(format!("started-{pid}")), b"").unwrap();
+    std::thread::sleep(Duration::from_millis(ms));
+    pid
+}
+
+/// Runs once per `x`: a second run of the same call would panic on the file it left.
+fn once(dir: &str, x: u64) -> u32 {
+    std::fs::File::create_new(Path::new(dir).join(format!("ran-{x}"))).expect("each call runs once");
+    std::process::id()
+}
+
+#[offload(pool = "ahead_timeout", workers = "1", timeout = "400ms")]
+fn hold_past_deadline(dir: String) -> u32 {
+    hold_for(&dir, 30_000)
+}
+
+#[offload(pool = "ahead_timeout", timeout = "20s")]
+fn once_after_timeout(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
+#[offload(pool = "ahead_crash", workers = "1", timeout = "20s")]
+fn hold_until_killed(dir: String) -> u32 {
+    hold_for(&dir, 30_000)
+}
+
+#[offload(pool = "ahead_crash", timeout = "20s")]
+fn once_after_crash(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
+#[offload(pool = "ahead_gives_up", workers = "1", timeout = "20s")]
+fn hold_briefly(dir: String, ms: u64) -> u32 {
+    hold_for(&dir, ms)
+}
+
+#[offload(pool = "ahead_gives_up", timeout = "150ms")]
+fn once_in_a_hurry(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
+#[offload(pool = "ahead_gives_up", timeout = "20s")]
+fn once_patiently(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
+#[offload(pool = "ahead_moves", workers = "2", timeout = "20s")]
+fn hold_a_while(dir: String, ms: u64) -> u32 {
+    hold_for(&dir, ms)
+}
+
+#[offload(pool = "ahead_moves", timeout = "20s")]
+fn once_wherever(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
+#[offload(workers = "1", max_tasks = 3, timeout = "20s")]
+fn counted(ms: u64) -> u32 {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::process::id()
+}
+
+/// A fresh directory for one test's files, removed when dropped.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let dir = std::env::temp_dir().join(format!("offload-pipeline-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+
+    fn path(&self) -> String {
+        self.0.to_str().unwrap().to_owned()
+    }
+
+    /// Waits until a worker says it started a holding call; returns its pid.
+    async fn started(&self) -> u32 {
+        let mut found = None;
+        let seen = support::eventually_async(Duration::from_secs(10), || {
+            found = std::fs::read_dir(&self.0)
+                .unwrap()
+                .flatten()
+                .find_map(|e| e.file_name().to_str()?.strip_prefix("started-")?.parse::<u32>().ok());
+            found.is_some()
+        })
+        .await;
+        assert!(seen, "the holding call never started");
+        let pid = found.unwrap();
+        std::fs::remove_file(self.0.join(format!("started-{pid}"))).unwrap();
+        pid
+    }
+
+    fn ran(&self, x: u64) -> bool {
+        self.0.join(format!("ran-{x}")).exists()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn stats(pool: &str) -> offload::PoolStats {
+    offload::stats().into_iter().find(|s| s.name == pool).expect("pool listed")
+}
+
+/// Waits until `pool` has sent `n` calls ahead.
+async fn sent_ahead(pool: &str, n: u64) {
+    let sent = support::eventually_async(Duration::from_secs(10), || stats(pool).sent_ahead >= n).await;
+    assert!(sent, "{pool} sent {} calls ahead, not {n}", stats(pool).sent_ahead);
+}
+
+#[tokio::test]
+async fn a_call_behind_one_that_times_out_runs_once_on_the_next_worker() {
+    let dir = Dir::new("timeout");
+    let hold = tokio::spawn(hold_past_deadline(dir.path()));
+    let first = dir.started().await;
+    let call = tokio::spawn(once_after_timeout(dir.path(), 1));
+    sent_ahead("ahead_timeout", 1).await;
+
+    let held = hold.await.unwrap();
+    assert!(matches!(held, Err(Error::Timeout { pid: Some(pid), .. }) if pid == first), "{held:?}");
+    let ran_on = call.await.unwrap().expect("withdrawn when its worker was killed, then run elsewhere");
+    assert_ne!(ran_on, first, "it ran on the worker killed for the call before it");
+    let stats = stats("ahead_timeout");
+    assert_eq!(stats.withdrawn, 1);
+    assert_eq!(stats.restarts(RestartCause::Timeout), 1);
+    assert_eq!(stats.failed_total(), 1, "only the call that timed out failed");
+}
+
+#[tokio::test]
+async fn a_call_behind_one_whose_worker_is_killed_runs_once_on_the_next_worker() {
+    let dir = Dir::new("crash");
+    let hold = tokio::spawn(hold_until_killed(dir.path()));
+    let first = dir.started().await;
+    let call = tokio::spawn(once_after_crash(dir.path(), 1));
+    sent_ahead("ahead_crash", 1).await;
+
+    support::kill9(first);
+    let held = hold.await.unwrap();
+    assert!(matches!(held, Err(Error::Crashed { exit: ExitReason::Signal(9), .. })), "{held:?}");
+    let ran_on = call.await.unwrap().expect("withdrawn when its worker died, then run elsewhere");
+    assert_ne!(ran_on, first);
+    assert_eq!(stats("ahead_crash").withdrawn, 1);
+}
+
+#[tokio::test]
+async fn a_call_sent_ahead_that_times_out_or_is_dropped_never_runs() {
+    let dir = Dir::new("gives-up");
+
+    // Its own deadline passes while the call before it runs.
+    let hold = tokio::spawn(hold_briefly(dir.path(), 800));
+    let first = dir.started().await;
+    let started = Instant::now();
+    let timed_out = once_in_a_hurry(dir.path(), 1).await;
+    assert!(matches!(timed_out, Err(Error::Timeout { pid: None, .. })), "{timed_out:?}");
+    assert!(started.elapsed() < Duration::from_millis(700), "it waited for the call before");
+    assert_eq!(hold.await.unwrap().unwrap(), first);
+
+    // Its future is dropped while the call before it runs.
+    let hold = tokio::spawn(hold_briefly(dir.path(), 800));
+    assert_eq!(dir.started().await, first, "the same worker serves on");
+    let call = tokio::spawn(once_patiently(dir.path(), 2));
+    sent_ahead("ahead_gives_up", 2).await;
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    assert_eq!(hold.await.unwrap().unwrap(), first);
+
+    // Neither ran, and the worker was not touched.
+    assert_eq!(once_patiently(dir.path(), 3).await.unwrap(), first);
+    assert!(!dir.ran(1) && !dir.ran(2), "a call given up on ran");
+    let stats = stats("ahead_gives_up");
+    assert_eq!(stats.withdrawn, 2);
+    assert_eq!(stats.restarts_total(), 0);
+    assert_eq!(stats.cancelled, 1);
+}
+
+#[tokio::test]
+async fn a_call_behind_a_long_one_moves_to_a_worker_that_becomes_free() {
+    let dir = Dir::new("moves");
+    let long = tokio::spawn(hold_a_while(dir.path(), 2_000));
+    let long_pid = dir.started().await;
+    let short = tokio::spawn(hold_a_while(dir.path(), 300));
+    let short_pid = dir.started().await;
+    // Both workers are busy: the call goes ahead, behind the first (the long one).
+    let call = tokio::spawn(once_wherever(dir.path(), 1));
+    sent_ahead("ahead_moves", 1).await;
+
+    let ran_on = call.await.unwrap().unwrap();
+    assert_eq!(ran_on, short_pid, "it should move to the worker the short call left");
+    assert!(!long.is_finished(), "it waited for the long call");
+    assert_eq!(short.await.unwrap().unwrap(), short_pid);
+    assert_eq!(long.await.unwrap().unwrap(), long_pid);
+    assert_eq!(stats("ahead_moves").withdrawn, 1);
+}
+
+#[tokio::test]
+async fn max_tasks_counts_calls_sent_ahead() {
+    let calls: Vec<_> = (0..12).map(|_| tokio::spawn(counted(20))).collect();
+    let mut per_pid: HashMap<u32, u32> = HashMap::new();
+    for call in calls {
+        *per_pid.entry(call.await.unwrap().expect("recycling never fails a call")).or_default() += 1;
+    }
+    assert!(per_pid.values().all(|&n| n <= 3), "a worker ran more than max_tasks calls: {per_pid:?}");
+    assert_eq!(per_pid.values().sum::<u32>(), 12);
+    let stats = stats("pipeline::counted");
+    assert!(stats.sent_ahead >= 1, "no call went ahead, so this proves nothing");
+}
