@@ -71,6 +71,33 @@ fn once_wherever(dir: String, x: u64) -> u32 {
     once(&dir, x)
 }
 
+#[offload(pool = "ahead_freed", workers = "2", timeout = "20s")]
+fn hold_long(dir: String, ms: u64) -> u32 {
+    hold_for(&dir, ms)
+}
+
+#[offload(pool = "ahead_freed", timeout = "300ms")]
+fn hold_past_short_deadline(dir: String) -> u32 {
+    hold_for(&dir, 30_000)
+}
+
+#[offload(pool = "ahead_freed", timeout = "20s")]
+fn once_when_freed(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
+#[offload(pool = "ahead_or_not", workers = "1", timeout = "20s")]
+fn tick(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// Too large to go ahead.
+#[offload(pool = "ahead_or_not", timeout = "20s")]
+fn large(text: String) -> usize {
+    text.len()
+}
+
 #[offload(workers = "1", max_tasks = 3, timeout = "20s")]
 fn counted(ms: u64) -> u32 {
     std::thread::sleep(Duration::from_millis(ms));
@@ -225,4 +252,53 @@ async fn max_tasks_counts_calls_sent_ahead() {
     assert_eq!(per_pid.values().sum::<u32>(), 12);
     let stats = stats("pipeline::counted");
     assert!(stats.sent_ahead >= 1, "no call went ahead, so this proves nothing");
+}
+
+/// A worker freed by a timeout (killed and replaced, not put back) takes a call sent ahead
+/// behind a long call elsewhere.
+#[tokio::test]
+async fn a_call_behind_a_long_one_moves_when_a_timeout_frees_a_worker() {
+    let dir = Dir::new("freed");
+    let long = tokio::spawn(hold_long(dir.path(), 3_000));
+    dir.started().await;
+    let doomed = tokio::spawn(hold_past_short_deadline(dir.path()));
+    dir.started().await;
+    let call = tokio::spawn(once_when_freed(dir.path(), 1));
+    sent_ahead("ahead_freed", 1).await;
+
+    assert!(matches!(doomed.await.unwrap(), Err(Error::Timeout { .. })));
+    call.await.unwrap().expect("it runs on the worker that replaced the one killed");
+    assert!(!long.is_finished(), "it waited for the long call");
+    assert_eq!(stats("ahead_freed").withdrawn, 1);
+    long.await.unwrap().unwrap();
+}
+
+/// Small calls that keep going ahead do not keep a large call, which cannot, from a worker.
+#[tokio::test]
+async fn calls_going_ahead_do_not_starve_one_that_cannot() {
+    let until = Instant::now() + Duration::from_millis(1_500);
+    let tickers: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(async move {
+                while Instant::now() < until {
+                    tick(20).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let going_ahead = support::eventually_async(Duration::from_secs(10), || {
+        offload::stats().iter().any(|s| s.name == "ahead_or_not" && s.sent_ahead >= 5)
+    })
+    .await;
+    assert!(going_ahead, "the small calls never went ahead, so this proves nothing");
+    let started = Instant::now();
+    assert_eq!(large("x".repeat(20_000)).await.unwrap(), 20_000);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the large call waited {:?} while small calls went ahead of it",
+        started.elapsed()
+    );
+    for ticker in tickers {
+        ticker.await.unwrap();
+    }
 }

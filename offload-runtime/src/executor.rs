@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::Error;
-use crate::pool::pipe::{Ahead, GaveUp, Handover};
+use crate::error::{Error, ProtocolError};
+use crate::pool::pipe::{Ahead, GaveUp, Handover, Start};
 use crate::pool::{self, Acquired, Lease, Pool};
 use crate::registry::{Entry, Registry};
 use crate::settings::{Placement, PoolSettings};
@@ -239,7 +239,17 @@ impl Place {
                 let _ = sending;
                 lease.start(message, fds).map_err(Fault::Local)
             }
-            Place::Ahead(ahead) => ahead.start(message).map_err(Fault::Local),
+            Place::Ahead(ahead) => match ahead.start(message, sending.end) {
+                Start::Written(sent) => Ok(sent),
+                Start::NotSent => Err(Fault::Local(crate::transport::TransportError::NotSent)),
+                // The call before ended first: the worker is idle, and takes the call the
+                // ordinary way.
+                Start::Handed(mut lease) => {
+                    let sent = lease.start(message, fds).map_err(Fault::Local);
+                    *self = Place::Local(*lease);
+                    sent
+                }
+            },
             #[cfg(feature = "nats")]
             Place::Remote(lease) => {
                 let Sending { entry, end, streams } = sending;
@@ -348,12 +358,18 @@ impl Place {
         match (self, fault) {
             (Place::Local(lease), Fault::Local(fault)) => lease.failed(fault).await,
             (_, Fault::Lost(failure)) => failure,
+            // Not reached: a call sent ahead fails to start only with `NotSent`, which looks
+            // for another place.
+            (Place::Ahead(_), Fault::Local(fault)) => Failure::Broken(ProtocolError::Invalid(format!(
+                "a call sent ahead could not be sent: {fault:?}"
+            ))),
             #[cfg(feature = "nats")]
             (Place::Remote(lease), Fault::Remote(failure)) => {
                 // Unless the host ended the call itself, it is told to stop it.
                 lease.cancel();
                 failure
             }
+            #[cfg(feature = "nats")]
             _ => unreachable!("a place's faults are its own kind"),
         }
     }

@@ -41,7 +41,8 @@ const NAP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One side's mapping of a worker's gate.
 pub(crate) struct Gate {
-    map: memmap2::MmapMut,
+    /// Raw: the words are shared with another process and touched only through atomics.
+    map: memmap2::MmapRaw,
     fd: OwnedFd,
 }
 
@@ -74,9 +75,9 @@ impl Gate {
 
     #[cfg(target_os = "linux")]
     fn map(fd: OwnedFd) -> std::io::Result<Gate> {
-        // SAFETY: a memory file sealed against shrinking: the mapping stays backed for as long
-        // as it exists, whatever the other side does. Only atomics touch its bytes.
-        let map = unsafe { memmap2::MmapOptions::new().len(LEN).map_mut(&fd)? };
+        // A memory file sealed against shrinking: the mapping stays backed for as long as it
+        // exists, whatever the other side does. Only atomics touch its bytes.
+        let map = memmap2::MmapOptions::new().len(LEN).map_raw(&fd)?;
         Ok(Gate { map, fd })
     }
 
@@ -103,12 +104,12 @@ impl Gate {
         // SAFETY: the mapping is page-aligned and `LEN` bytes long, the offset is a multiple
         // of 8 within it, and the mapping lives as long as `self`; the other process accesses
         // these words only atomically as well.
-        unsafe { &*self.map.as_ptr().add(offset).cast::<AtomicU64>() }
+        unsafe { &*self.map.as_mut_ptr().add(offset).cast::<AtomicU64>() }
     }
 
     fn u32_at(&self, offset: usize) -> &AtomicU32 {
         // SAFETY: as for `u64_at`, at a multiple of 4.
-        unsafe { &*self.map.as_ptr().add(offset).cast::<AtomicU32>() }
+        unsafe { &*self.map.as_mut_ptr().add(offset).cast::<AtomicU32>() }
     }
 
     /// The caller's side: the reply to call `n` was read whole and is well formed; the

@@ -159,7 +159,6 @@ impl PoolMetrics {
         }
     }
 
-    /// A call whose future was dropped before it ended.
     /// A call was written behind a busy worker's call.
     pub(crate) fn sent_ahead(&self) {
         self.sent_ahead.fetch_add(1, Ordering::Relaxed);
@@ -170,6 +169,7 @@ impl PoolMetrics {
         self.withdrawn.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A call whose future was dropped before it ended.
     pub(crate) fn cancelled(&self) {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]

@@ -125,6 +125,9 @@ pub(crate) struct Pool {
     opened: Notify,
     /// Calls that wait for a worker to send their call ahead to.
     seeking_ahead: AtomicUsize,
+    /// Calls that wait for a worker and cannot go ahead (large ones): while there are any,
+    /// no call goes ahead, so that workers come free for them.
+    plain_waiting: AtomicUsize,
     /// Signalled when a worker goes back to its slot: a call sent ahead behind a long one
     /// moves there.
     idle: Notify,
@@ -239,6 +242,7 @@ impl Pool {
             open_pipes: Mutex::new(Vec::new()),
             opened: Notify::new(),
             seeking_ahead: AtomicUsize::new(0),
+            plain_waiting: AtomicUsize::new(0),
             idle: Notify::new(),
             metrics: PoolMetrics::new(name),
             settings,
@@ -296,6 +300,8 @@ impl Pool {
                 Err(ahead) => return Ok(Acquired::Ahead(ahead)),
             }
         } else {
+            self.plain_waiting.fetch_add(1, Ordering::Relaxed);
+            let _plain = Decrement(&self.plain_waiting);
             Arc::clone(&self.permits).acquire_owned().await.map_err(|_| AcquireError::Shutdown)?
         };
         let slot = take_slot(&mut lock(&self.slots));
@@ -345,14 +351,9 @@ impl Pool {
             })
             .await;
             match permit {
-                Some(permit) => {
-                    let permit = permit.map_err(|_| AcquireError::Shutdown)?;
-                    // A turn to go ahead that came with the permit passes to the next call.
-                    if !lock(&self.open_pipes).is_empty() {
-                        self.opened.notify_one();
-                    }
-                    return Ok(Ok(permit));
-                }
+                // A turn to go ahead that came with the permit passes to the next call as
+                // `opened` is dropped (Tokio's `Notified` does that).
+                Some(permit) => return Ok(Ok(permit.map_err(|_| AcquireError::Shutdown)?)),
                 None => {
                     if let Some(ahead) = self.reserve_ahead(admitted) {
                         return Ok(Err(ahead));
@@ -492,8 +493,6 @@ impl Pool {
             drop(worker.end(Ending::Retire, Cause::Shutdown));
         } else {
             slots.push(Slot::Ready(worker));
-            drop(slots);
-            self.idle.notify_waiters();
         }
     }
 
@@ -587,9 +586,13 @@ impl Lease {
             lock(&self.pool.open_pipes).push((pid, Arc::clone(&pipe)));
             self.pool.opened.notify_one();
         }
+        let pool = Arc::clone(&self.pool);
         let reply = self.worker().channel().read_reply(on_frame).await?;
         if matches!(reply.tag, Tag::Return | Tag::Panicked | Tag::Fault) {
-            pipe.accept();
+            let yield_to_others = pool.plain_waiting.load(Ordering::Relaxed) > 0;
+            if pipe.accept(yield_to_others) {
+                pool.metrics.withdrawn();
+            }
         }
         Ok(reply)
     }
@@ -621,7 +624,9 @@ impl Lease {
     fn settle_ahead(&mut self) -> bool {
         let Some(behind) = self.close_pipe() else { return false };
         if behind.gave_up().is_some() {
-            // Nobody waits for it: the worker goes with this call.
+            // Nobody waits for it: the worker goes with this call, without a grace period
+            // (part of a frame may be on its socket).
+            self.graced = true;
             return false;
         }
         let pipe = Arc::clone(self.worker().pipe());
@@ -722,7 +727,7 @@ impl Lease {
             };
             if kept {
                 // The reply is set aside, and the worker serves the next call.
-                self.worker().pipe().accept();
+                self.worker().pipe().accept(false);
                 self.release();
             } else {
                 tracing::warn!(target: "offload::pool", pool = self.pool.name, pid, ?grace,
@@ -870,6 +875,18 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.end_lease();
+        // The worker's permit is free now (unless it went to a call sent ahead): a call sent
+        // ahead behind a long call elsewhere may take it.
+        if let Some(permits) = self.permits.take() {
+            drop(permits);
+            self.pool.idle.notify_one();
+        }
+    }
+}
+
+impl Lease {
+    fn end_lease(&mut self) {
         if let Some(worker) = self.worker.take() {
             let mut lease = Lease {
                 pool: Arc::clone(&self.pool),

@@ -29,12 +29,12 @@ use std::task::Poll;
 use std::future::Future;
 
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::time::Instant;
 
 use super::{Lease, Pool, lock};
 use crate::error::{Failure, ProtocolError};
 use crate::gate::Gate;
 use crate::stats::RestartCause;
-use crate::transport::TransportError;
 
 /// The longest call message sent ahead: one that a socket takes whole at once.
 pub(crate) const AHEAD_MAX: usize = 16 << 10;
@@ -49,23 +49,28 @@ pub(crate) struct Pipe {
 
 #[derive(Default)]
 struct PipeState {
-    /// Call frames sent (or reserved) to the worker so far: the number of the last (see
-    /// [`Gate`]).
+    /// Call frames written to the worker so far: the number of the last (see [`Gate`]). A
+    /// call sent ahead gets its number only when its frame is written.
     sent: u64,
     /// The number of the call the worker runs, or ran last.
     running: u64,
     /// The running call's message is written whole, and the worker takes one more behind
     /// it (it is not due for recycling after the running call).
     open: bool,
+    /// Places reserved so far: names each.
+    reserved: u64,
     behind: Option<Behind>,
 }
 
 /// The call sent ahead, as its worker's pipe knows it.
 pub(crate) struct Behind {
-    n: u64,
+    /// Its reservation.
+    id: u64,
+    /// Its number, once its frame is written.
+    n: Option<u64>,
     hand: oneshot::Sender<Handover>,
-    /// Its frame is written whole (until then, it holds only its number).
-    written: bool,
+    /// When its caller gives up on it: it is not started after that.
+    deadline: Option<Instant>,
     /// Its caller gave up on it after the worker claimed it (or after part of its frame
     /// went): the worker is killed when the call before it ends.
     gave_up: Option<RestartCause>,
@@ -73,7 +78,8 @@ pub(crate) struct Behind {
 
 /// What a call sent ahead learns when the call before it ends.
 pub(crate) enum Handover {
-    /// The worker is the call's: it runs it, or will.
+    /// The worker is the call's: it runs it, or will; or, if its frame was not written yet,
+    /// the worker is idle and the call is to be sent to it the ordinary way.
     Lease(Lease),
     /// It was withdrawn before it started: it looks for a worker again.
     Again,
@@ -89,18 +95,43 @@ impl Pipe {
     /// A call's frame goes to the worker the ordinary way: count it. The worker was idle, so
     /// the call before is over: accepted, if nobody said so yet.
     pub(crate) fn sending(&self) {
-        let mut state = lock(&self.state);
-        self.gate.accept(state.running);
-        state.sent += 1;
-        state.running = state.sent;
-        state.open = false;
+        let previous = {
+            let mut state = lock(&self.state);
+            let previous = state.running;
+            state.sent += 1;
+            state.running = state.sent;
+            state.open = false;
+            previous
+        };
+        self.gate.accept(previous);
     }
 
     /// The reply to the running call was read whole and is well formed: the worker may
-    /// start the call behind it.
-    pub(crate) fn accept(&self) {
-        let running = lock(&self.state).running;
+    /// start the call behind it. A call behind that must not start any more (its deadline
+    /// passed, or `yield_to_others`: calls that cannot go ahead wait for this worker) is
+    /// withdrawn first; says whether one was.
+    pub(crate) fn accept(&self, yield_to_others: bool) -> bool {
+        let (running, withdrawn) = {
+            let mut state = lock(&self.state);
+            let late = |b: &Behind| yield_to_others || b.deadline.is_some_and(|d| Instant::now() >= d);
+            let withdrawn = match state.behind.as_ref() {
+                Some(b) if b.gave_up.is_none() && b.n.is_some() && late(b) => {
+                    // The worker claims it only after the acceptance below: this cannot fail.
+                    let n = b.n.expect("checked");
+                    if self.gate.withdraw(n) { state.behind.take() } else { None }
+                }
+                _ => None,
+            };
+            (state.running, withdrawn)
+        };
         self.gate.accept(running);
+        match withdrawn {
+            Some(behind) => {
+                drop(behind.hand.send(Handover::Again));
+                true
+            }
+            None => false,
+        }
     }
 
     /// The running call's message is whole: with `accepting`, the worker may take a call
@@ -119,81 +150,80 @@ impl Pipe {
     }
 
     /// Reserves the place behind the running call, if the worker takes a call ahead now:
-    /// the call's number, and where its worker will be handed.
+    /// the reservation, and where its worker will be handed.
     fn reserve(&self) -> Option<(u64, oneshot::Receiver<Handover>)> {
         let mut state = lock(&self.state);
         if !state.open || state.behind.is_some() {
             return None;
         }
-        state.sent += 1;
         state.open = false;
+        state.reserved += 1;
         let (hand, handed) = oneshot::channel();
-        state.behind = Some(Behind { n: state.sent, hand, written: false, gave_up: None });
-        Some((state.sent, handed))
+        state.behind = Some(Behind { id: state.reserved, n: None, hand, deadline: None, gave_up: None });
+        Some((state.reserved, handed))
     }
 
-    /// Writes call `n`'s `message` into its reserved place. `Ok(None)`: written whole.
-    /// `Ok(Some(()))`: the place is gone (the call before ended, and sent word). `Err`:
-    /// nothing of it could go, and the place is given back; or only part of it, and the
-    /// worker is ended after the running call.
-    fn write(&self, n: u64, message: &[&[u8]]) -> Result<Option<()>, ()> {
+    /// Writes reservation `id`'s `message` into its place, and numbers it. `Ok(true)`:
+    /// written whole. `Ok(false)`: the place is gone (the call before ended, and sends word).
+    /// `Err`: nothing of it could go, and the place is given back; or only part of it, and
+    /// the worker is ended after the running call.
+    fn write(&self, id: u64, message: &[&[u8]], deadline: Instant) -> Result<bool, ()> {
         let mut state = lock(&self.state);
-        let Some(behind) = state.behind.as_mut().filter(|b| b.n == n) else { return Ok(Some(())) };
+        if state.behind.as_ref().is_none_or(|b| b.id != id) {
+            return Ok(false);
+        }
         let total: usize = message.iter().map(|part| part.len()).sum();
-        match crate::socket::send_with_fds(&self.writer, message, 0, &[], rustix::net::SendFlags::DONTWAIT) {
+        let sent =
+            crate::socket::send_with_fds(&self.writer, message, 0, &[], rustix::net::SendFlags::DONTWAIT);
+        let n = state.sent + 1;
+        let behind = state.behind.as_mut().expect("checked above");
+        match sent {
             Ok(written) if written == total => {
-                behind.written = true;
-                Ok(None)
+                behind.n = Some(n);
+                behind.deadline = Some(deadline);
+                state.sent = n;
+                Ok(true)
             }
             Ok(0) | Err(_) => {
                 // The socket is full, or the worker is gone (the running call finds out).
                 state.behind = None;
-                state.sent -= 1;
                 Err(())
             }
             Ok(_) => {
                 // The rest cannot follow now, and the worker would wait for it after the
                 // running call: nothing can take part of a frame back.
-                behind.written = true;
+                behind.n = Some(n);
                 behind.gave_up = Some(RestartCause::Protocol);
+                state.sent = n;
                 Err(())
             }
         }
     }
 
-    /// Writes call `n`'s `message` to the worker that was handed to it before it was
-    /// written: how much went at once.
-    fn write_handed(&self, message: &[&[u8]]) -> std::io::Result<usize> {
-        match crate::socket::send_with_fds(&self.writer, message, 0, &[], rustix::net::SendFlags::DONTWAIT) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
-            other => other,
-        }
-    }
-
-    /// Takes call `n` back if it is still the one waiting here and the worker has not
-    /// claimed it: then it never runs. One not yet written gives its number back.
-    fn withdraw(&self, n: u64) -> bool {
+    /// Takes reservation `id` back if it is still the one waiting here and the worker has
+    /// not claimed its call: then it never runs. Says whether its frame had been written.
+    fn withdraw(&self, id: u64) -> Option<bool> {
         let mut state = lock(&self.state);
-        let Some(behind) = state.behind.as_ref().filter(|b| b.n == n) else { return false };
-        if !behind.written {
-            state.behind = None;
-            state.sent -= 1;
-            return true;
-        }
-        if self.gate.withdraw(n) {
-            state.behind = None;
-            true
-        } else {
-            false
+        let behind = state.behind.as_ref().filter(|b| b.id == id)?;
+        match behind.n {
+            None => {
+                state.behind = None;
+                Some(false)
+            }
+            Some(n) if self.gate.withdraw(n) => {
+                state.behind = None;
+                Some(true)
+            }
+            Some(_) => None,
         }
     }
 
-    /// Marks call `n` as given up by its caller after it started: its worker is killed when
-    /// the call before it ends. `false` if it was handed its worker already.
-    fn give_up(&self, n: u64, cause: RestartCause) -> bool {
+    /// Marks reservation `id` as given up by its caller after its call started: its worker
+    /// is killed when the call before it ends. `false` if it was taken off the pipe already.
+    fn give_up(&self, id: u64, cause: RestartCause) -> bool {
         let mut state = lock(&self.state);
         match state.behind.as_mut() {
-            Some(behind) if behind.n == n => {
+            Some(behind) if behind.id == id => {
                 behind.gave_up = Some(cause);
                 true
             }
@@ -209,22 +239,28 @@ impl Behind {
     }
 
     /// Withdraws it from `pipe`'s worker, which is going away or may not run it: it looks
-    /// for a worker again. `Ok(true)` if it had been written there; `Err(self)` if the
-    /// worker claimed it already.
+    /// for a worker again. `Ok(true)` if its frame had been written there; `Err(self)` if
+    /// the worker claimed it already.
     pub(crate) fn withdraw(self, pipe: &Pipe) -> Result<bool, Behind> {
-        if self.gave_up.is_some() || !self.written || pipe.gate.withdraw(self.n) {
-            let _ = self.hand.send(Handover::Again);
-            Ok(self.written && self.gave_up.is_none())
+        let taken_back = match self.n {
+            None => true,
+            Some(n) => self.gave_up.is_some() || pipe.gate.withdraw(n),
+        };
+        if taken_back {
+            let written = self.n.is_some() && self.gave_up.is_none();
+            drop(self.hand.send(Handover::Again));
+            Ok(written)
         } else {
             Err(self)
         }
     }
 
     /// Tells it how it goes on. If nobody waits for it any more, a worker handed to it is
-    /// killed: it runs, or will run, a call nobody wants.
+    /// ended: it runs, or will run, a call nobody wants (or, if the call was never written,
+    /// the lease's end puts it back; see `Ahead`'s drop).
     pub(crate) fn hand(self, pipe: &Pipe, handover: Handover) {
-        if matches!(handover, Handover::Lease(_)) {
-            lock(&pipe.state).running = self.n;
+        if let (Handover::Lease(_), Some(n)) = (&handover, self.n) {
+            lock(&pipe.state).running = n;
         }
         drop(self.hand.send(handover));
     }
@@ -235,15 +271,24 @@ pub(crate) struct Ahead {
     pool: Arc<Pool>,
     pipe: Arc<Pipe>,
     pid: u32,
-    n: u64,
+    /// Its reservation on the pipe.
+    id: u64,
     handed: oneshot::Receiver<Handover>,
-    /// Word that came before the call was written: the worker, handed to it.
-    early: Option<Handover>,
     /// Its place in a bounded queue, kept until it has its worker.
     admitted: Option<OwnedSemaphorePermit>,
     /// Its frame went to the worker.
     written: bool,
     settled: bool,
+}
+
+/// What [`Ahead::start`] did.
+pub(crate) enum Start {
+    /// The call was written behind the running one: this many bytes.
+    Written(usize),
+    /// The call before ended first: the worker is idle and the call's, to send it to.
+    Handed(Box<Lease>),
+    /// It could not go: it looks for a worker again.
+    NotSent,
 }
 
 /// How a call sent ahead ended when its caller gave up on it.
@@ -259,33 +304,40 @@ impl Ahead {
         self.pid
     }
 
-    /// Writes the call into its place behind the running call. `Err`: it could not go, and
-    /// looks for a worker again.
-    pub(crate) fn start(&mut self, message: &[&[u8]]) -> Result<usize, TransportError> {
-        let total: usize = message.iter().map(|part| part.len()).sum();
-        match self.pipe.write(self.n, message) {
-            Ok(None) => {
+    /// Writes the call into its place behind the running call; the call's `deadline` goes
+    /// with it (it is not started after that).
+    pub(crate) fn start(&mut self, message: &[&[u8]], deadline: Instant) -> Start {
+        match self.pipe.write(self.id, message, deadline) {
+            Ok(true) => {
                 self.written = true;
                 self.pool.metrics.sent_ahead();
-                return Ok(total);
+                return Start::Written(message.iter().map(|part| part.len()).sum());
             }
             Err(()) => {
                 self.settled = true;
-                return Err(TransportError::NotSent);
+                return Start::NotSent;
             }
-            Ok(Some(())) => {}
+            Ok(false) => {}
         }
-        // The call before ended first: the worker is this call's, idle, or it was withdrawn.
-        match self.handed.try_recv() {
-            Ok(Handover::Lease(lease)) => {
-                let sent = self.pipe.write_handed(message);
-                self.written = true;
-                self.early = Some(Handover::Lease(lease));
-                sent.map_err(TransportError::from)
+        // The call before ended first and took the place off the pipe: word is on its way.
+        self.settled = true;
+        match self.handed_now() {
+            Ok(Handover::Lease(mut lease)) => {
+                lease.permits.as_mut().expect("a lease holds its permits").1 = self.admitted.take();
+                Start::Handed(Box::new(lease))
             }
-            _ => {
-                self.settled = true;
-                Err(TransportError::NotSent)
+            _ => Start::NotSent,
+        }
+    }
+
+    /// The word the call before sent, once it has taken this call's place off the pipe.
+    /// It sends it at once, in the same stretch of code (on another thread, where the
+    /// runtime has several): wait for it rather than take "not yet" for an answer.
+    fn handed_now(&mut self) -> Result<Handover, oneshot::error::TryRecvError> {
+        loop {
+            match self.handed.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => std::thread::yield_now(),
+                other => return other,
             }
         }
     }
@@ -294,25 +346,22 @@ impl Ahead {
     /// withdrawn and must look for a worker again. While it waits, a worker of the pool
     /// that becomes free takes it instead (it is withdrawn here to go there).
     pub(crate) async fn turn(&mut self) -> Handover {
-        let handed = match self.early.take() {
-            Some(early) => Ok(early),
-            None => loop {
-                let mut idle = std::pin::pin!(self.pool.idle.notified());
-                idle.as_mut().enable();
-                if self.pool.permits.available_permits() > 0 && self.pipe.withdraw(self.n) {
-                    self.settled = true;
-                    self.pool.metrics.withdrawn();
-                    return Handover::Again;
-                }
-                let handed = std::future::poll_fn(|cx| match std::pin::Pin::new(&mut self.handed).poll(cx) {
-                    Poll::Ready(handed) => Poll::Ready(Some(handed)),
-                    Poll::Pending => idle.as_mut().poll(cx).map(|()| None),
-                })
-                .await;
-                if let Some(handed) = handed {
-                    break handed;
-                }
-            },
+        let handed = loop {
+            let mut idle = std::pin::pin!(self.pool.idle.notified());
+            idle.as_mut().enable();
+            if self.pool.permits.available_permits() > 0 && self.pipe.withdraw(self.id).is_some() {
+                self.settled = true;
+                self.pool.metrics.withdrawn();
+                return Handover::Again;
+            }
+            let handed = std::future::poll_fn(|cx| match std::pin::Pin::new(&mut self.handed).poll(cx) {
+                Poll::Ready(handed) => Poll::Ready(Some(handed)),
+                Poll::Pending => idle.as_mut().poll(cx).map(|()| None),
+            })
+            .await;
+            if let Some(handed) = handed {
+                break handed;
+            }
         };
         self.settled = true;
         match handed {
@@ -335,22 +384,18 @@ impl Ahead {
     }
 
     fn abandon(&mut self, cause: RestartCause) -> GaveUp {
-        if self.pipe.withdraw(self.n) {
-            if self.written {
+        if let Some(written) = self.pipe.withdraw(self.id) {
+            if written {
                 self.pool.metrics.withdrawn();
             }
             return GaveUp::Withdrawn;
         }
-        if self.pipe.give_up(self.n, cause) {
+        if self.written && self.pipe.give_up(self.id, cause) {
             return GaveUp::Started(None);
         }
-        // The call before ended and sent word: a worker that runs this call (or, if the call
-        // was never written, an idle one), or word that it was withdrawn or lost.
-        let handed = match self.early.take() {
-            Some(early) => Ok(early),
-            None => self.handed.try_recv(),
-        };
-        match handed {
+        // The call before ended and took this call off the pipe: a worker that runs it (or,
+        // if it was never written, an idle one), or word that it was withdrawn or lost.
+        match self.handed_now() {
             Ok(Handover::Lease(lease)) if !self.written => {
                 lease.release_unused();
                 GaveUp::Withdrawn
@@ -366,21 +411,26 @@ impl Drop for Ahead {
     fn drop(&mut self) {
         self.pool.waiting.fetch_sub(1, Ordering::Relaxed);
         if !self.settled {
-            // Handed a worker that runs a call nobody wants: dropping the lease ends it.
+            // A worker handed to a call that started, and that nobody wants now, is ended
+            // with the lease dropped here.
             drop(self.abandon(RestartCause::Abandoned));
         }
     }
 }
 
 impl Pool {
-    /// Reserves a place behind a busy worker's call that takes one, if there is one.
+    /// Reserves a place behind a busy worker's call that takes one, if there is one and no
+    /// call that cannot go ahead waits for a worker.
     pub(super) fn reserve_ahead(
         self: &Arc<Self>,
         admitted: &mut Option<OwnedSemaphorePermit>,
     ) -> Option<Ahead> {
+        if self.plain_waiting.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
         let pipes: Vec<(u32, Arc<Pipe>)> = lock(&self.open_pipes).clone();
         for (pid, pipe) in pipes {
-            if let Some((n, handed)) = pipe.reserve() {
+            if let Some((id, handed)) = pipe.reserve() {
                 lock(&self.open_pipes).retain(|(p, _)| *p != pid);
                 // Counted as waiting until it has its worker; its drop uncounts it.
                 self.waiting.fetch_add(1, Ordering::Relaxed);
@@ -388,9 +438,8 @@ impl Pool {
                     pool: Arc::clone(self),
                     pipe,
                     pid,
-                    n,
+                    id,
                     handed,
-                    early: None,
                     admitted: admitted.take(),
                     written: false,
                     settled: false,

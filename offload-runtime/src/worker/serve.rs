@@ -337,7 +337,10 @@ pub(super) fn fault_frame(buf: Vec<u8>, fault: &ProtocolError) -> Vec<u8> {
 pub(super) static SPIN_US: AtomicU64 = AtomicU64::new(0);
 
 /// Receives into `buf`: first polling without blocking, yielding the CPU between polls, for
-/// up to [`SPIN_US`]; then blocking.
+/// up to [`SPIN_US`]; then blocking. It sleeps in `poll` for readability rather than in a
+/// blocking `recv`: a task blocked in `recv` on a Unix stream socket is also woken each time
+/// the peer reads from its own end (the kernel's wake-up for room to write does not say
+/// what it is for), which the caller does once per call; `poll` is woken only for data.
 fn recv_spinning(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
     let spin = SPIN_US.load(Ordering::Relaxed);
     if spin > 0 {
@@ -353,12 +356,10 @@ fn recv_spinning(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
             std::thread::yield_now();
         }
     }
-    {
-        use std::os::fd::AsFd;
-        let fd = stream.as_fd();
-        let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
-        let _ = rustix::event::poll(&mut pfd, None);
-    }
+    let fd = std::os::fd::AsFd::as_fd(stream);
+    let mut readable = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    // An error (EINTR from the cancellation signal) falls through to the blocking `recv`.
+    let _ = rustix::event::poll(&mut readable, None);
     recv_with_fds(stream, buf, fds, rustix::net::RecvFlags::empty())
 }
 
