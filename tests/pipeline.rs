@@ -98,6 +98,31 @@ fn large(text: String) -> usize {
     text.len()
 }
 
+#[offload(pool = "ahead_undecided", workers = "1", timeout = "20s")]
+fn hold_undecided(dir: String, ms: u64) -> u32 {
+    hold_for(&dir, ms)
+}
+
+#[offload(pool = "ahead_undecided", timeout = "300ms")]
+fn once_undecided_in_a_hurry(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
+#[offload(pool = "ahead_in_line", workers = "1", timeout = "300ms")]
+fn hold_in_line(dir: String) -> u32 {
+    hold_for(&dir, 30_000)
+}
+
+/// Notes `x` at the end of the line of calls that ran.
+#[offload(pool = "ahead_in_line", timeout = "20s")]
+fn note_turn(dir: String, x: u64) -> u64 {
+    use std::io::Write;
+    let mut order =
+        std::fs::OpenOptions::new().create(true).append(true).open(Path::new(&dir).join("order")).unwrap();
+    writeln!(order, "{x}").unwrap();
+    x
+}
+
 #[offload(workers = "1", max_tasks = 3, timeout = "20s")]
 fn counted(ms: u64) -> u32 {
     std::thread::sleep(Duration::from_millis(ms));
@@ -301,4 +326,63 @@ async fn calls_going_ahead_do_not_starve_one_that_cannot() {
     for ticker in tickers {
         ticker.await.unwrap();
     }
+}
+
+/// Sends `signal` to `pid`.
+fn signal(pid: u32, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("nonzero pid");
+    rustix::process::kill_process(pid, signal).expect("kill");
+}
+
+/// A call sent ahead behind one the worker has not even read yet (it is stopped), whose
+/// deadline passes: it never runs, names no worker, and the worker serves on.
+#[tokio::test]
+async fn a_call_behind_one_not_yet_read_can_still_be_withdrawn() {
+    let dir = Dir::new("undecided");
+    // Start the worker, and learn its pid.
+    let first = hold_undecided(dir.path(), 0).await.unwrap();
+    dir.started().await;
+    signal(first, rustix::process::Signal::STOP);
+    let hold = tokio::spawn(hold_undecided(dir.path(), 0));
+    let busy =
+        support::eventually_async(Duration::from_secs(10), || stats("ahead_undecided").busy == 1).await;
+    assert!(busy, "the first call never took the worker");
+    let hurried = tokio::spawn(once_undecided_in_a_hurry(dir.path(), 1));
+    sent_ahead("ahead_undecided", 1).await;
+    let timed_out = hurried.await.unwrap();
+    signal(first, rustix::process::Signal::CONT);
+
+    assert!(matches!(timed_out, Err(Error::Timeout { pid: None, .. })), "{timed_out:?}");
+    assert_eq!(hold.await.unwrap().unwrap(), first);
+    assert_eq!(hold_undecided(dir.path(), 0).await.unwrap(), first, "the worker serves on");
+    assert!(!dir.ran(1), "the call given up on ran");
+    let stats = stats("ahead_undecided");
+    assert_eq!((stats.withdrawn, stats.restarts_total()), (1, 0));
+}
+
+/// A call sent ahead and withdrawn when the call before it times out keeps its place in line:
+/// it runs before the calls that queued after it.
+#[tokio::test]
+async fn a_withdrawn_call_keeps_its_place_in_line() {
+    let dir = Dir::new("in-line");
+    let hold = tokio::spawn(hold_in_line(dir.path()));
+    dir.started().await;
+    let first = tokio::spawn(note_turn(dir.path(), 1));
+    sent_ahead("ahead_in_line", 1).await;
+    let mut later = Vec::new();
+    for x in [2, 3] {
+        later.push(tokio::spawn(note_turn(dir.path(), x)));
+        let queued =
+            support::eventually_async(Duration::from_secs(10), || stats("ahead_in_line").queued as u64 >= x)
+                .await;
+        assert!(queued, "call {x} did not queue");
+    }
+    assert!(matches!(hold.await.unwrap(), Err(Error::Timeout { .. })));
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    for call in later {
+        call.await.unwrap().unwrap();
+    }
+    let order = std::fs::read_to_string(dir.0.join("order")).unwrap();
+    assert_eq!(order.lines().collect::<Vec<_>>(), ["1", "2", "3"], "the calls ran out of their order");
+    assert_eq!(stats("ahead_in_line").withdrawn, 1);
 }

@@ -608,8 +608,10 @@ async fn exchange(
         return Err(timed_out(None));
     }
     let mut in_line = false;
+    // What a call withdrawn from a worker it was sent ahead to keeps of its place in line.
+    let mut carried = executor::Carried::default();
     let (mut place, sent) = loop {
-        let acquire = executor.acquire(message, fds);
+        let acquire = executor.acquire(message, fds, std::mem::take(&mut carried));
         let mut acquire = std::pin::pin!(acquire);
         let acquired = std::future::poll_fn(|cx| {
             let poll = acquire.as_mut().poll(cx);
@@ -651,8 +653,8 @@ async fn exchange(
             // A call sent ahead to a busy worker is still queued: it waits there for the call
             // before it to end, or is withdrawn, then looks for a place again.
             Ok(sent) => match before(deadline.as_mut(), place.turn()).await {
-                Some(Ok(true)) => break (place, Ok(sent)),
-                Some(Ok(false)) => {}
+                Some(Ok(None)) => break (place, Ok(sent)),
+                Some(Ok(Some(kept))) => carried = kept,
                 Some(Err(fault)) => break (place, Err(fault)),
                 None => {
                     let pid = place.id();

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Error, ProtocolError};
+pub(crate) use crate::pool::pipe::Carried;
 use crate::pool::pipe::{Ahead, GaveUp, Handover, Start};
 use crate::pool::{self, Acquired, Lease, Pool};
 use crate::registry::{Entry, Registry};
@@ -131,10 +132,17 @@ impl Executor {
     /// Waits for a place to run a call: admission to the queue, then a free worker (or, for
     /// a small call when none is free, a busy worker it is sent ahead to: `message` goes
     /// there at once). Cancel-safe.
-    pub(crate) async fn acquire(&self, message: &[&[u8]], fds: &[OwnedFd]) -> Result<Place, AcquireError> {
+    /// A call withdrawn from a worker it was sent ahead to brings what it kept of its place
+    /// in line (`carried`, from [`Place::turn`]).
+    pub(crate) async fn acquire(
+        &self,
+        message: &[&[u8]],
+        fds: &[OwnedFd],
+        carried: Carried,
+    ) -> Result<Place, AcquireError> {
         match self {
             Executor::Local(pool) => {
-                pool.acquire(pool::pipe::may_go_ahead(message, fds)).await.map(Place::local)
+                pool.acquire(pool::pipe::may_go_ahead(message, fds), carried).await.map(Place::local)
             }
             #[cfg(feature = "nats")]
             Executor::Remote(pool) => pool.acquire().await.map(Place::Remote),
@@ -259,16 +267,17 @@ impl Place {
     }
 
     /// Waits until the place is the call's own: at once, unless the call was sent ahead to a
-    /// busy worker; then until the call before it there ends. `false`: the call was withdrawn
-    /// from there before it started, and looks for a place again.
-    pub(crate) async fn turn(&mut self) -> Result<bool, Fault> {
-        let Place::Ahead(ahead) = self else { return Ok(true) };
+    /// busy worker; then until the call before it there ends. `Some`: the call was withdrawn
+    /// from there before it started, and looks for a place again with what it kept of its
+    /// place in line.
+    pub(crate) async fn turn(&mut self) -> Result<Option<Carried>, Fault> {
+        let Place::Ahead(ahead) = self else { return Ok(None) };
         match ahead.turn().await {
             Handover::Lease(lease) => {
                 *self = Place::Local(lease);
-                Ok(true)
+                Ok(None)
             }
-            Handover::Again => Ok(false),
+            Handover::Again(_) => Ok(Some(ahead.carried())),
             Handover::Lost(failure) => Err(Fault::Lost(failure)),
         }
     }

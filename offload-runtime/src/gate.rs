@@ -23,7 +23,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// The page's size: one word is used.
+/// The page's size: four words are used.
 const LEN: usize = 4096;
 
 const WITHDRAWN: u64 = 1;
@@ -198,25 +198,45 @@ impl Gate {
         }
     }
 
-    /// The caller's side: withdraws call `n` unless the worker claimed it. `true`: it will
-    /// never run; `false`: it runs, or ran.
-    pub(crate) fn withdraw(&self, n: u64) -> bool {
+    /// The caller's side: withdraws call `n` unless the worker claimed it.
+    pub(crate) fn withdraw(&self, n: u64) -> Withdrawal {
         let word = self.word();
         let mut current = word.load(Ordering::Acquire);
         loop {
-            if current >> 1 != n - 1 {
-                // Decided already: claimed (or withdrawn before, which callers do not do).
-                return current == n << 1 | WITHDRAWN;
+            if current == n << 1 | WITHDRAWN {
+                return Withdrawal::Withdrawn;
+            }
+            if current >> 1 >= n {
+                return Withdrawal::Claimed;
+            }
+            if current >> 1 < n - 1 {
+                // The call before is not decided yet (the worker has not read it): nothing
+                // can be written for call `n` until it is. Call `n` cannot start before the
+                // reply to the call before is accepted, so withdrawing it then is as good.
+                return Withdrawal::Undecided;
             }
             match word.compare_exchange(current, n << 1 | WITHDRAWN, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     self.wake();
-                    return true;
+                    return Withdrawal::Withdrawn;
                 }
                 Err(now) => current = now,
             }
         }
     }
+}
+
+/// What [`Gate::withdraw`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Withdrawal {
+    /// The call never runs.
+    Withdrawn,
+    /// The worker claimed it: it runs, or ran.
+    Claimed,
+    /// The worker has not decided the call before it yet. The call cannot start before the
+    /// reply to that one is accepted: withdraw it again then, before accepting (it will
+    /// succeed).
+    Undecided,
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -241,8 +261,9 @@ mod tests {
     fn claimed_calls_run_and_withdrawn_ones_do_not() {
         let (worker, caller) = pair();
         assert_eq!(worker.claim(1, SPIN, &open), Ok(true));
-        assert!(!caller.withdraw(1), "too late: it runs");
-        assert!(caller.withdraw(2));
+        assert_eq!(caller.withdraw(1), Withdrawal::Claimed, "too late: it runs");
+        assert_eq!(caller.withdraw(3), Withdrawal::Undecided, "call 2 is not decided yet");
+        assert_eq!(caller.withdraw(2), Withdrawal::Withdrawn);
         assert_eq!(worker.claim(2, SPIN, &open), Ok(false));
         caller.accept(2);
         assert_eq!(worker.claim(3, SPIN, &open), Ok(true));
@@ -267,12 +288,12 @@ mod tests {
         let waiting = Arc::clone(&worker);
         let claim = std::thread::spawn(move || waiting.claim(3, SPIN, &open));
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(caller.withdraw(3));
+        assert_eq!(caller.withdraw(3), Withdrawal::Withdrawn);
         assert_eq!(claim.join().unwrap(), Ok(false));
         // After a withdrawn call, the next one waits for the reply before that only.
         caller.accept(3);
         assert_eq!(worker.claim(4, SPIN, &open), Ok(true));
-        assert!(caller.withdraw(5));
+        assert_eq!(caller.withdraw(5), Withdrawal::Withdrawn);
         assert_eq!(worker.claim(5, SPIN, &open), Ok(false));
         caller.accept(4);
         assert_eq!(worker.claim(6, SPIN, &open), Ok(true));
@@ -298,7 +319,7 @@ mod tests {
             while caller.word().load(Ordering::Acquire) >> 1 < n - 1 {
                 std::hint::spin_loop();
             }
-            if n % 2 == 0 && caller.withdraw(n) {
+            if n % 2 == 0 && caller.withdraw(n) == Withdrawal::Withdrawn {
                 withdrawn += 1;
             }
         }

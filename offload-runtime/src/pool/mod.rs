@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 
-use self::pipe::{Ahead, Behind, Handover, Pipe};
+use self::pipe::{Ahead, Behind, Carried, Handover, Pipe};
 use self::supervisor::{Cause, Ending, ExitInfo, Worker, WorkerConfig};
 use crate::error::{Error, ExitReason, Failure, ProtocolError};
 use crate::protocol::Tag;
@@ -279,12 +279,19 @@ impl Pool {
     /// call `may_go_ahead` (it is small), a place behind a busy worker's call when no worker
     /// is free (see [`pipe`]). Cancel-safe: a dropped future gives back its permits and its
     /// slot, and a call that was only queued never reaches a worker.
-    pub(crate) async fn acquire(self: &Arc<Self>, may_go_ahead: bool) -> Result<Acquired, AcquireError> {
+    /// A call withdrawn from a worker it was sent ahead to brings what it kept of its place
+    /// in line (`carried`): it does not queue again for that.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        may_go_ahead: bool,
+        carried: Carried,
+    ) -> Result<Acquired, AcquireError> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Decrement(&self.waiting);
-        let mut admitted = match &self.admission {
-            None => None,
-            Some(admission) => Some(match self.settings.overload {
+        let mut admitted = match (&self.admission, carried.admitted) {
+            (None, _) => None,
+            (Some(_), Some(kept)) => Some(kept),
+            (Some(admission), None) => Some(match self.settings.overload {
                 Overload::Wait => {
                     Arc::clone(admission).acquire_owned().await.map_err(|_| AcquireError::Shutdown)?
                 }
@@ -294,7 +301,9 @@ impl Pool {
                 })?,
             }),
         };
-        let permit = if may_go_ahead {
+        let permit = if let Some(kept) = carried.permit {
+            kept
+        } else if may_go_ahead {
             match self.permit_or_ahead(&mut admitted).await? {
                 Ok(permit) => permit,
                 Err(ahead) => return Ok(Acquired::Ahead(ahead)),
@@ -630,7 +639,10 @@ impl Lease {
             return false;
         }
         let pipe = Arc::clone(self.worker().pipe());
-        let behind = match behind.withdraw(&pipe) {
+        // The worker goes: its permit goes to the call behind, which keeps its place in line.
+        let permits = &mut self.permits;
+        let behind = match behind.withdraw(&pipe, || permits.as_mut().and_then(|(permit, _)| permit.split(1)))
+        {
             Ok(sent) => {
                 if sent {
                     self.pool.metrics.withdrawn();
@@ -640,7 +652,9 @@ impl Lease {
             Err(behind) => behind,
         };
         if self.worker().channel().awaiting_reply() {
-            // A worker that ignores its gate: what it sends next cannot be told apart.
+            // A worker that ignores its gate: what it sends next cannot be told apart, and
+            // it gets no grace period to send it.
+            self.graced = true;
             let lost = ProtocolError::Invalid(
                 "the worker started a call before the reply to the one before it was accepted".into(),
             );
@@ -808,7 +822,7 @@ impl Lease {
             }
             let pipe = Arc::clone(self.worker().pipe());
             let going = worn_out || bloated || self.pool.is_closed();
-            match if going { behind.withdraw(&pipe) } else { Err(behind) } {
+            match if going { behind.withdraw(&pipe, || None) } else { Err(behind) } {
                 // Withdrawn: it looks for another worker, and this one goes as below.
                 Ok(sent) => {
                     if sent {

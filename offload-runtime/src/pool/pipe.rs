@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use super::{Lease, Pool, lock};
 use crate::error::{Failure, ProtocolError};
-use crate::gate::Gate;
+use crate::gate::{Gate, Withdrawal};
 use crate::stats::RestartCause;
 
 /// The longest call message sent ahead: one that a socket takes whole at once.
@@ -60,6 +60,33 @@ struct PipeState {
     /// Places reserved so far: names each.
     reserved: u64,
     behind: Option<Behind>,
+    /// A call sent ahead and taken back before the worker had decided the call before it:
+    /// withdrawn in the gate before the next acceptance (see [`Withdrawal::Undecided`]).
+    veto: Option<u64>,
+}
+
+impl PipeState {
+    /// Makes a pending withdrawal in the gate, before anything is accepted: the worker has
+    /// decided the call before it by then (its reply is in), so it cannot fail.
+    fn apply_veto(&mut self, gate: &Gate) {
+        if let Some(n) = self.veto.take() {
+            let done = gate.withdraw(n);
+            debug_assert_eq!(done, Withdrawal::Withdrawn, "call {n} was started before the veto");
+        }
+    }
+
+    /// Takes call `n` back in the gate, now or before the next acceptance; whether it will
+    /// not run.
+    fn take_back(&mut self, gate: &Gate, n: u64) -> bool {
+        match gate.withdraw(n) {
+            Withdrawal::Withdrawn => true,
+            Withdrawal::Undecided => {
+                self.veto = Some(n);
+                true
+            }
+            Withdrawal::Claimed => false,
+        }
+    }
 }
 
 /// The call sent ahead, as its worker's pipe knows it.
@@ -81,8 +108,9 @@ pub(crate) enum Handover {
     /// The worker is the call's: it runs it, or will; or, if its frame was not written yet,
     /// the worker is idle and the call is to be sent to it the ordinary way.
     Lease(Lease),
-    /// It was withdrawn before it started: it looks for a worker again.
-    Again,
+    /// It was withdrawn before it started: it looks for a worker again, keeping its place
+    /// in line: with the permit of the worker it was behind, if that worker went away.
+    Again(Option<OwnedSemaphorePermit>),
     /// It started, and the worker was lost under it.
     Lost(Failure),
 }
@@ -97,6 +125,7 @@ impl Pipe {
     pub(crate) fn sending(&self) {
         let previous = {
             let mut state = lock(&self.state);
+            state.apply_veto(&self.gate);
             let previous = state.running;
             state.sent += 1;
             state.running = state.sent;
@@ -113,12 +142,13 @@ impl Pipe {
     pub(crate) fn accept(&self, yield_to_others: bool) -> bool {
         let (running, withdrawn) = {
             let mut state = lock(&self.state);
+            state.apply_veto(&self.gate);
             let late = |b: &Behind| yield_to_others || b.deadline.is_some_and(|d| Instant::now() >= d);
             let withdrawn = match state.behind.as_ref() {
                 Some(b) if b.gave_up.is_none() && b.n.is_some() && late(b) => {
                     // The worker claims it only after the acceptance below: this cannot fail.
                     let n = b.n.expect("checked");
-                    if self.gate.withdraw(n) { state.behind.take() } else { None }
+                    if state.take_back(&self.gate, n) { state.behind.take() } else { None }
                 }
                 _ => None,
             };
@@ -127,7 +157,7 @@ impl Pipe {
         self.gate.accept(running);
         match withdrawn {
             Some(behind) => {
-                drop(behind.hand.send(Handover::Again));
+                drop(behind.hand.send(Handover::Again(None)));
                 true
             }
             None => false,
@@ -204,13 +234,13 @@ impl Pipe {
     /// not claimed its call: then it never runs. Says whether its frame had been written.
     fn withdraw(&self, id: u64) -> Option<bool> {
         let mut state = lock(&self.state);
-        let behind = state.behind.as_ref().filter(|b| b.id == id)?;
-        match behind.n {
+        let n = state.behind.as_ref().filter(|b| b.id == id)?.n;
+        match n {
             None => {
                 state.behind = None;
                 Some(false)
             }
-            Some(n) if self.gate.withdraw(n) => {
+            Some(n) if state.take_back(&self.gate, n) => {
                 state.behind = None;
                 Some(true)
             }
@@ -239,16 +269,21 @@ impl Behind {
     }
 
     /// Withdraws it from `pipe`'s worker, which is going away or may not run it: it looks
-    /// for a worker again. `Ok(true)` if its frame had been written there; `Err(self)` if
-    /// the worker claimed it already.
-    pub(crate) fn withdraw(self, pipe: &Pipe) -> Result<bool, Behind> {
+    /// for a worker again, with the permit `permit` gives (that worker's, when it goes away),
+    /// if any. `Ok(true)` if its frame had been written there; `Err(self)` if the worker
+    /// claimed it already.
+    pub(crate) fn withdraw(
+        self,
+        pipe: &Pipe,
+        permit: impl FnOnce() -> Option<OwnedSemaphorePermit>,
+    ) -> Result<bool, Behind> {
         let taken_back = match self.n {
             None => true,
-            Some(n) => self.gave_up.is_some() || pipe.gate.withdraw(n),
+            Some(n) => self.gave_up.is_some() || lock(&pipe.state).take_back(&pipe.gate, n),
         };
         if taken_back {
             let written = self.n.is_some() && self.gave_up.is_none();
-            drop(self.hand.send(Handover::Again));
+            drop(self.hand.send(Handover::Again(permit())));
             Ok(written)
         } else {
             Err(self)
@@ -279,6 +314,17 @@ pub(crate) struct Ahead {
     /// Its frame went to the worker.
     written: bool,
     settled: bool,
+    /// What it keeps of its place in line when it is withdrawn (see [`Ahead::carried`]).
+    carried: Option<Carried>,
+}
+
+/// What a call withdrawn from a worker it was sent ahead to keeps of its place in line as it
+/// looks for a worker again: its place in a bounded queue, and the permit of the worker it
+/// was behind, if that worker went away.
+#[derive(Default)]
+pub(crate) struct Carried {
+    pub(super) permit: Option<OwnedSemaphorePermit>,
+    pub(super) admitted: Option<OwnedSemaphorePermit>,
 }
 
 /// What [`Ahead::start`] did.
@@ -302,6 +348,12 @@ pub(crate) enum GaveUp {
 impl Ahead {
     pub(crate) fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// After [`Ahead::turn`] said [`Handover::Again`]: what the call keeps of its place in
+    /// line, for its next [`Pool::acquire`].
+    pub(crate) fn carried(&mut self) -> Carried {
+        self.carried.take().unwrap_or_default()
     }
 
     /// Writes the call into its place behind the running call; the call's `deadline` goes
@@ -346,17 +398,26 @@ impl Ahead {
     /// withdrawn and must look for a worker again. While it waits, a worker of the pool
     /// that becomes free takes it instead (it is withdrawn here to go there).
     pub(crate) async fn turn(&mut self) -> Handover {
+        // Until the worker claims the call: then it stays, and a free worker is another's.
+        let mut may_move = true;
         let handed = loop {
             let mut idle = std::pin::pin!(self.pool.idle.notified());
             idle.as_mut().enable();
-            if self.pool.permits.available_permits() > 0 && self.pipe.withdraw(self.id).is_some() {
-                self.settled = true;
-                self.pool.metrics.withdrawn();
-                return Handover::Again;
+            if may_move && self.pool.permits.available_permits() > 0 {
+                if self.pipe.withdraw(self.id).is_some() {
+                    self.settled = true;
+                    self.pool.metrics.withdrawn();
+                    self.carried = Some(Carried { permit: None, admitted: self.admitted.take() });
+                    return Handover::Again(None);
+                }
+                // Claimed: the free worker is for another call sent ahead.
+                may_move = false;
+                self.pool.idle.notify_one();
             }
             let handed = std::future::poll_fn(|cx| match std::pin::Pin::new(&mut self.handed).poll(cx) {
                 Poll::Ready(handed) => Poll::Ready(Some(handed)),
-                Poll::Pending => idle.as_mut().poll(cx).map(|()| None),
+                Poll::Pending if may_move => idle.as_mut().poll(cx).map(|()| None),
+                Poll::Pending => Poll::Pending,
             })
             .await;
             if let Some(handed) = handed {
@@ -368,6 +429,10 @@ impl Ahead {
             Ok(Handover::Lease(mut lease)) => {
                 lease.permits.as_mut().expect("a lease holds its permits").1 = self.admitted.take();
                 Handover::Lease(lease)
+            }
+            Ok(Handover::Again(permit)) => {
+                self.carried = Some(Carried { permit, admitted: self.admitted.take() });
+                Handover::Again(None)
             }
             Ok(other) => other,
             Err(_) => Handover::Lost(Failure::Broken(ProtocolError::Invalid(
@@ -401,7 +466,7 @@ impl Ahead {
                 GaveUp::Withdrawn
             }
             Ok(Handover::Lease(lease)) => GaveUp::Started(Some(Box::new(lease))),
-            Ok(Handover::Again) => GaveUp::Withdrawn,
+            Ok(Handover::Again(_)) => GaveUp::Withdrawn,
             Ok(Handover::Lost(_)) | Err(_) => GaveUp::Started(None),
         }
     }
@@ -443,6 +508,7 @@ impl Pool {
                     admitted: admitted.take(),
                     written: false,
                     settled: false,
+                    carried: None,
                 });
             }
         }
