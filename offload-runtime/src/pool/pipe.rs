@@ -7,9 +7,10 @@
 //!   it, the caller can withdraw it exactly; a withdrawn call never runs (the worker reads
 //!   its frame and drops it). So a call sent ahead is still a queued call: when the call
 //!   before it times out, crashes or is cancelled, and its worker is killed, the call is
-//!   withdrawn and looks for a worker again; if its deadline passes first, or its caller
-//!   drops it, it is withdrawn and never runs.
+//!   withdrawn and looks for a worker again, keeping its place in line ([`Carried`]); if its
+//!   deadline passes first, or its caller drops it, it is withdrawn and never runs.
 //! - A call sent ahead behind a long call moves to a worker that becomes free.
+//! - While a call that cannot go ahead waits for a worker, no call goes ahead of it.
 //! - When the call before it ends, its worker passes to it in a [`Handover`], with the call
 //!   before's permit, so the pool's figures, `max_tasks` and shutdown count it as the one
 //!   call the worker runs. Calls waiting in the pool's queue are sent ahead in their order,
@@ -20,13 +21,12 @@
 //! - Only small calls go ahead: no shared buffers, no bulk frames, at most [`AHEAD_MAX`]
 //!   bytes, so that they are written at once.
 
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-
-use std::future::Future;
 
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;

@@ -237,7 +237,7 @@ fn over_budget(error: ProtocolError, max_frame: usize, budget: usize) -> Protoco
     }
 }
 
-/// What [`Channel::round_trip`] does after a frame that comes before the reply.
+/// What [`Channel::read_reply`] does after a frame that comes before the reply.
 pub(crate) enum Pace {
     /// Reads on.
     Continue,
