@@ -128,8 +128,9 @@ pub(crate) struct Pool {
     /// Calls that wait for a worker and cannot go ahead (large ones): while there are any,
     /// no call goes ahead, so that workers come free for them.
     plain_waiting: AtomicUsize,
-    /// Signalled when a worker goes back to its slot: a call sent ahead behind a long one
-    /// moves there.
+    /// Signalled, one waiter at a time, when a call's lease ends and frees its worker's
+    /// permit (the worker went back to its slot, or was replaced): a call sent ahead behind a
+    /// long one moves there.
     idle: Notify,
     pub(crate) metrics: PoolMetrics,
 }
