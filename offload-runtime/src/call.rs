@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::breaker::{Admission, Breaker, Transition};
 use crate::error::{Error, Payload, ProtocolError};
 use crate::executor::{self, Executor, Failure, Pace, Reply};
+use crate::lend::{Lending, Message};
 use crate::protocol::{self, Attached, LogRecord, PanicReport, Tag};
 use crate::registry::{Entry, PerEntry, Registry};
 use crate::stats::BreakerState;
@@ -155,18 +156,35 @@ pub(crate) async fn call_inner<A: Args>(
         Ok(encoded) => encoded,
         Err(kind) => return (Err(protocol_error(entry, kind)), args),
     };
-    let result = match bulk_frames(args.as_ref()) {
-        Ok((_, bytes)) if bytes.is_empty() => run(entry, executor, breaker, &[&frame], &fds, decode).await,
-        Ok((headers, bytes)) => {
-            let mut message: Vec<&[u8]> = Vec::with_capacity(2 * bytes.len() + 1);
-            for (header, bytes) in headers.iter().zip(bytes) {
-                message.extend([&header[..], bytes]);
+    // Kept until the reply, or handed to the worker that may be reading them (see
+    // `crate::lend`).
+    let mut held = Held { args, lending: Lending::default() };
+    let result = match bulk_frames(held.args.as_ref()) {
+        Ok(frames) if frames.is_empty() => {
+            run(entry, executor, breaker, &Message::whole(&[&frame]), &fds, decode).await
+        }
+        Ok(frames) => {
+            let mut whole: Vec<&[u8]> = Vec::with_capacity(2 * frames.len() + 1);
+            for (header, bytes) in &frames {
+                whole.extend([&header[..], bytes]);
             }
-            message.push(&frame);
-            run(entry, executor, breaker, &message, &fds, decode).await
+            whole.push(&frame);
+            // A fallback gets the arguments back after a failure, when the worker that
+            // failed may still be reading them: such calls lend nothing.
+            let at: Vec<_> = frames
+                .iter()
+                .map(|(_, bytes)| protocol::bulk_at_frame(bytes.as_ptr() as u64, bytes.len() as u64))
+                .collect();
+            let mut lent: Vec<&[u8]> = at.iter().map(|frame| &frame[..]).collect();
+            lent.push(&frame);
+            let message = Message { whole: &whole, lent: (!keep).then_some((&lent[..], &held.lending)) };
+            // On the heap: the futures of calls without large byte vectors, which may be many
+            // at once, stay small.
+            Box::pin(run(entry, executor, breaker, &message, &fds, decode)).await
         }
         Err(kind) => Err(protocol_error(entry, kind)),
     };
+    let args = held.settle();
     let (args, done) = if keep && result.is_err() { (args, None) } else { (None, args) };
     // Unmapping shared buffers the caller wrote and freeing their memory (the caller holds
     // the last descriptor: the worker closes its own before it answers) takes milliseconds
@@ -178,21 +196,36 @@ pub(crate) async fn call_inner<A: Args>(
     (result, args)
 }
 
+/// A call's arguments while it runs: if the call ends while a worker may be reading them
+/// (its future dropped), they go to that worker (see [`Lending::settle`]).
+struct Held<A: Send + 'static> {
+    args: Option<A>,
+    lending: Lending,
+}
+
+impl<A: Send + 'static> Held<A> {
+    /// The call is over: its arguments, unless a worker may still be reading them.
+    fn settle(&mut self) -> Option<A> {
+        self.lending.settle(self.args.take()?)
+    }
+}
+
+impl<A: Send + 'static> Drop for Held<A> {
+    fn drop(&mut self) {
+        drop(self.settle());
+    }
+}
+
 /// The [`Tag::Bulk`] frames that go before the call frame: a header for each byte-vector
 /// argument that goes in one, and its bytes, where they are.
 #[allow(clippy::type_complexity)]
-fn bulk_frames<A: Args>(
-    args: Option<&A>,
-) -> Result<(Vec<[u8; protocol::HEADER]>, Vec<&[u8]>), ProtocolError> {
-    let (mut headers, mut frames, mut failed) = (Vec::new(), Vec::new(), None);
+fn bulk_frames<A: Args>(args: Option<&A>) -> Result<Vec<([u8; protocol::HEADER], &[u8])>, ProtocolError> {
+    let (mut frames, mut failed) = (Vec::new(), None);
     if let Some(args) = args {
         args.for_each_bytes(&mut |bytes| {
             if protocol::bulk::is_bulk(bytes.len()) {
                 match protocol::bulk_header(bytes.len()) {
-                    Ok(header) => {
-                        headers.push(header);
-                        frames.push(bytes);
-                    }
+                    Ok(header) => frames.push((header, bytes)),
                     Err(e) => failed = Some(e),
                 }
             }
@@ -200,7 +233,7 @@ fn bulk_frames<A: Args>(
     }
     match failed {
         Some(e) => Err(e),
-        None => Ok((headers, frames)),
+        None => Ok(frames),
     }
 }
 
@@ -429,7 +462,7 @@ pub(crate) async fn run(
     entry: &'static Entry,
     executor: &'static Executor,
     breaker: &'static Breaker,
-    message: &[&[u8]],
+    message: &Message<'_>,
     fds: &[OwnedFd],
     decode: &mut dyn Decode,
 ) -> Result<(), Error> {
@@ -583,7 +616,7 @@ async fn exchange(
     entry: &'static Entry,
     executor: &Executor,
     (end, timeout, by): (Instant, Duration, crate::deadline::Deadline),
-    message: &[&[u8]],
+    message: &Message<'_>,
     fds: &[OwnedFd],
     decode: &mut dyn Decode,
     record: &mut Record,
@@ -757,7 +790,14 @@ async fn exchange(
             protocol::decode::<protocol::Fault>(body, Payload::Message)
                 .map_or_else(|e| e, ProtocolError::from),
         )),
-        Tag::Hello | Tag::Call | Tag::Log | Tag::Bulk | Tag::Progress | Tag::Batch | Tag::Item => {
+        Tag::Hello
+        | Tag::Call
+        | Tag::Log
+        | Tag::Bulk
+        | Tag::BulkAt
+        | Tag::Progress
+        | Tag::Batch
+        | Tag::Item => {
             place.broke_protocol();
             return Err(protocol_error(entry, ProtocolError::Invalid(format!("unexpected {tag:?} frame"))));
         }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Error, ProtocolError};
+use crate::lend::Message;
 pub(crate) use crate::pool::pipe::Carried;
 use crate::pool::pipe::{Ahead, GaveUp, Handover, Start};
 use crate::pool::{self, Acquired, Lease, Pool};
@@ -136,13 +137,13 @@ impl Executor {
     /// in line (`carried`, from [`Place::turn`]).
     pub(crate) async fn acquire(
         &self,
-        message: &[&[u8]],
+        message: &Message<'_>,
         fds: &[OwnedFd],
         carried: Carried,
     ) -> Result<Place, AcquireError> {
         match self {
             Executor::Local(pool) => {
-                pool.acquire(pool::pipe::may_go_ahead(message, fds), carried).await.map(Place::local)
+                pool.acquire(pool::pipe::may_go_ahead(message.whole, fds), carried).await.map(Place::local)
             }
             #[cfg(feature = "nats")]
             Executor::Remote(pool) => pool.acquire().await.map(Place::Remote),
@@ -238,7 +239,7 @@ impl Place {
     /// Sends as much of the call as can go at once; how many bytes that was.
     pub(crate) fn start(
         &mut self,
-        message: &[&[u8]],
+        message: &Message<'_>,
         fds: &[OwnedFd],
         sending: Sending,
     ) -> Result<usize, Fault> {
@@ -247,7 +248,7 @@ impl Place {
                 let _ = sending;
                 lease.start(message, fds).map_err(Fault::Local)
             }
-            Place::Ahead(ahead) => match ahead.start(message, sending.end) {
+            Place::Ahead(ahead) => match ahead.start(message.whole, sending.end) {
                 Start::Written(sent) => Ok(sent),
                 Start::NotSent => Err(Fault::Local(crate::transport::TransportError::NotSent)),
                 // The call before ended first: the worker is idle, and takes the call the
@@ -261,7 +262,7 @@ impl Place {
             #[cfg(feature = "nats")]
             Place::Remote(lease) => {
                 let Sending { entry, end, streams } = sending;
-                lease.start(message, fds, (entry, end, streams)).map_err(Fault::Remote)
+                lease.start(message.whole, fds, (entry, end, streams)).map_err(Fault::Remote)
             }
         }
     }
@@ -286,7 +287,7 @@ impl Place {
     /// before it go to `on_frame`.
     pub(crate) async fn reply(
         &mut self,
-        message: &[&[u8]],
+        message: &Message<'_>,
         fds: &[OwnedFd],
         sent: usize,
         on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) -> Pace + Send),

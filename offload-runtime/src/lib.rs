@@ -42,6 +42,7 @@ mod fallback;
 mod gate;
 mod histogram;
 pub mod lag;
+mod lend;
 mod map;
 mod pool;
 mod progress;

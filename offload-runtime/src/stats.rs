@@ -86,6 +86,7 @@ pub(crate) struct PoolMetrics {
     cancelled: AtomicU64,
     sent_ahead: AtomicU64,
     withdrawn: AtomicU64,
+    lent: AtomicU64,
     failed: [AtomicU64; ErrorKind::COUNT],
     restarts: [AtomicU64; RestartCause::ALL.len()],
     queue_wait: Histogram,
@@ -103,6 +104,7 @@ impl PoolMetrics {
             cancelled: AtomicU64::new(0),
             sent_ahead: AtomicU64::new(0),
             withdrawn: AtomicU64::new(0),
+            lent: AtomicU64::new(0),
             failed: std::array::from_fn(|_| AtomicU64::new(0)),
             restarts: std::array::from_fn(|_| AtomicU64::new(0)),
             queue_wait: Histogram::new(),
@@ -169,6 +171,11 @@ impl PoolMetrics {
         self.withdrawn.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A call's large byte vectors were lent to its worker.
+    pub(crate) fn lent(&self) {
+        self.lent.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A call whose future was dropped before it ended.
     pub(crate) fn cancelled(&self) {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -203,6 +210,7 @@ impl PoolMetrics {
             cancelled: load(&self.cancelled),
             sent_ahead: load(&self.sent_ahead),
             withdrawn: load(&self.withdrawn),
+            lent: load(&self.lent),
             failed: std::array::from_fn(|i| load(&self.failed[i])),
             restarts: std::array::from_fn(|i| load(&self.restarts[i])),
             breakers,
@@ -272,6 +280,11 @@ pub struct PoolStats {
     /// call's deadline passed or its future was dropped, or another worker became free.
     /// Each looked for a worker again, or ended, as if it had waited in the queue.
     pub withdrawn: u64,
+    /// Calls whose large byte-vector arguments (`Vec<u8>` of 64 KiB or more) the worker read
+    /// straight from this process's memory rather than through the socket: zero where the
+    /// system does not let a worker read its parent's memory (see the README's "Large byte
+    /// vectors").
+    pub lent: u64,
     failed: [u64; ErrorKind::COUNT],
     restarts: [u64; RestartCause::ALL.len()],
     /// Circuit breaker state of each function in the pool that has one.

@@ -18,6 +18,7 @@ use crate::breaker::Breaker;
 use crate::call::{self, Decode};
 use crate::error::{Error, Payload, ProtocolError};
 use crate::executor::Executor;
+use crate::lend::Message;
 use crate::protocol::batch::{self, Failed, Outcome};
 use crate::protocol::{self, Attached};
 use crate::registry::Entry;
@@ -373,7 +374,8 @@ async fn run<R: DeserializeOwned + Send + 'static>(
     turn: Turn,
 ) -> Result<Returned<R>, Error> {
     let mut decode = BatchDecode::<R> { entry: route.entry, sent, turn, returned: None };
-    call::run(route.entry, route.executor, route.breaker, &[&frame], &[], &mut decode).await?;
+    call::run(route.entry, route.executor, route.breaker, &Message::whole(&[&frame]), &[], &mut decode)
+        .await?;
     Ok(decode.returned.expect("decoded on success"))
 }
 

@@ -26,6 +26,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, ones
 use self::pipe::{Ahead, Behind, Carried, Handover, Pipe};
 use self::supervisor::{Cause, Ending, ExitInfo, Worker, WorkerConfig};
 use crate::error::{Error, ExitReason, Failure, ProtocolError};
+use crate::lend::Message;
 use crate::protocol::Tag;
 use crate::settings::{Overload, PoolSettings};
 use crate::stats::{BreakerState, PoolMetrics, PoolShape, PoolStats, RestartCause};
@@ -143,6 +144,9 @@ pub(crate) enum Acquired {
     Ahead(Ahead),
 }
 
+// One slot per worker: boxing the worker would save little memory and cost an allocation
+// each time a call gives its worker back.
+#[allow(clippy::large_enum_variant)]
 enum Slot {
     Ready(Worker),
     Starting(oneshot::Receiver<io::Result<Worker>>),
@@ -572,10 +576,21 @@ impl Lease {
         self.worker.as_ref().expect("present until the lease ends").pid
     }
 
-    /// Sends as much of `message` as the socket takes now.
-    pub(crate) fn start(&mut self, message: &[&[u8]], fds: &[OwnedFd]) -> Result<usize, TransportError> {
-        self.worker().pipe().sending();
-        self.worker().channel().start_send(message, fds)
+    /// Sends as much of `message` as the socket takes now: its large byte vectors lent, if
+    /// the worker reads this process (see [`crate::lend`]).
+    pub(crate) fn start(&mut self, message: &Message<'_>, fds: &[OwnedFd]) -> Result<usize, TransportError> {
+        let worker = self.worker();
+        worker.pipe().sending();
+        if let Some(lent) = worker.lends() {
+            // Given a call, it has answered those before: what it was lent by calls that
+            // ended without its answer may go.
+            lent.release();
+        }
+        let (parts, lent) = message.for_worker(worker.lends());
+        if lent {
+            self.pool.metrics.lent();
+        }
+        self.worker().channel().start_send(parts, fds)
     }
 
     /// Sends the rest of `message` and waits for the reply. Once the call is whole in the
@@ -583,12 +598,13 @@ impl Lease {
     /// recycling after this one.
     pub(crate) async fn reply(
         &mut self,
-        message: &[&[u8]],
+        message: &Message<'_>,
         fds: &[OwnedFd],
         sent: usize,
         on_frame: &mut (dyn FnMut(crate::protocol::Tag, &[u8]) -> crate::transport::Pace + Send),
     ) -> Result<Reply<'_>, TransportError> {
-        self.worker().channel().finish_send(message, fds, sent).await?;
+        let (parts, _) = message.for_worker(self.worker().lends());
+        self.worker().channel().finish_send(parts, fds, sent).await?;
         let accepting = !self.pool.is_closed()
             && self.pool.settings.max_tasks.is_none_or(|max| self.worker().calls + 2 <= max);
         let (pid, pipe) = (self.pid(), Arc::clone(self.worker().pipe()));
@@ -599,6 +615,7 @@ impl Lease {
         let pool = Arc::clone(&self.pool);
         let reply = self.worker().channel().read_reply(on_frame).await?;
         if matches!(reply.tag, Tag::Return | Tag::Panicked | Tag::Fault) {
+            message.answered();
             let yield_to_others = pool.plain_waiting.load(Ordering::Relaxed) > 0;
             if pipe.accept(yield_to_others) {
                 pool.metrics.withdrawn();

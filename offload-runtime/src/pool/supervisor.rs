@@ -23,6 +23,7 @@ use tokio::sync::{oneshot, watch};
 use super::pipe::Pipe;
 use crate::error::{ExitReason, Payload};
 use crate::gate::Gate;
+use crate::lend::Lent;
 use crate::protocol::env::{ENV, WorkerEnv};
 use crate::protocol::{self, FRAME_SLACK, Hello, PROTOCOL_VERSION, Tag};
 use crate::registry::Registry;
@@ -50,6 +51,10 @@ pub(crate) struct Worker {
     stderr: Arc<StderrTail>,
     /// Its gate and second handle, for calls sent ahead; set by the handshake.
     pipe: Option<Arc<Pipe>>,
+    /// If it reads this process's memory (said in its handshake): what it may still be
+    /// reading of the large byte vectors lent to it (see [`crate::lend`]), kept until it is
+    /// reaped.
+    lent: Option<Arc<Lent>>,
 }
 
 /// How a worker is to be ended.
@@ -112,6 +117,11 @@ impl Worker {
         self.pipe.as_ref().expect("set by the handshake")
     }
 
+    /// Where the large byte vectors lent to it are kept, if it reads this process's memory.
+    pub(crate) fn lends(&self) -> Option<&Arc<Lent>> {
+        self.lent.as_ref()
+    }
+
     /// Whether the worker is unusable: its channel is gone, or it sent unasked data.
     pub(crate) fn is_broken(&self) -> bool {
         self.channel.as_ref().is_none_or(Channel::has_unasked_data)
@@ -130,7 +140,8 @@ impl Worker {
         let (tx, rx) = oneshot::channel();
         self.channel = None;
         if let Some(child) = self.child.take() {
-            supervisor().reap(Reap { child, how, cause, stderr: Arc::clone(&self.stderr), reply: Some(tx) });
+            let (stderr, lent) = (Arc::clone(&self.stderr), self.lent.take());
+            supervisor().reap(Reap { child, how, cause, stderr, lent, reply: Some(tx) });
         }
         rx
     }
@@ -142,8 +153,15 @@ impl Drop for Worker {
         // its state is unknown, so kill it.
         self.channel = None;
         if let Some(child) = self.child.take() {
-            let stderr = Arc::clone(&self.stderr);
-            supervisor().reap(Reap { child, how: Ending::Kill, cause: Cause::Dropped, stderr, reply: None });
+            let (stderr, lent) = (Arc::clone(&self.stderr), self.lent.take());
+            supervisor().reap(Reap {
+                child,
+                how: Ending::Kill,
+                cause: Cause::Dropped,
+                stderr,
+                lent,
+                reply: None,
+            });
         }
     }
 }
@@ -243,6 +261,8 @@ struct Reap {
     /// Why it ends, for the log.
     cause: Cause,
     stderr: Arc<StderrTail>,
+    /// What the worker may have been reading: let go once it is reaped.
+    lent: Option<Arc<Lent>>,
     reply: Option<oneshot::Sender<ExitInfo>>,
 }
 
@@ -261,6 +281,7 @@ fn finish(job: Reap) {
     if let Some(reply) = job.reply {
         let _ = reply.send(info);
     }
+    drop(job.lent);
 }
 
 fn take(job: &Mutex<Option<Reap>>) -> Option<Reap> {
@@ -348,7 +369,8 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
     let (ours, theirs) = UnixStream::pair()?;
     let parent = std::process::id();
     let fd = theirs.as_raw_fd();
-    let env = WorkerEnv { fd, parent, secret, max_payload, spin_us, pool: key.to_owned() };
+    let probe = crate::lend::probe_address();
+    let env = WorkerEnv { fd, parent, secret, max_payload, spin_us, probe, pool: key.to_owned() };
 
     // The running image, even if the file on disk has been replaced since.
     let mut command = Command::new("/proc/self/exe");
@@ -395,8 +417,10 @@ fn start_worker(config: WorkerConfig) -> io::Result<Worker> {
     };
     let writer = ours.try_clone();
     let channel = Channel::new(ours, max_payload as usize + FRAME_SLACK);
-    let mut worker = Worker { pid, channel: Some(channel), calls: 0, child: Some(child), stderr, pipe: None };
-    let shaken = handshake(worker.channel(), secret, pid).and_then(|()| {
+    let mut worker =
+        Worker { pid, channel: Some(channel), calls: 0, child: Some(child), stderr, pipe: None, lent: None };
+    let shaken = handshake(worker.channel(), secret, pid).and_then(|reads_parent| {
+        worker.lent = reads_parent.then(Arc::default);
         let gate = worker.channel().take_fds().into_iter().next().ok_or("sent no gate with its handshake")?;
         let gate = Gate::open(gate)?;
         let writer = writer.map_err(|e| format!("its socket could not be duplicated: {e}"))?;
@@ -446,7 +470,8 @@ fn random_secret() -> io::Result<[u8; 16]> {
     Ok(secret)
 }
 
-fn handshake(channel: &mut Channel, secret: [u8; 16], pid: u32) -> Result<(), String> {
+/// Checks the worker's hello; whether the worker reads this process's memory.
+fn handshake(channel: &mut Channel, secret: [u8; 16], pid: u32) -> Result<bool, String> {
     let (tag, body) = match channel.recv_blocking(HANDSHAKE_TIMEOUT) {
         Ok(frame) => frame,
         Err(TransportError::Closed | TransportError::NotSent) => {
@@ -475,7 +500,7 @@ fn handshake(channel: &mut Channel, secret: [u8; 16], pid: u32) -> Result<(), St
     if hello.pid != pid {
         return Err(format!("claims to be process {}", hello.pid));
     }
-    Ok(())
+    Ok(hello.reads_parent)
 }
 
 /// Waits for `child` to end, killing it first or after a grace period as `how` says.
@@ -554,12 +579,20 @@ mod tests {
     }
 
     fn good() -> Hello {
-        Hello { version: PROTOCOL_VERSION, pid: 42, secret: [7; 16], registry: Registry::get().hash() }
+        Hello {
+            version: PROTOCOL_VERSION,
+            pid: 42,
+            secret: [7; 16],
+            registry: Registry::get().hash(),
+            reads_parent: true,
+        }
     }
 
     #[test]
     fn handshake_accepts_the_right_worker() {
-        assert_eq!(handshake(&mut hello_from_peer(&good()), [7; 16], 42), Ok(()));
+        assert_eq!(handshake(&mut hello_from_peer(&good()), [7; 16], 42), Ok(true));
+        let cannot = Hello { reads_parent: false, ..good() };
+        assert_eq!(handshake(&mut hello_from_peer(&cannot), [7; 16], 42), Ok(false));
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::os::fd::RawFd;
 use super::PROTOCOL_VERSION;
 
 /// Set in a worker's environment by its parent:
-/// `version:fd:parent-pid:secret-hex:max-payload:spin-us:pool` (the pool's name may hold `:`).
+/// `version:fd:parent-pid:secret-hex:max-payload:spin-us:probe:pool` (the pool's name may
+/// hold `:`).
 pub(crate) const ENV: &str = "OFFLOAD_WORKER";
 
 /// What the parent put in [`ENV`].
@@ -20,6 +21,8 @@ pub(crate) struct WorkerEnv {
     pub(crate) max_payload: u64,
     /// How long to poll for the next call before sleeping, in microseconds.
     pub(crate) spin_us: u64,
+    /// Where [`crate::lend::PROBE`] is in the parent.
+    pub(crate) probe: u64,
     /// The pool's key in the registry, whose entries' states the worker builds.
     pub(crate) pool: String,
 }
@@ -28,19 +31,20 @@ impl WorkerEnv {
     pub(crate) fn encode(&self) -> String {
         let secret: String = self.secret.iter().map(|b| format!("{b:02x}")).collect();
         format!(
-            "{PROTOCOL_VERSION}:{}:{}:{secret}:{}:{}:{}",
-            self.fd, self.parent, self.max_payload, self.spin_us, self.pool
+            "{PROTOCOL_VERSION}:{}:{}:{secret}:{}:{}:{}:{}",
+            self.fd, self.parent, self.max_payload, self.spin_us, self.probe, self.pool
         )
     }
 
     pub(crate) fn parse(value: &str) -> Option<WorkerEnv> {
-        let mut parts = value.splitn(7, ':');
+        let mut parts = value.splitn(8, ':');
         let version: u32 = parts.next()?.parse().ok()?;
         let fd: RawFd = parts.next()?.parse().ok()?;
         let parent: u32 = parts.next()?.parse().ok()?;
         let hex = parts.next()?;
         let max_payload: u64 = parts.next()?.parse().ok()?;
         let spin_us: u64 = parts.next()?.parse().ok()?;
+        let probe: u64 = parts.next()?.parse().ok()?;
         let pool = parts.next()?.to_owned();
         if version != PROTOCOL_VERSION || parts.next().is_some() || hex.len() != 32 || fd < 0 {
             return None;
@@ -49,7 +53,7 @@ impl WorkerEnv {
         for (i, byte) in secret.iter_mut().enumerate() {
             *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
         }
-        Some(WorkerEnv { fd, parent, secret, max_payload, spin_us, pool })
+        Some(WorkerEnv { fd, parent, secret, max_payload, spin_us, probe, pool })
     }
 }
 
@@ -65,6 +69,7 @@ mod tests {
             secret: *b"0123456789abcdef",
             max_payload: 1 << 30,
             spin_us: 50,
+            probe: 0x5555_1234_5678,
             pool: "app::digest".into(),
         };
         assert_eq!(WorkerEnv::parse(&env.encode()), Some(env));

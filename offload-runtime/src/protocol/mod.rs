@@ -16,7 +16,7 @@ pub(crate) mod env;
 pub(crate) mod reader;
 
 /// Bumped whenever the frame layout or a message changes.
-pub(crate) const PROTOCOL_VERSION: u32 = 4;
+pub(crate) const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest frame the length prefix can describe, tag included. Pools enforce their own,
 /// smaller `max_payload` on top of it.
@@ -56,6 +56,11 @@ pub(crate) enum Tag {
     /// Worker to parent, during a call of a function that streams: one item it yielded,
     /// encoded as a return value is.
     Item = 10,
+    /// Parent to worker, before a call, to a worker that reads its parent's memory
+    /// ([`Hello::reads_parent`]): where one of the call's large byte-vector arguments is in
+    /// the parent (its address, then its length, 8 bytes each, little-endian); see
+    /// [`crate::lend`].
+    BulkAt = 11,
 }
 
 impl Tag {
@@ -71,6 +76,7 @@ impl Tag {
             8 => Tag::Progress,
             9 => Tag::Batch,
             10 => Tag::Item,
+            11 => Tag::BulkAt,
             _ => return None,
         })
     }
@@ -85,6 +91,9 @@ pub(crate) struct Hello {
     pub(crate) secret: [u8; 16],
     /// [`crate::registry::Registry::hash`] of the worker's build.
     pub(crate) registry: u64,
+    /// The worker can read its parent's memory: large byte vectors may be lent to it
+    /// ([`Tag::BulkAt`]).
+    pub(crate) reads_parent: bool,
 }
 
 /// A panic in the user's function.
@@ -504,12 +513,34 @@ pub(crate) fn bulk_header(len: usize) -> Result<[u8; HEADER], ProtocolError> {
     Ok([a, b, c, d, Tag::Bulk as u8])
 }
 
+/// A [`Tag::BulkAt`] frame: `len` bytes at `address` in this process.
+pub(crate) fn bulk_at_frame(address: u64, len: u64) -> [u8; HEADER + 16] {
+    let mut frame = [0u8; HEADER + 16];
+    frame[..4].copy_from_slice(&17u32.to_le_bytes());
+    frame[4] = Tag::BulkAt as u8;
+    frame[HEADER..HEADER + 8].copy_from_slice(&address.to_le_bytes());
+    frame[HEADER + 8..].copy_from_slice(&len.to_le_bytes());
+    frame
+}
+
+/// The address and length in a [`Tag::BulkAt`] frame's body.
+pub(crate) fn parse_bulk_at(body: &[u8]) -> Result<(u64, u64), ProtocolError> {
+    let body: &[u8; 16] = body
+        .try_into()
+        .map_err(|_| ProtocolError::Invalid(format!("a lent-bytes frame of {} bytes, not 16", body.len())))?;
+    let (address, len) = body.split_at(8);
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    Ok((word(address), word(len)))
+}
+
 /// Large byte-vector arguments (top-level `Vec<u8>` arguments of at least [`bulk::MIN`]
 /// bytes) travel in [`Tag::Bulk`] frames of their own, sent before the call frame: written
 /// from the caller's vector as it is, and read by the worker straight into the vector it
 /// hands the function. Neither side copies them in user space, and the worker's vector is
 /// the only allocation. The call frame carries a marker in their place (see
-/// [`SendBytes`]), and the worker's decoding takes the bulk frames in order.
+/// [`SendBytes`]), and the worker's decoding takes the bulk frames in order. To a worker
+/// that reads its parent's memory, a [`Tag::BulkAt`] frame goes in place of each bulk
+/// frame, and the worker reads the bytes from where they are (see [`crate::lend`]).
 pub(crate) mod bulk {
     use std::cell::{Cell, RefCell};
     use std::collections::VecDeque;

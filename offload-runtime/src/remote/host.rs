@@ -403,7 +403,8 @@ impl Host {
             stop: &too_large,
         };
         let deadline = std::time::Instant::now() + left;
-        let message = [&frame[..]];
+        let parts = [&frame[..]];
+        let message = crate::lend::Message::whole(&parts);
         let mut started = false;
         let result = {
             let call = crate::deadline::with_deadline(

@@ -24,6 +24,7 @@ mod logs;
 mod overflow;
 mod progress;
 mod serve;
+mod spare;
 mod state;
 
 use std::io::Write;
@@ -176,6 +177,7 @@ mod tests {
             secret: [7; 16],
             max_payload: 1 << 20,
             spin_us: 0,
+            probe: 0,
             pool: "p".into(),
         };
         let output = std::process::Command::new(std::env::current_exe().unwrap())

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use crate::error::{Payload, ProtocolError};
 use crate::gate::Gate;
 use crate::protocol::env::WorkerEnv;
-use crate::protocol::reader::{FrameReader, KEEP_BUFFER, Next, fresh_bytes};
+use crate::protocol::reader::{FrameReader, KEEP_BUFFER, Next};
 use crate::protocol::{self, Attached, FrameBuf, Hello, MAX_FRAME, PROTOCOL_VERSION, PanicReport, Tag};
 use crate::registry::Registry;
 use crate::socket::{recv_with_fds, send_with_fds};
@@ -97,11 +97,14 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
         PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
     }));
 
+    // Whether large byte vectors can be read from where they are in the parent.
+    let parent = crate::lend::Parent::open(env.parent, env.probe);
     let hello = Hello {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),
         secret: env.secret,
         registry: Registry::get().hash(),
+        reads_parent: parent.is_some(),
     };
     let mut frame = FrameBuf::new(Tag::Hello);
     protocol::append(frame.body(), &hello, Payload::Message).map_err(std::io::Error::other)?;
@@ -118,7 +121,7 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
     let mut reply = Vec::new();
     let mut calls = 0;
     loop {
-        let Some((tag, body, attached)) = next_call(&mut inbox, &stream)? else {
+        let Some((tag, body, attached)) = next_call(&mut inbox, &stream, parent.as_ref())? else {
             // The parent closed the channel: it is done with us, or gone.
             return Ok(());
         };
@@ -178,6 +181,7 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
         // Unmapping and freeing large shared buffers takes milliseconds: done now, while the
         // parent already has its answer.
         crate::shm::release_deferred();
+        super::spare::call_done();
         // What the function printed reaches the terminal now, not at some later call.
         let _ = std::io::stdout().flush();
     }
@@ -185,10 +189,13 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
 
 /// Reads the next call or batch frame, and the bulk frames before it: its tag, where its
 /// body is in `inbox`, and what came with it. `None` at end of stream. The parent may have
-/// sent the next call behind it (see `crate::gate`).
+/// sent the next call behind it (see `crate::gate`). Bytes lent by the parent are read
+/// from `parent`, if it can be read.
+#[cfg(target_os = "linux")]
 fn next_call(
     inbox: &mut FrameReader,
     stream: &UnixStream,
+    parent: Option<&crate::lend::Parent>,
 ) -> std::io::Result<Option<(Tag, std::ops::Range<usize>, Attached)>> {
     let mut bulk = Vec::new();
     loop {
@@ -196,11 +203,29 @@ fn next_call(
             Some(Next::Frame(tag @ (Tag::Call | Tag::Batch), body)) => {
                 return Ok(Some((tag, body, Attached { fds: inbox.take_fds(), bulk })));
             }
+            Some(Next::Frame(Tag::BulkAt, body)) => {
+                let (address, len) =
+                    protocol::parse_bulk_at(inbox.frame(body)).map_err(std::io::Error::other)?;
+                let Some(parent) = parent else {
+                    return Err(std::io::Error::other(
+                        "the parent lent bytes to a worker that cannot read them",
+                    ));
+                };
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|&len| len as u64 <= MAX_PAYLOAD.load(Ordering::Relaxed))
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!("the parent lent {len} bytes, over the limit"))
+                    })?;
+                let mut bytes = super::spare::vector(len);
+                parent.read(address, &mut bytes)?;
+                bulk.push(bytes);
+            }
             Some(Next::Frame(tag, _)) => {
                 return Err(std::io::Error::other(format!("expected a call frame, got {tag:?}")));
             }
             Some(Next::Bulk(len)) => {
-                let mut bytes = fresh_bytes(len);
+                let mut bytes = super::spare::vector(len);
                 let mut done = inbox.take_bulk(&mut bytes);
                 while done < len {
                     match recv_with_fds(
@@ -358,6 +383,10 @@ fn recv_spinning(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
     }
     let fd = std::os::fd::AsFd::as_fd(stream);
     let mut readable = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    // While no call comes, the buffer for the next large argument is made ready, a chunk at
+    // a time.
+    let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    while matches!(rustix::event::poll(&mut readable, Some(&now)), Ok(0)) && super::spare::prepare() {}
     // An error (EINTR from the cancellation signal) falls through to the blocking `recv`.
     let _ = rustix::event::poll(&mut readable, None);
     recv_with_fds(stream, buf, fds, rustix::net::RecvFlags::empty())
