@@ -23,7 +23,8 @@
 //! Used by call: breaker, fallback, deadline (the caller's deadlines), progress (the
 //! caller's progress callback). On their own: lag (the lag monitor), histogram.
 //! Below both sides: socket (send and receive with descriptors), shm (shared buffers),
-//! protocol (frames, their reader, the codec, the worker's environment), registry (the
+//! lend (large byte vectors the worker reads from the caller's memory), protocol (frames,
+//! their reader, the codec, the worker's environment), registry (the
 //! entries, plain static data), settings, stats, stderr_tail, role, error
 //! ```
 //!
