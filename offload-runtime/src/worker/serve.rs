@@ -386,7 +386,9 @@ fn recv_spinning(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
     // While no call comes, the buffer for the next large argument is made ready, a chunk at
     // a time.
     let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
-    while matches!(rustix::event::poll(&mut readable, Some(&now)), Ok(0)) && super::spare::prepare() {}
+    while super::spare::unready() && matches!(rustix::event::poll(&mut readable, Some(&now)), Ok(0)) {
+        super::spare::prepare();
+    }
     // An error (EINTR from the cancellation signal) falls through to the blocking `recv`.
     let _ = rustix::event::poll(&mut readable, None);
     recv_with_fds(stream, buf, fds, rustix::net::RecvFlags::empty())

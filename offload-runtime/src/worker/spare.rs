@@ -88,21 +88,23 @@ pub(super) fn call_done() {
     });
 }
 
-/// Makes one more chunk of the spare ready; `false` once there is nothing left to do.
-pub(super) fn prepare() -> bool {
+/// Whether a spare is wanted and not yet ready: a check without a system call, made before
+/// every wait for a call.
+pub(super) fn unready() -> bool {
+    SPARE.with_borrow(|spare| spare.wanted > 0 && spare.bytes.as_ref().is_none_or(|b| spare.ready < b.len()))
+}
+
+/// Makes one more chunk of the spare ready, if it is [`unready`].
+pub(super) fn prepare() {
     SPARE.with_borrow_mut(|spare| {
         if spare.wanted == 0 {
-            return false;
+            return;
         }
         let wanted = spare.wanted;
         let bytes = spare.bytes.get_or_insert_with(|| fresh_bytes(wanted));
-        if spare.ready >= bytes.len() {
-            return false;
-        }
         let end = bytes.len().min(spare.ready + CHUNK);
         populate(&mut bytes[spare.ready..end]);
         spare.ready = end;
-        true
     })
 }
 
@@ -140,7 +142,9 @@ mod tests {
     use super::*;
 
     fn ready() -> usize {
-        while prepare() {}
+        while unready() {
+            prepare();
+        }
         SPARE.with_borrow(|spare| spare.bytes.as_ref().map_or(0, Vec::len))
     }
 
