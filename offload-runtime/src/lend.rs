@@ -15,7 +15,7 @@
 //! keeps its arguments until the reply, which the worker sends only after it has read them
 //! all. A call that ends without its reply (a timeout, its future dropped) hands its
 //! arguments to its worker's [`Lent`] instead of dropping them: they are dropped when the
-//! worker is given its next call (it has answered this one) or after it is reaped.
+//! worker answers a call (it has read all it was lent before), or after it is reaped.
 
 use std::sync::{Arc, Mutex};
 
@@ -109,8 +109,9 @@ impl Lent {
         self.kept().push(args);
     }
 
-    /// The worker has answered every call it was given: what it was lent may go. Dropped off
-    /// the runtime, if there is one: freeing large vectors takes milliseconds.
+    /// The worker has answered a call, so it has read all it was lent for the calls before:
+    /// that may go. Dropped off the runtime, if there is one: freeing large vectors takes
+    /// milliseconds.
     pub(crate) fn release(&self) {
         let mut kept = self.kept();
         if kept.is_empty() {

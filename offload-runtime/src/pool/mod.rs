@@ -581,11 +581,6 @@ impl Lease {
     pub(crate) fn start(&mut self, message: &Message<'_>, fds: &[OwnedFd]) -> Result<usize, TransportError> {
         let worker = self.worker();
         worker.pipe().sending();
-        if let Some(lent) = worker.lends() {
-            // Given a call, it has answered those before: what it was lent by calls that
-            // ended without its answer may go.
-            lent.release();
-        }
         let (parts, lent) = message.for_worker(worker.lends());
         if lent {
             self.pool.metrics.lent();
@@ -613,9 +608,15 @@ impl Lease {
             self.pool.opened.notify_one();
         }
         let pool = Arc::clone(&self.pool);
+        let lent = self.worker().lends().cloned();
         let reply = self.worker().channel().read_reply(on_frame).await?;
         if matches!(reply.tag, Tag::Return | Tag::Panicked | Tag::Fault) {
             message.answered();
+            // It has read whatever it was lent for this call and those before: what calls
+            // that ended without its answer left with it may go (see `crate::lend`).
+            if let Some(lent) = lent {
+                lent.release();
+            }
             let yield_to_others = pool.plain_waiting.load(Ordering::Relaxed) > 0;
             if pipe.accept(yield_to_others) {
                 pool.metrics.withdrawn();
@@ -759,6 +760,9 @@ impl Lease {
             };
             if kept {
                 // The reply is set aside, and the worker serves the next call.
+                if let Some(lent) = self.worker().lends() {
+                    lent.release();
+                }
                 self.worker().pipe().accept(false);
                 self.release();
             } else {

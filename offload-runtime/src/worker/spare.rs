@@ -115,9 +115,9 @@ fn populate(bytes: &mut [u8]) {
         let page = rustix::param::page_size();
         let start = (bytes.as_ptr() as usize).next_multiple_of(page);
         let end = (bytes.as_ptr() as usize + bytes.len()).next_multiple_of(page);
-        // SAFETY: the range is within the pages `bytes` lies in, which belong to one mapping
-        // of this process (a large vector has its own), and populating pages for writing
-        // does not change what they hold.
+        // SAFETY: the range is within the pages `bytes` lies in, which are mapped, writable
+        // memory of this process (the last may hold other data too), and populating pages
+        // for writing does not change what any of them hold.
         let populated = unsafe {
             rustix::mm::madvise(
                 start as *mut std::ffi::c_void,
