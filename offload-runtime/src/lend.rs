@@ -17,6 +17,7 @@
 //! arguments to its worker's [`Lent`] instead of dropping them: they are dropped when the
 //! worker answers a call (it has read all it was lent before), or after it is reaped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What a worker reads at the address its parent gives it, to find out whether it can read
@@ -98,15 +99,25 @@ impl Lending {
 /// What a worker may still be reading: the arguments of calls that ended before it
 /// answered. One per worker, shared with its reaper.
 #[derive(Default)]
-pub(crate) struct Lent(Mutex<Vec<Box<dyn Send>>>);
+pub(crate) struct Lent {
+    kept: Mutex<Vec<Box<dyn Send>>>,
+    /// `kept` is not empty: read without the lock, once per call.
+    holds: AtomicBool,
+}
 
 impl Lent {
     fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Box<dyn Send>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn keep(&self, args: Box<dyn Send>) {
         self.kept().push(args);
+        self.holds.store(true, Ordering::Release);
+    }
+
+    /// Whether it holds anything to [`Lent::release`].
+    pub(crate) fn holds(&self) -> bool {
+        self.holds.load(Ordering::Acquire)
     }
 
     /// The worker has answered a call, so it has read all it was lent for the calls before:
@@ -118,6 +129,7 @@ impl Lent {
             return;
         }
         let kept = std::mem::take(&mut *kept);
+        self.holds.store(false, Ordering::Release);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(move || drop(kept))),
             Err(_) => drop(kept),
@@ -241,8 +253,9 @@ mod tests {
         assert_eq!(message.for_worker(Some(&lent)), (parts, true));
         let args = Arc::new(());
         assert_eq!(lending.settle(Arc::clone(&args)), None, "kept for the worker");
-        assert_eq!(Arc::strong_count(&args), 2);
+        assert!(Arc::strong_count(&args) == 2 && lent.holds());
         lent.release();
+        assert!(!lent.holds());
         assert_eq!(Arc::strong_count(&args), 1, "let go once the worker answered later calls");
 
         assert_eq!(message.for_worker(Some(&lent)).0, parts);

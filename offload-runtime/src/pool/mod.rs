@@ -608,7 +608,8 @@ impl Lease {
             self.pool.opened.notify_one();
         }
         let pool = Arc::clone(&self.pool);
-        let lent = self.worker().lends().cloned();
+        // Taken only when there is something to let go: not a cost of every call.
+        let lent = self.worker().lends().filter(|lent| lent.holds()).cloned();
         let reply = self.worker().channel().read_reply(on_frame).await?;
         if matches!(reply.tag, Tag::Return | Tag::Panicked | Tag::Fault) {
             message.answered();
