@@ -445,3 +445,55 @@ pub(super) static CHANNEL_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// The pool's `max_payload`, from the worker's environment.
 pub(super) static MAX_PAYLOAD: AtomicU64 = AtomicU64::new(crate::settings::DEFAULT_MAX_PAYLOAD);
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// `next_call` on a channel the test writes `frames` to, with what it may read lent
+    /// bytes from.
+    fn next_call_after(
+        frames: &[&[u8]],
+        parent: Option<&crate::lend::Parent>,
+    ) -> std::io::Result<Option<(Tag, std::ops::Range<usize>, Attached)>> {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        for frame in frames {
+            theirs.write_all(frame).unwrap();
+        }
+        drop(theirs);
+        next_call(&mut FrameReader::default(), &ours, parent)
+    }
+
+    fn refusal(frames: &[&[u8]], parent: Option<&crate::lend::Parent>) -> String {
+        match next_call_after(frames, parent) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("the worker took lent bytes it should have refused"),
+        }
+    }
+
+    #[test]
+    fn lent_bytes_are_read_from_where_they_are_or_refused_clearly() {
+        let call = protocol::encode_call("f", 0, &(), None, 0, u64::MAX).unwrap().0;
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let at = protocol::bulk_at_frame(bytes.as_ptr() as u64, bytes.len() as u64);
+
+        // This process stands in for the parent.
+        let me = crate::lend::Parent::open(std::process::id(), crate::lend::probe_address()).unwrap();
+        let (tag, _, attached) = next_call_after(&[&at, &call], Some(&me)).unwrap().unwrap();
+        assert_eq!(tag, Tag::Call);
+        assert_eq!(attached.bulk, vec![bytes.clone()]);
+
+        let refused = refusal(&[&at, &call], None);
+        assert!(refused.contains("cannot read them"), "{refused}");
+
+        let unmapped = protocol::bulk_at_frame(8, 4096);
+        let refused = refusal(&[&unmapped, &call], Some(&me));
+        assert!(refused.contains("Bad address"), "{refused}");
+
+        let too_long = protocol::bulk_at_frame(bytes.as_ptr() as u64, u64::MAX);
+        let refused = refusal(&[&too_long, &call], Some(&me));
+        assert!(refused.contains("over the limit"), "{refused}");
+    }
+}
