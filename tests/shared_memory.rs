@@ -137,7 +137,8 @@ async fn a_crash_mid_call_leaves_no_shared_memory() {
     let _serial = SERIAL.lock().await;
     crash_with(SharedBytes::new(0).unwrap()).await.unwrap();
     let before = shared_memory_in_use();
-    let buffer = SharedBytes::from_slice(&[1; 1 << 20]).unwrap();
+    // A length no other test uses: no buffer kept for reuse has it.
+    let buffer = SharedBytes::from_slice(&[1; (1 << 20) + 3]).unwrap();
     assert!(shared_memory_in_use() > before, "the count sees the buffer");
     let err = crash_with(buffer).await.unwrap_err();
     assert!(matches!(err, Error::Crashed { .. }), "{err:?}");
@@ -153,6 +154,7 @@ async fn a_crash_mid_call_leaves_no_shared_memory() {
 
 #[tokio::test]
 async fn the_worker_lets_go_of_shared_buffers_after_each_call() {
+    let _serial = SERIAL.lock().await;
     let mut pid = 0;
     for i in 0..20u8 {
         let mut buffer = SharedBytes::new(1 << 20).unwrap();
@@ -266,4 +268,127 @@ async fn a_worker_cannot_resize_a_buffer_under_the_callers_mapping() {
     let (tried, done) = tokio::time::timeout(Duration::from_secs(60), truncations()).await.unwrap().unwrap();
     assert!(tried >= 2, "the worker made {tried} attempts");
     assert_eq!(done, 0, "{done} of {tried} truncations succeeded");
+}
+
+/// The inode of the memory file that `buffer` maps, from `/proc/self/maps`: two buffers with
+/// the same one share their memory.
+fn inode_of(buffer: &[u8]) -> u64 {
+    let at = buffer.as_ptr() as u64;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (start, end) = fields[0].split_once('-').unwrap();
+        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
+        if (start..end).contains(&at) {
+            return fields[4].parse().unwrap();
+        }
+    }
+    panic!("no mapping holds {at:#x}");
+}
+
+#[offload(workers = "1", timeout = "60s")]
+fn shared_len(buffer: SharedBytes) -> usize {
+    buffer.len()
+}
+
+/// Buffers a worker keeps past their call.
+static KEPT: std::sync::Mutex<Vec<SharedBytes>> = std::sync::Mutex::new(Vec::new());
+
+#[offload(pool = "shm-keeps", workers = "1", timeout = "60s")]
+fn keep(buffer: SharedBytes) -> usize {
+    let len = buffer.len();
+    KEPT.lock().unwrap().push(buffer);
+    len
+}
+
+/// Writes `byte` all over the buffers the worker kept.
+#[offload(pool = "shm-keeps", timeout = "60s")]
+fn poke_kept(byte: u8) -> usize {
+    let mut kept = KEPT.lock().unwrap();
+    kept.iter_mut().for_each(|buffer| buffer.fill(byte));
+    kept.len()
+}
+
+#[offload(workers = "1", timeout = "60s")]
+fn give_back(buffer: SharedBytes) -> SharedBytes {
+    buffer
+}
+
+#[offload(workers = "1", timeout = "60s")]
+fn fail_with(buffer: SharedBytes) -> usize {
+    panic!("failed with {} bytes", buffer.len())
+}
+
+/// Makes buffers of `len` zeros until `wanted` says one of them is the one wanted, within
+/// 5 s; keeps them all, so that none comes back.
+async fn made_until(len: usize, mut wanted: impl FnMut(&SharedBytes) -> bool) -> bool {
+    let mut made = Vec::new();
+    support::eventually_async(Duration::from_secs(5), || {
+        let buffer = SharedBytes::from_slice(&vec![0; len]).unwrap();
+        let hit = wanted(&buffer);
+        made.push(buffer);
+        hit
+    })
+    .await
+}
+
+/// A buffer passed to a call whose worker let go of it is reused by a later `from_slice` of
+/// its length: shown with a buffer of `len` bytes. After it, the buffers passed before
+/// were let go of too, and reused if they were to be.
+async fn reuse_is_seen(len: usize) {
+    let buffer = SharedBytes::from_slice(&pattern(len, 5)).unwrap();
+    let inode = inode_of(&buffer);
+    assert_eq!(shared_len(buffer).await.unwrap(), len);
+    let reused = made_until(len, |made| inode_of(made) == inode && made.iter().all(|&b| b == 0)).await;
+    assert!(reused, "a buffer the worker let go of was not reused");
+}
+
+/// The buffers `from_slice` hands out for `len` bytes now: as many as are kept for reuse, and
+/// more.
+fn drain(len: usize) -> Vec<SharedBytes> {
+    (0..8).map(|_| SharedBytes::from_slice(&vec![0; len]).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_buffer_the_worker_let_go_of_is_reused_with_its_pages() {
+    let _serial = SERIAL.lock().await;
+    reuse_is_seen((64 << 10) + 4096 * 5).await;
+}
+
+#[tokio::test]
+async fn a_buffer_a_worker_kept_is_never_reused() {
+    let _serial = SERIAL.lock().await;
+    let len = (64 << 10) + 4096 * 6;
+    let buffer = SharedBytes::from_slice(&pattern(len, 1)).unwrap();
+    let inode = inode_of(&buffer);
+    assert_eq!(keep(buffer).await.unwrap(), len);
+    reuse_is_seen((64 << 10) + 4096 * 7).await;
+    let drained = drain(len);
+    assert!(drained.iter().all(|b| inode_of(b) != inode), "a buffer the worker holds was handed out again");
+    // Were it handed out, the worker's writes would show in it.
+    assert!(poke_kept(0xee).await.unwrap() >= 1);
+    assert!(drained.iter().all(|b| b.iter().all(|&x| x == 0)));
+}
+
+#[tokio::test]
+async fn a_buffer_given_back_or_passed_to_a_failed_call_is_never_reused() {
+    let _serial = SERIAL.lock().await;
+    let (len, failed_len) = ((64 << 10) + 4096 * 8, (64 << 10) + 4096 * 9);
+    let buffer = SharedBytes::from_slice(&pattern(len, 2)).unwrap();
+    let inode = inode_of(&buffer);
+    let mut back = give_back(buffer).await.unwrap();
+    assert_eq!(inode_of(&back), inode, "the same memory came back");
+
+    let doomed = SharedBytes::from_slice(&pattern(failed_len, 3)).unwrap();
+    let failed_inode = inode_of(&doomed);
+    let err = fail_with(doomed).await.unwrap_err();
+    assert!(matches!(err, Error::Panicked { .. }), "{err:?}");
+
+    reuse_is_seen((64 << 10) + 4096 * 10).await;
+    let drained = drain(len);
+    assert!(drained.iter().all(|b| inode_of(b) != inode), "a buffer the caller holds was handed out again");
+    back.fill(0xee);
+    assert!(drained.iter().all(|b| b.iter().all(|&x| x == 0)));
+    let drained = drain(failed_len);
+    assert!(drained.iter().all(|b| inode_of(b) != failed_inode), "a failed call's buffer was reused");
 }

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -142,7 +142,7 @@ pub(crate) async fn call_inner<A: Args>(
         // bulk bytes are written from where they are; the pages of shared buffers are
         // shared, so keeping them costs no memory) and then let go off the runtime, below;
         // others are dropped as soon as they are encoded, unless they are to be kept.
-        let holds_shared = encoded.as_ref().is_ok_and(|(_, fds)| !fds.is_empty());
+        let holds_shared = encoded.as_ref().is_ok_and(|(_, fds, _)| !fds.is_empty());
         (encoded, (keep || holds_shared || bulk > 0).then_some(args))
     };
     let (encoded, args) = match size {
@@ -152,16 +152,22 @@ pub(crate) async fn call_inner<A: Args>(
             None => return (Err(Error::Shutdown { entry: entry.name() }), None),
         },
     };
-    let (frame, fds) = match encoded {
+    let (frame, fds, mut outings) = match encoded {
         Ok(encoded) => encoded,
         Err(kind) => return (Err(protocol_error(entry, kind)), args),
     };
+    // Set if the worker that answers holds none of the shared buffers it was sent: those
+    // made here may then be used again (see `crate::shm`).
+    let released = AtomicBool::new(false);
+    let released = (!outings.is_empty()).then_some(&released);
     // Kept until the reply, or handed to the worker that may be reading them (see
     // `crate::lend`).
     let mut held = Held { args, lending: Lending::default() };
     let result = match bulk_frames(held.args.as_ref()) {
         Ok(frames) if frames.is_empty() => {
-            run(entry, executor, breaker, &Message::whole(&[&frame]), &fds, decode).await
+            let parts = [&frame[..]];
+            let message = Message { released, ..Message::whole(&parts) };
+            run(entry, executor, breaker, &message, &fds, decode).await
         }
         Ok(frames) => {
             let mut whole: Vec<&[u8]> = Vec::with_capacity(2 * frames.len() + 1);
@@ -177,13 +183,17 @@ pub(crate) async fn call_inner<A: Args>(
                 .collect();
             let mut lent: Vec<&[u8]> = at.iter().map(|frame| &frame[..]).collect();
             lent.push(&frame);
-            let message = Message { whole: &whole, lent: (!keep).then_some((&lent[..], &held.lending)) };
+            let lent = (!keep).then_some((&lent[..], &held.lending));
+            let message = Message { whole: &whole, lent, released };
             // On the heap: the futures of calls without large byte vectors, which may be many
             // at once, stay small.
             Box::pin(run(entry, executor, breaker, &message, &fds, decode)).await
         }
         Err(kind) => Err(protocol_error(entry, kind)),
     };
+    if result.is_ok() && released.is_some_and(|released| released.load(Ordering::Acquire)) {
+        outings.iter_mut().for_each(protocol::fds::Outing::returned);
+    }
     let args = held.settle();
     let (args, done) = if keep && result.is_err() { (args, None) } else { (None, args) };
     // Unmapping shared buffers the caller wrote and freeing their memory (the caller holds
@@ -191,7 +201,8 @@ pub(crate) async fn call_inner<A: Args>(
     // for large buffers, as does freeing a large frame or large byte vectors: all happen off
     // the runtime, after the call.
     if !fds.is_empty() || frame.len() > INLINE_PAYLOAD || bulk > 0 {
-        drop(tokio::task::spawn_blocking(move || drop((frame, fds, done))));
+        // The outings go first: a buffer is used again only once none is left.
+        drop(tokio::task::spawn_blocking(move || drop((frame, fds, outings, done))));
     }
     (result, args)
 }
@@ -623,6 +634,7 @@ async fn exchange(
     span: &tracing::Span,
 ) -> Result<(), Error> {
     let timed_out = |pid| Error::Timeout { entry: entry.name(), timeout, by, pid };
+    message.attempt();
 
     if timeout.is_zero() {
         // Its deadline passed before it began (a scope's, or a zero timeout).
@@ -715,6 +727,10 @@ async fn exchange(
         Ok(sent) => {
             let mut on_frame = |tag: Tag, body: &[u8]| match tag {
                 Tag::Item => decode.item(body),
+                Tag::Released => {
+                    message.release();
+                    Pace::Continue
+                }
                 _ if decode.relay(tag, body) => Pace::Continue,
                 _ => {
                     forward(entry, tag, body);
@@ -795,6 +811,7 @@ async fn exchange(
         | Tag::Log
         | Tag::Bulk
         | Tag::BulkAt
+        | Tag::Released
         | Tag::Progress
         | Tag::Batch
         | Tag::Item => {

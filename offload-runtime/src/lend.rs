@@ -37,12 +37,15 @@ pub(crate) struct Message<'a> {
     pub(crate) whole: &'a [&'a [u8]],
     /// With its large byte vectors left where they are, and what keeps them there.
     pub(crate) lent: Option<(&'a [&'a [u8]], &'a Lending)>,
+    /// For a call with shared buffers made in this process: set when the worker that answers
+    /// says it holds none ([`Tag::Released`](crate::protocol::Tag)).
+    pub(crate) released: Option<&'a AtomicBool>,
 }
 
 impl<'a> Message<'a> {
     /// A message with nothing to lend.
     pub(crate) fn whole(parts: &'a [&'a [u8]]) -> Message<'a> {
-        Message { whole: parts, lent: None }
+        Message { whole: parts, lent: None, released: None }
     }
 
     /// The form to send to a worker: lent if it reads this process (`to` is then where the
@@ -55,6 +58,21 @@ impl<'a> Message<'a> {
                 (parts, true)
             }
             _ => (self.whole, false),
+        }
+    }
+
+    /// An attempt at the call begins: what an earlier worker said of its shared buffers
+    /// does not hold for the next.
+    pub(crate) fn attempt(&self) {
+        if let Some(released) = self.released {
+            released.store(false, Ordering::Release);
+        }
+    }
+
+    /// The worker that answers holds none of the shared buffers it was sent.
+    pub(crate) fn release(&self) {
+        if let Some(released) = self.released {
+            released.store(true, Ordering::Release);
         }
     }
 
@@ -247,7 +265,7 @@ mod tests {
         let lending = Lending::default();
         let parts: &[&[u8]] = &[b"lent"];
         let whole: &[&[u8]] = &[b"whole"];
-        let message = Message { whole, lent: Some((parts, &lending)) };
+        let message = Message { whole, lent: Some((parts, &lending)), released: None };
         assert_eq!(message.for_worker(None), (whole, false), "a worker that cannot read gets it whole");
         assert_eq!(lending.settle(1u8), Some(1), "nothing lent yet");
         assert_eq!(message.for_worker(Some(&lent)), (parts, true));

@@ -15,14 +15,26 @@
 //! that the unmapping is not part of the call). A buffer the function returns is handed over
 //! the same way; the caller lets go of the buffers it passed on a blocking thread after the
 //! call.
+//!
+//! A new buffer's pages cost more to fault in than to fill. So this process keeps buffers it
+//! made and let go of, up to [`KEEP_BUFFERS`] and [`KEEP_BYTES`], and
+//! [`SharedBytes::from_slice`] reuses one of the same length. Only a buffer that is surely no
+//! one else's: each call it went out with succeeded, and its worker said it holds none of the
+//! buffers it was ever sent and sent none of them back ([`Tag::Released`]; a worker that
+//! keeps a buffer in a static, or returns one, never says so). Each buffer's [`Sent`] record
+//! counts its calls under way and whether a worker may have kept it.
+//!
+//! [`Tag::Released`]: crate::protocol::Tag
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::OwnedFd;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crate::protocol::{fds, refusal};
+use crate::protocol::fds::{self, Sent};
+use crate::protocol::refusal;
 use crate::role;
 
 /// A byte buffer in shared memory, to pass to or return from an `#[offload]` function
@@ -36,6 +48,15 @@ pub struct SharedBytes {
     /// `None` for an empty buffer, which needs no memory.
     map: Option<memmap2::MmapMut>,
     fd: Option<OwnedFd>,
+    origin: Origin,
+}
+
+/// Where a buffer's memory file comes from.
+enum Origin {
+    /// Made here, with the record of the calls it went out with: see [`recycle`].
+    Made(Arc<Sent>),
+    /// Received from another process, which may hold it too.
+    Received,
 }
 
 impl SharedBytes {
@@ -47,12 +68,16 @@ impl SharedBytes {
     /// limit, or on a system other than Linux).
     pub fn new(len: usize) -> std::io::Result<SharedBytes> {
         if len == 0 {
-            return Ok(SharedBytes { map: None, fd: None });
+            return Ok(SharedBytes::empty());
         }
         let fd = memfd()?;
         rustix::fs::ftruncate(&fd, len as u64)?;
         seal(&fd)?;
-        SharedBytes::map(fd, len)
+        SharedBytes::map(fd, len, Origin::Made(Arc::default()))
+    }
+
+    fn empty() -> SharedBytes {
+        SharedBytes { map: None, fd: None, origin: Origin::Received }
     }
 
     /// A buffer holding a copy of `bytes`.
@@ -60,9 +85,19 @@ impl SharedBytes {
     /// # Errors
     ///
     /// As [`SharedBytes::new`].
+    ///
+    /// It may reuse the memory of a buffer of the same length that this process made and let
+    /// go of, and that no worker kept (see the README's "Shared buffers"): then its pages are
+    /// already in memory, and the copy is all it costs.
     pub fn from_slice(bytes: &[u8]) -> std::io::Result<SharedBytes> {
-        let mut shared = SharedBytes::new(bytes.len())?;
-        shared.populate();
+        let mut shared = match reuse(bytes.len()) {
+            Some(shared) => shared,
+            None => {
+                let mut shared = SharedBytes::new(bytes.len())?;
+                shared.populate();
+                shared
+            }
+        };
         shared.copy_from_slice(bytes);
         Ok(shared)
     }
@@ -86,12 +121,15 @@ impl SharedBytes {
         }
     }
 
-    fn map(fd: OwnedFd, len: usize) -> std::io::Result<SharedBytes> {
+    fn map(fd: OwnedFd, len: usize, origin: Origin) -> std::io::Result<SharedBytes> {
         // SAFETY: the file is an anonymous memory file that only offload's own handles
         // reach, and no two processes use it at once (see the module docs), so the mapping
         // is not changed behind this reference.
         let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&fd)? };
-        Ok(SharedBytes { map: Some(map), fd: Some(fd) })
+        if matches!(origin, Origin::Received) {
+            RECEIVED_LIVE.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(SharedBytes { map: Some(map), fd: Some(fd), origin })
     }
 
     /// The buffer's length in bytes.
@@ -107,15 +145,76 @@ impl SharedBytes {
 
 impl Drop for SharedBytes {
     fn drop(&mut self) {
-        // In a worker, the buffer goes once the reply is sent: unmapping pages the function
-        // touched, and freeing the memory if this was its last holder, would otherwise hold
-        // the answer back by milliseconds for a large buffer.
-        if role::is_worker()
-            && let Some(map) = self.map.take()
-        {
+        let Some(map) = self.map.take() else { return };
+        if let Origin::Received = self.origin {
+            RECEIVED_LIVE.fetch_sub(1, Ordering::AcqRel);
+        }
+        if role::is_worker() {
+            // In a worker, the buffer goes once the reply is sent: unmapping pages the
+            // function touched, and freeing the memory if this was its last holder, would
+            // otherwise hold the answer back by milliseconds for a large buffer.
             lock_deferred().push((map, self.fd.take()));
+        } else if let (Origin::Made(sent), Some(fd)) = (&self.origin, self.fd.take())
+            && sent.is_back()
+        {
+            recycle(map, fd);
         }
     }
+}
+
+/// Shared buffers received from other processes and not dropped yet. In a worker: when
+/// none is left after a call, it tells the parent so ([`Tag::Released`](crate::protocol::Tag)).
+static RECEIVED_LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Set when a received buffer is sent back (in a return value or a streamed item): the
+/// other process holds it again, so it is not released. Cleared by [`released`].
+static ECHOED: AtomicBool = AtomicBool::new(false);
+
+/// In a worker, after a call: whether it holds none of the shared buffers it was ever sent
+/// and sent none of those of this call back (then the parent may use them again); starts
+/// the count of those sent back anew for the next call.
+pub(crate) fn released() -> bool {
+    let echoed = ECHOED.swap(false, Ordering::AcqRel);
+    !echoed && RECEIVED_LIVE.load(Ordering::Acquire) == 0
+}
+
+/// At most this many bytes of let-go buffers are kept for [`SharedBytes::from_slice`] to
+/// reuse.
+const KEEP_BYTES: usize = 256 << 20;
+/// At most this many.
+const KEEP_BUFFERS: usize = 4;
+
+/// Buffers this process made and let go of, that no worker kept, oldest first: their pages
+/// are in memory, ready for [`SharedBytes::from_slice`] to reuse.
+static FREE: Mutex<Vec<(memmap2::MmapMut, OwnedFd)>> = Mutex::new(Vec::new());
+
+fn lock_free() -> std::sync::MutexGuard<'static, Vec<(memmap2::MmapMut, OwnedFd)>> {
+    FREE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Keeps a let-go buffer for reuse, if it fits within [`KEEP_BYTES`] and [`KEEP_BUFFERS`]
+/// (the oldest go to make room); lets it go otherwise.
+fn recycle(map: memmap2::MmapMut, fd: OwnedFd) {
+    if map.len() > KEEP_BYTES {
+        return;
+    }
+    let mut free = lock_free();
+    free.push((map, fd));
+    let mut gone = Vec::new();
+    while free.len() > KEEP_BUFFERS || free.iter().map(|(map, _)| map.len()).sum::<usize>() > KEEP_BYTES {
+        gone.push(free.remove(0));
+    }
+    drop(free);
+    drop(gone);
+}
+
+/// A kept buffer of exactly `len` bytes, with a fresh record: its contents are those it was
+/// let go with.
+fn reuse(len: usize) -> Option<SharedBytes> {
+    let mut free = lock_free();
+    let at = free.iter().rposition(|(map, _)| map.len() == len)?;
+    let (map, fd) = free.remove(at);
+    Some(SharedBytes { map: Some(map), fd: Some(fd), origin: Origin::Made(Arc::default()) })
 }
 
 /// Buffers a worker's call let go of, unmapped once its reply is sent.
@@ -310,7 +409,17 @@ const NAME: &str = "offload::SharedBytes";
 impl serde::Serialize for SharedBytes {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let index = match &self.fd {
-            Some(fd) => fds::attach(fd).map_err(refusal::ser::<S::Error>)?,
+            Some(fd) => {
+                let sent = match &self.origin {
+                    Origin::Made(sent) => Some(sent),
+                    Origin::Received => None,
+                };
+                let index = fds::attach(fd, sent).map_err(refusal::ser::<S::Error>)?;
+                if sent.is_none() {
+                    ECHOED.store(true, Ordering::Release);
+                }
+                index
+            }
             None => u32::MAX,
         };
         serializer.serialize_newtype_struct(NAME, &(index, self.len() as u64))
@@ -325,14 +434,15 @@ impl<'de> serde::Deserialize<'de> for SharedBytes {
 
         let Handle((index, len)) = Handle::deserialize(deserializer)?;
         if len == 0 {
-            return Ok(SharedBytes { map: None, fd: None });
+            return Ok(SharedBytes::empty());
         }
         let fd = fds::take(index).ok_or_else(|| {
             refusal::de::<D::Error>("a shared buffer's descriptor did not arrive with the frame")
         })?;
         check_received(&fd, len).map_err(refusal::de::<D::Error>)?;
         let len = usize::try_from(len).map_err(refusal::de::<D::Error>)?;
-        SharedBytes::map(fd, len).map_err(|e| refusal::de(format!("could not map a shared buffer: {e}")))
+        SharedBytes::map(fd, len, Origin::Received)
+            .map_err(|e| refusal::de(format!("could not map a shared buffer: {e}")))
     }
 }
 

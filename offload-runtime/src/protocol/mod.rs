@@ -61,6 +61,10 @@ pub(crate) enum Tag {
     /// the parent (its address, then its length, 8 bytes each, little-endian); see
     /// [`crate::lend`].
     BulkAt = 11,
+    /// Worker to parent, just before a reply to a call that came with shared buffers: the
+    /// worker holds none of the shared buffers it was ever sent, and sent none of them back,
+    /// so the parent may use them again (see `crate::shm`).
+    Released = 12,
 }
 
 impl Tag {
@@ -77,6 +81,7 @@ impl Tag {
             9 => Tag::Batch,
             10 => Tag::Item,
             11 => Tag::BulkAt,
+            12 => Tag::Released,
             _ => return None,
         })
     }
@@ -285,6 +290,10 @@ pub(crate) fn parse_header(header: [u8; HEADER], max: usize) -> Result<(usize, T
     Ok((len - 1, tag))
 }
 
+/// A call frame, the descriptors of the shared buffers among its arguments, and the outings
+/// of those made in this process (see [`fds::Outing`]).
+pub(crate) type EncodedCall = (Vec<u8>, Vec<std::os::fd::OwnedFd>, Vec<fds::Outing>);
+
 /// A call frame for `name` with `args`; the worker forwards `tracing` events up to `log_level`
 /// (see [`level`]). `size` is the arguments' encoded size if it is known already (see
 /// [`size_within`]). Arguments that encode to more than `max_payload` bytes, counting the
@@ -297,7 +306,7 @@ pub(crate) fn encode_call<A: Serialize>(
     size: Option<usize>,
     bulk: u64,
     max_payload: u64,
-) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedFd>), ProtocolError> {
+) -> Result<EncodedCall, ProtocolError> {
     let size = match size {
         Some(size) => size,
         None => encoded_size(args, Payload::Arguments)?,
@@ -316,9 +325,9 @@ pub(crate) fn encode_call<A: Serialize>(
     frame.body().extend_from_slice(&name_len.to_le_bytes());
     frame.body().extend_from_slice(name.as_bytes());
     frame.body().push(log_level);
-    let (appended, fds) = fds::collecting(|| append(frame.body(), args, Payload::Arguments));
+    let (appended, fds, outings) = fds::collecting_outings(|| append(frame.body(), args, Payload::Arguments));
     appended?;
-    Ok((frame.finish()?, fds))
+    Ok((frame.finish()?, fds, outings))
 }
 
 /// A call frame's parts.
@@ -687,6 +696,8 @@ impl Attached {
 pub(crate) mod fds {
     use std::cell::RefCell;
     use std::os::fd::OwnedFd;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
     /// The most descriptors one frame may carry: what one `SCM_RIGHTS` message carries.
     pub(crate) const MAX: usize = 253;
@@ -696,8 +707,9 @@ pub(crate) mod fds {
         Off,
         /// Measuring the encoded size: placeholder indexes.
         Count,
-        /// Encoding for real: each buffer's descriptor is duplicated onto the list.
-        Collect(Vec<OwnedFd>),
+        /// Encoding for real: each buffer's descriptor is duplicated onto the list, and the
+        /// buffers of this process that have a [`Sent`] record go out with the call.
+        Collect(Vec<OwnedFd>, Vec<Outing>),
         /// Decoding: the descriptors that came with the frame.
         Supply(Vec<Option<OwnedFd>>),
     }
@@ -731,9 +743,56 @@ pub(crate) mod fds {
 
     /// Runs an encoding pass; returns the descriptors it attached.
     pub(crate) fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
-        match with_mode(Mode::Collect(Vec::new()), f) {
-            (result, Mode::Collect(fds)) => (result, fds),
-            (result, _) => (result, Vec::new()),
+        let (result, fds, _outings) = collecting_outings(f);
+        (result, fds)
+    }
+
+    /// [`collecting`], with the outings of the buffers of this process that went with it.
+    pub(crate) fn collecting_outings<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>, Vec<Outing>) {
+        match with_mode(Mode::Collect(Vec::new(), Vec::new()), f) {
+            (result, Mode::Collect(fds, outings)) => (result, fds, outings),
+            (result, _) => (result, Vec::new(), Vec::new()),
+        }
+    }
+
+    /// What a shared buffer made in this process knows of the calls it went out with: how
+    /// many are under way, and whether a worker may have kept it. Only a buffer no call has
+    /// and no worker kept may be used again for another (see `crate::shm`).
+    #[derive(Debug, Default)]
+    pub(crate) struct Sent {
+        in_flight: AtomicU32,
+        kept: AtomicBool,
+    }
+
+    impl Sent {
+        /// Whether the buffer is back for good: no call has it, no worker kept it.
+        pub(crate) fn is_back(&self) -> bool {
+            self.in_flight.load(Ordering::Acquire) == 0 && !self.kept.load(Ordering::Acquire)
+        }
+    }
+
+    /// One call a buffer went out with. Dropped without [`Outing::returned`] (the call failed,
+    /// or its worker did not say it let go of every buffer it was sent), the buffer counts as
+    /// kept by a worker, for good.
+    #[derive(Debug)]
+    pub(crate) struct Outing {
+        sent: Arc<Sent>,
+        returned: bool,
+    }
+
+    impl Outing {
+        /// The call succeeded, and its worker holds none of the buffers it was ever sent.
+        pub(crate) fn returned(&mut self) {
+            self.returned = true;
+        }
+    }
+
+    impl Drop for Outing {
+        fn drop(&mut self) {
+            if !self.returned {
+                self.sent.kept.store(true, Ordering::Release);
+            }
+            self.sent.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -743,15 +802,20 @@ pub(crate) mod fds {
         with_mode(Mode::Supply(fds.into_iter().map(Some).collect()), f).0
     }
 
-    /// Attaches `fd` to the frame being encoded; its index in the frame's list.
-    pub(crate) fn attach(fd: &OwnedFd) -> Result<u32, String> {
+    /// Attaches `fd` to the frame being encoded; its index in the frame's list. `sent` is the
+    /// record of a buffer made in this process.
+    pub(crate) fn attach(fd: &OwnedFd, sent: Option<&Arc<Sent>>) -> Result<u32, String> {
         MODE.with(|m| match &mut *m.borrow_mut() {
             Mode::Count => Ok(0),
-            Mode::Collect(list) => {
+            Mode::Collect(list, outings) => {
                 if list.len() >= MAX {
                     return Err(format!("more than {MAX} shared buffers in one payload"));
                 }
                 list.push(fd.try_clone().map_err(|e| format!("could not duplicate a shared buffer: {e}"))?);
+                if let Some(sent) = sent {
+                    sent.in_flight.fetch_add(1, Ordering::AcqRel);
+                    outings.push(Outing { sent: Arc::clone(sent), returned: false });
+                }
                 Ok(list.len() as u32 - 1)
             }
             Mode::Off | Mode::Supply(_) => Err("shared buffers can only be serialized as an argument or \
@@ -780,7 +844,7 @@ mod tests {
             std::panic::catch_unwind(|| fds::collecting(|| -> () { panic!("a user's Serialize") }));
         assert!(panicked.is_err());
         // Outside any pass, attaching is refused, as it is on a fresh thread.
-        assert!(fds::attach(&fd).is_err(), "the thread was left collecting descriptors");
+        assert!(fds::attach(&fd, None).is_err(), "the thread was left collecting descriptors");
     }
 
     #[test]
@@ -793,7 +857,7 @@ mod tests {
 
     #[test]
     fn call_frame_round_trips() {
-        let (frame, _) =
+        let (frame, _, _) =
             encode_call("a::b#1", 3, &(serde_bytes::Bytes::new(&[1, 2, 3]), 7u32), None, 0, 1 << 20).unwrap();
         let (len, tag) = parse_header(frame[..HEADER].try_into().unwrap(), MAX_FRAME).unwrap();
         assert_eq!(tag, Tag::Call);
@@ -807,7 +871,8 @@ mod tests {
     #[test]
     fn bytes_are_not_encoded_element_by_element() {
         let data = vec![200u8; 1000];
-        let (frame, _) = encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), None, 0, 1 << 20).unwrap();
+        let (frame, _, _) =
+            encode_call("x", 0, &(serde_bytes::Bytes::new(&data),), None, 0, 1 << 20).unwrap();
         // 5 header + 2 name length + 1 name + 1 log level + 2 varint length + 1000 raw bytes.
         assert_eq!(frame.len(), 5 + 2 + 1 + 1 + 2 + 1000);
     }
@@ -835,7 +900,7 @@ mod tests {
     fn byte_arguments_go_inline_or_in_bulk() {
         let short = vec![5u8; 10];
         let long = vec![6u8; bulk::MIN];
-        let (frame, _) = encode_call(
+        let (frame, _, _) = encode_call(
             "x",
             0,
             &(SendBytes(&short), SendBytes(&long), 9u8),

@@ -178,7 +178,7 @@ impl Channel {
                         continue;
                     }
                 };
-                if matches!(tag, Tag::Log | Tag::Progress | Tag::Item) {
+                if matches!(tag, Tag::Log | Tag::Progress | Tag::Item | Tag::Released) {
                     if let Pace::Yield = on_frame(tag, inbox.frame(range)) {
                         // Whoever awaits the reply has enough for now: it polls again when it
                         // wants more, and until then nothing more is read, so the worker's

@@ -138,17 +138,23 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
             drop(attached);
             continue;
         }
+        let shared = !attached.fds.is_empty();
         reply = answer(tag, inbox.frame(body), attached, reply);
         let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
         let reply_bulk = REPLY_BULK.with(|b| b.borrow_mut().take());
+        // A call that came with shared buffers: if this worker holds none of those it was
+        // ever sent, the parent may use them again.
+        let released: &[u8] = if crate::shm::released() && shared { &RELEASED } else { &[] };
         let writing = lock_writes();
         let sent = match &reply_bulk {
-            None => send_with_fds(&stream, &[&reply], 0, &reply_fds, rustix::net::SendFlags::empty()),
+            None => {
+                send_with_fds(&stream, &[released, &reply], 0, &reply_fds, rustix::net::SendFlags::empty())
+            }
             Some(bytes) => {
                 let header = protocol::bulk_header(bytes.len()).map_err(std::io::Error::other)?;
                 send_with_fds(
                     &stream,
-                    &[&header, bytes, &reply],
+                    &[released, &header, bytes, &reply],
                     0,
                     &reply_fds,
                     rustix::net::SendFlags::empty(),
@@ -250,6 +256,9 @@ fn next_call(
         }
     }
 }
+
+/// A [`Tag::Released`] frame.
+const RELEASED: [u8; protocol::HEADER] = [1, 0, 0, 0, Tag::Released as u8];
 
 thread_local! {
     /// Descriptors of the shared buffers in the return value being sent.
