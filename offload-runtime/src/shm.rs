@@ -18,11 +18,13 @@
 //!
 //! A new buffer's pages cost more to fault in than to fill. So this process keeps buffers it
 //! made and let go of, up to [`KEEP_BUFFERS`] and [`KEEP_BYTES`], and
-//! [`SharedBytes::from_slice`] reuses one of the same length. Only a buffer that is surely no
-//! one else's: each call it went out with succeeded, and its worker said it holds none of the
+//! [`SharedBytes::from_slice`] reuses one of the same length. Only a buffer no other code can
+//! reach: each call it went out with succeeded, and its worker said it holds none of the
 //! buffers it was ever sent and sent none of them back ([`Tag::Released`]; a worker that
-//! keeps a buffer in a static, or returns one, never says so). Each buffer's [`Sent`] record
-//! counts its calls under way and whether a worker may have kept it.
+//! keeps a buffer in a static, or returns one, never says so). The worker's mapping may
+//! outlive that word by a moment (it is unmapped right after the reply), but nothing in the
+//! worker reaches it any more. Each buffer's [`Sent`] record counts its calls under way and
+//! whether a worker may have kept it.
 //!
 //! [`Tag::Released`]: crate::protocol::Tag
 
