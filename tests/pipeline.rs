@@ -129,6 +129,33 @@ fn counted(ms: u64) -> u32 {
     std::process::id()
 }
 
+#[offload(pool = "ahead_goes_on", workers = "1", timeout = "20s")]
+fn hold_then_answer(dir: String, ms: u64) -> u32 {
+    hold_for(&dir, ms)
+}
+
+#[offload(pool = "ahead_goes_on", timeout = "20s")]
+fn once_behind(dir: String, x: u64) -> u64 {
+    once(&dir, x);
+    x * 10
+}
+
+#[offload(pool = "ahead_garbage", workers = "1", timeout = "20s")]
+fn garbage_then_answer(dir: String) -> u32 {
+    let pid = hold_for(&dir, 0);
+    // Once the test has sent a call ahead behind this one.
+    while !Path::new(&dir).join("go").exists() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    offload::__private_v1::write_garbage_to_channel(&[0xff, 0xff, 0xff, 0x7f, 0x63]);
+    pid
+}
+
+#[offload(pool = "ahead_garbage", timeout = "20s")]
+fn once_after_garbage(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
 /// A fresh directory for one test's files, removed when dropped.
 struct Dir(PathBuf);
 
@@ -328,6 +355,57 @@ async fn calls_going_ahead_do_not_starve_one_that_cannot() {
     }
 }
 
+/// A call dropped after its worker answered it and went on to the call sent ahead behind
+/// it: that call was over, so its worker is not killed; its reply is set aside, and the call
+/// behind gets its own reply, once.
+#[tokio::test]
+async fn a_call_dropped_after_its_worker_went_on_leaves_the_worker_to_the_call_behind() {
+    let dir = Dir::new("goes-on");
+    let first = tokio::spawn(hold_then_answer(dir.path(), 100));
+    let pid = dir.started().await;
+    let behind = tokio::spawn(once_behind(dir.path(), 2));
+    sent_ahead("ahead_goes_on", 1).await;
+    // Hold this runtime's only thread until the worker has answered the first call and
+    // started the one behind: the first call's reply is then on the channel, unread, when
+    // the call is dropped.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !dir.ran(2) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(dir.ran(2), "the call behind never started");
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+
+    assert_eq!(behind.await.unwrap().unwrap(), 20, "the call behind got the wrong reply");
+    assert_eq!(hold_then_answer(dir.path(), 0).await.unwrap(), pid, "the same worker serves on");
+    let stats = stats("ahead_goes_on");
+    assert_eq!((stats.restarts_total(), stats.withdrawn, stats.cancelled), (0, 0, 1));
+}
+
+/// A worker whose call wrote more than its reply on the channel (here, bytes that are no
+/// frame) waits for the caller to accept that reply before it starts the call sent ahead
+/// behind it: the caller finds the garbage and kills the worker, and the call behind, which
+/// never started, runs once on the worker that replaces it.
+#[tokio::test]
+async fn a_call_behind_one_that_writes_garbage_waits_and_runs_elsewhere() {
+    let dir = Dir::new("garbage");
+    // Start the worker first, so that the call behind can go ahead to it.
+    let first = tokio::spawn(garbage_then_answer(dir.path()));
+    let pid = dir.started().await;
+    let behind = tokio::spawn(once_after_garbage(dir.path(), 1));
+    sent_ahead("ahead_garbage", 1).await;
+    std::fs::write(dir.0.join("go"), b"").unwrap();
+    // Hold this runtime's only thread, so that nothing is read from the channel, for long
+    // enough that a worker that did not wait would have started the call behind.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!dir.ran(1), "the call behind started before the reply before it was accepted");
+
+    assert!(matches!(first.await.unwrap(), Err(Error::Protocol { .. })));
+    let ran_on = behind.await.unwrap().expect("it never started, so it runs elsewhere");
+    assert_ne!(ran_on, pid, "it ran on the worker killed for the garbage");
+    assert_eq!(stats("ahead_garbage").restarts(RestartCause::Protocol), 1);
+}
+
 /// Sends `signal` to `pid`.
 fn signal(pid: u32, signal: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(pid as i32).expect("nonzero pid");
@@ -360,17 +438,19 @@ async fn a_call_behind_one_not_yet_read_can_still_be_withdrawn() {
     assert_eq!((stats.withdrawn, stats.restarts_total()), (1, 0));
 }
 
-/// A call sent ahead and withdrawn when the call before it times out keeps its place in line:
-/// it runs before the calls that queued after it.
+/// Calls sent ahead and withdrawn when the call before them times out keep their place in
+/// line: they run in their order, before the calls that queued in the pool after them (more
+/// calls queue than may wait behind one call).
 #[tokio::test]
 async fn a_withdrawn_call_keeps_its_place_in_line() {
+    const CALLS: u64 = 12;
     let dir = Dir::new("in-line");
     let hold = tokio::spawn(hold_in_line(dir.path()));
     dir.started().await;
     let first = tokio::spawn(note_turn(dir.path(), 1));
     sent_ahead("ahead_in_line", 1).await;
     let mut later = Vec::new();
-    for x in [2, 3] {
+    for x in 2..=CALLS {
         later.push(tokio::spawn(note_turn(dir.path(), x)));
         let queued =
             support::eventually_async(Duration::from_secs(10), || stats("ahead_in_line").queued as u64 >= x)
@@ -383,6 +463,11 @@ async fn a_withdrawn_call_keeps_its_place_in_line() {
         call.await.unwrap().unwrap();
     }
     let order = std::fs::read_to_string(dir.0.join("order")).unwrap();
-    assert_eq!(order.lines().collect::<Vec<_>>(), ["1", "2", "3"], "the calls ran out of their order");
-    assert_eq!(stats("ahead_in_line").withdrawn, 1);
+    let expected: Vec<String> = (1..=CALLS).map(|x| x.to_string()).collect();
+    assert_eq!(order.lines().collect::<Vec<_>>(), expected, "the calls ran out of their order");
+    let withdrawn = stats("ahead_in_line").withdrawn;
+    assert!(
+        (1..CALLS).contains(&withdrawn),
+        "{withdrawn} of {CALLS} calls were sent ahead and withdrawn: both kinds must be in line"
+    );
 }

@@ -248,7 +248,7 @@ impl Place {
                 let _ = sending;
                 lease.start(message, fds).map_err(Fault::Local)
             }
-            Place::Ahead(ahead) => match ahead.start(message.whole, sending.end) {
+            Place::Ahead(ahead) => match ahead.start(message.whole) {
                 Start::Written(sent) => Ok(sent),
                 Start::NotSent => Err(Fault::Local(crate::transport::TransportError::NotSent)),
                 // The call before ended first: the worker is idle, and takes the call the

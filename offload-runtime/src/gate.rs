@@ -1,20 +1,33 @@
-//! The gate a worker passes each call through before it runs it, shared with its caller: one
-//! word in a sealed page of shared memory, so that a call sent ahead (pipelined behind the
-//! one the worker is running, see `pool::pipe`) can be withdrawn exactly, before it starts or
-//! never.
+//! The gate a worker passes each call through before it runs it, shared with its caller: a
+//! sealed page of shared memory with one slot per call, so that a call sent ahead (queued
+//! behind the one the worker is running, see `pool::pipe`) can be withdrawn exactly, before
+//! it starts or never.
 //!
 //! Both sides count the call frames on the worker's channel: the n-th frame is call `n`. The
-//! word holds the number of the last call decided and how: `n << 1` when the worker claimed
-//! it (it runs), `n << 1 | 1` when the caller withdrew it (the worker reads its frame and
-//! drops it, answering nothing). The worker claims call `n`, and the caller withdraws it, by
-//! a compare-and-swap from "`n - 1` decided": exactly one of them wins.
+//! caller fills call `n`'s slot before it writes the frame: the call's number, "pending". The
+//! worker claims the call when it reads its frame, and the caller withdraws it, each by a
+//! compare-and-swap from "pending": exactly one of them wins. A withdrawn call's frame is
+//! read and dropped, and answered with nothing. Only the caller withdraws calls, so a reply
+//! on the channel is always that of the oldest call claimed and not yet answered.
 //!
-//! The worker claims call `n` only once the caller has *accepted* the reply to call `n - 1`
-//! (read it whole and found it well formed; a second word says up to which call). So
-//! whatever goes wrong with a call before its reply is accepted (it times out, its worker
-//! crashes or writes garbage on the channel, its caller drops it), the call behind it has
-//! not started and can be withdrawn. The worker waits for the acceptance by polling the word
-//! for its `spin_us` (yielding the CPU between polls), then on a futex the caller wakes.
+//! The worker claims call `n + 1` only once it has written its reply to call `n` whole. So a
+//! caller that finds a call behind call `n` claimed knows that call `n` is over and its
+//! reply is on the channel; and if it withdraws every call behind call `n`, none of them
+//! will have run, whatever becomes of call `n` (it times out, crashes, its caller drops it).
+//!
+//! A reply the worker made whole by itself, with nothing else on the channel since the call
+//! before, is well formed. Anything else may not be: frames the function's threads sent
+//! mid-call (logs, progress, items, or bytes that are no frame at all), descriptors, bulk
+//! frames. After such a call the worker claims the next one only once the caller has
+//! *accepted* the reply (read it whole and found it well formed; a word says up to which
+//! call), so that a call sent ahead never runs on a worker the caller is about to kill for
+//! the reply before it. It waits for the acceptance by polling the word for its `spin_us`
+//! (yielding the CPU between polls), then on a futex the caller wakes.
+//!
+//! The slots form a ring of [`SLOTS`]. A slot is filled again only for a call [`SLOTS`]
+//! frames later, when the call it held is long decided (answered, or withdrawn): at most
+//! [`MAX_AHEAD`] calls wait behind the running one. A worker that finds a later call's
+//! number in a slot knows the call it reads was withdrawn.
 //!
 //! The worker makes the page and sends its descriptor with its hello; the caller checks that
 //! it is sealed against shrinking before it maps it, so the worker cannot turn the caller's
@@ -23,21 +36,26 @@
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// The page's size: four words are used.
+/// The page's size.
 const LEN: usize = 4096;
 
-const WITHDRAWN: u64 = 1;
-
-/// The words in the page, at these offsets: the last call decided (`u64`), the last reply
-/// accepted (`u64`), a futex the caller bumps to wake the worker (`u32`), and whether the
-/// worker sleeps on it (`u32`).
-const DECIDED: usize = 0;
-const ACCEPTED: usize = 8;
-const SIGNAL: usize = 16;
-const SLEEPING: usize = 20;
+/// Slots in the page, of two words each: the call's number and state, and one spare. The last
+/// 16 bytes hold the last reply accepted (`u64`), a futex the caller bumps to wake the
+/// worker (`u32`), and whether the worker sleeps on it (`u32`).
+const SLOTS: u64 = (LEN / 16) as u64 - 1;
+const ACCEPTED: usize = LEN - 16;
+const SIGNAL: usize = LEN - 8;
+const SLEEPING: usize = LEN - 4;
 
 /// How long a worker sleeps on the futex before it looks whether its channel closed.
 const NAP: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The most calls that may wait behind the running one: far fewer than [`SLOTS`].
+pub(crate) const MAX_AHEAD: usize = 8;
+
+const PENDING: u64 = 0;
+const CLAIMED: u64 = 1;
+const WITHDRAWN: u64 = 2;
 
 /// One side's mapping of a worker's gate.
 pub(crate) struct Gate {
@@ -96,8 +114,8 @@ impl Gate {
         &self.fd
     }
 
-    fn word(&self) -> &AtomicU64 {
-        self.u64_at(DECIDED)
+    fn state(&self, n: u64) -> &AtomicU64 {
+        self.u64_at((n % SLOTS) as usize * 16)
     }
 
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
@@ -112,11 +130,15 @@ impl Gate {
         unsafe { &*self.map.as_mut_ptr().add(offset).cast::<AtomicU32>() }
     }
 
-    /// The caller's side: the reply to call `n` was read whole and is well formed; the
-    /// worker may start the call behind it.
+    /// The caller's side: the reply to call `n` was read whole and is well formed.
     pub(crate) fn accept(&self, n: u64) {
-        self.u64_at(ACCEPTED).store(n, Ordering::SeqCst);
+        self.u64_at(ACCEPTED).fetch_max(n, Ordering::SeqCst);
         self.wake();
+    }
+
+    /// The worker's side: the last reply the caller accepted.
+    pub(crate) fn accepted(&self) -> u64 {
+        self.u64_at(ACCEPTED).load(Ordering::SeqCst)
     }
 
     /// Wakes the worker if it sleeps waiting for an acceptance or a withdrawal.
@@ -128,22 +150,22 @@ impl Gate {
         }
     }
 
-    /// Whether call `n` may be decided: the reply before it was accepted; or the call before
-    /// it was withdrawn (never answered), and the reply before that accepted; or it was
-    /// withdrawn itself.
-    fn may_decide(&self, n: u64) -> bool {
-        let accepted = self.u64_at(ACCEPTED).load(Ordering::SeqCst);
-        let decided = self.word().load(Ordering::SeqCst);
-        accepted >= n - 1
-            || decided == n << 1 | WITHDRAWN
-            || (decided == (n - 1) << 1 | WITHDRAWN && accepted + 2 >= n)
-    }
-
-    /// The worker's side: waits until call `n` may be decided, polling for `spin` and then
-    /// sleeping; `closed` says whether the channel closed meanwhile (then `false`).
-    fn wait_to_decide(&self, n: u64, spin: std::time::Duration, closed: &dyn Fn() -> bool) -> bool {
+    /// The worker's side, before it claims call `n`: waits until the reply to call `after`
+    /// is accepted, or call `n` withdrawn, polling for `spin` and then sleeping; `closed`
+    /// says whether the channel closed meanwhile (then `false`).
+    pub(crate) fn await_acceptance(
+        &self,
+        after: u64,
+        n: u64,
+        spin: std::time::Duration,
+        closed: &dyn Fn() -> bool,
+    ) -> bool {
+        let done = || {
+            self.u64_at(ACCEPTED).load(Ordering::SeqCst) >= after
+                || self.state(n).load(Ordering::SeqCst) == n << 2 | WITHDRAWN
+        };
         let until = std::time::Instant::now() + spin;
-        while !self.may_decide(n) {
+        while !done() {
             if std::time::Instant::now() < until {
                 // Polling, but not at the expense of the caller if it shares this CPU.
                 std::thread::yield_now();
@@ -152,7 +174,7 @@ impl Gate {
             let signal = self.u32_at(SIGNAL);
             let seen = signal.load(Ordering::SeqCst);
             self.u32_at(SLEEPING).store(1, Ordering::SeqCst);
-            if !self.may_decide(n) {
+            if !done() {
                 let nap = rustix::thread::futex::Timespec { tv_sec: 0, tv_nsec: NAP.as_nanos() as i64 };
                 let _ = rustix::thread::futex::wait(
                     signal,
@@ -169,29 +191,27 @@ impl Gate {
         true
     }
 
-    /// The worker's side: claims call `n` before running it, once the reply before it is
-    /// accepted (see [`Gate::wait_to_decide`]). `Ok(true)`: run it; `Ok(false)`: the caller
-    /// withdrew it, or the channel closed; `Err`: the word is out of step with the calls
-    /// (the caller broke the protocol).
-    pub(crate) fn claim(
-        &self,
-        n: u64,
-        spin: std::time::Duration,
-        closed: &dyn Fn() -> bool,
-    ) -> Result<bool, String> {
-        if !self.wait_to_decide(n, spin, closed) {
-            return Ok(false);
-        }
-        let word = self.word();
-        let mut current = word.load(Ordering::Acquire);
+    /// The caller's side, before it writes call `n`'s frame: the call is pending.
+    pub(crate) fn pending(&self, n: u64) {
+        self.state(n).store(n << 2 | PENDING, Ordering::Release);
+    }
+
+    /// The worker's side, as it reads call `n`'s frame: `Ok(true)`: run it; `Ok(false)`: the
+    /// caller withdrew it; `Err`: the slot is out of step with the calls (the caller broke
+    /// the protocol).
+    pub(crate) fn claim(&self, n: u64) -> Result<bool, String> {
+        let state = self.state(n);
+        let mut current = state.load(Ordering::Acquire);
         loop {
-            if current == n << 1 | WITHDRAWN {
+            let (number, how) = (current >> 2, current & 3);
+            if number > n || (number == n && how == WITHDRAWN) {
+                // Withdrawn, and its slot since filled for a later call, or not yet.
                 return Ok(false);
             }
-            if current >> 1 != n - 1 {
-                return Err(format!("the gate says call {} where call {n} comes", current >> 1));
+            if number < n || how != PENDING {
+                return Err(format!("the gate says call {number} ({how}) where call {n} comes"));
             }
-            match word.compare_exchange(current, n << 1, Ordering::AcqRel, Ordering::Acquire) {
+            match state.compare_exchange(current, n << 2 | CLAIMED, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(true),
                 Err(now) => current = now,
             }
@@ -200,28 +220,21 @@ impl Gate {
 
     /// The caller's side: withdraws call `n` unless the worker claimed it.
     pub(crate) fn withdraw(&self, n: u64) -> Withdrawal {
-        let word = self.word();
-        let mut current = word.load(Ordering::Acquire);
-        loop {
-            if current == n << 1 | WITHDRAWN {
-                return Withdrawal::Withdrawn;
+        let state = self.state(n);
+        match state.compare_exchange(
+            n << 2 | PENDING,
+            n << 2 | WITHDRAWN,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                // A worker waiting for an acceptance before this call goes on to the next.
+                self.wake();
+                Withdrawal::Withdrawn
             }
-            if current >> 1 >= n {
-                return Withdrawal::Claimed;
-            }
-            if current >> 1 < n - 1 {
-                // The call before is not decided yet (the worker has not read it): nothing
-                // can be written for call `n` until it is. Call `n` cannot start before the
-                // reply to the call before is accepted, so withdrawing it then is as good.
-                return Withdrawal::Undecided;
-            }
-            match word.compare_exchange(current, n << 1 | WITHDRAWN, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    self.wake();
-                    return Withdrawal::Withdrawn;
-                }
-                Err(now) => current = now,
-            }
+            Err(now) if now == n << 2 | WITHDRAWN => Withdrawal::Withdrawn,
+            // Claimed; or a slot the worker scribbled on: it may have run the call.
+            Err(_) => Withdrawal::Claimed,
         }
     }
 }
@@ -233,10 +246,6 @@ pub(crate) enum Withdrawal {
     Withdrawn,
     /// The worker claimed it: it runs, or ran.
     Claimed,
-    /// The worker has not decided the call before it yet. The call cannot start before the
-    /// reply to that one is accepted: withdraw it again then, before accepting (it will
-    /// succeed).
-    Undecided,
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -251,55 +260,58 @@ mod tests {
         (worker, caller)
     }
 
-    const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
-
-    fn open() -> bool {
-        false
-    }
-
     #[test]
     fn claimed_calls_run_and_withdrawn_ones_do_not() {
         let (worker, caller) = pair();
-        assert_eq!(worker.claim(1, SPIN, &open), Ok(true));
+        caller.pending(1);
+        assert_eq!(worker.claim(1), Ok(true));
         assert_eq!(caller.withdraw(1), Withdrawal::Claimed, "too late: it runs");
-        assert_eq!(caller.withdraw(3), Withdrawal::Undecided, "call 2 is not decided yet");
-        assert_eq!(caller.withdraw(2), Withdrawal::Withdrawn);
-        assert_eq!(worker.claim(2, SPIN, &open), Ok(false));
-        caller.accept(2);
-        assert_eq!(worker.claim(3, SPIN, &open), Ok(true));
-        caller.accept(4);
-        assert!(worker.claim(5, SPIN, &open).unwrap_err().contains("call 3 where call 5"));
+        // Calls 2 to 4 wait behind it; 3 is withdrawn while 2 runs.
+        for n in 2..=4 {
+            caller.pending(n);
+        }
+        assert_eq!(caller.withdraw(3), Withdrawal::Withdrawn);
+        assert_eq!(caller.withdraw(3), Withdrawal::Withdrawn, "withdrawing twice is harmless");
+        assert_eq!(worker.claim(2), Ok(true));
+        assert_eq!(worker.claim(3), Ok(false));
+        assert_eq!(worker.claim(4), Ok(true));
+        // A frame the worker reads after its slot was filled for a later call: withdrawn.
+        caller.pending(5);
+        assert_eq!(caller.withdraw(5), Withdrawal::Withdrawn);
+        caller.pending(5 + SLOTS);
+        assert_eq!(worker.claim(5), Ok(false));
+        // A slot the caller never filled.
+        assert!(worker.claim(6).unwrap_err().contains("where call 6 comes"));
     }
 
-    /// A call behind one whose reply is not accepted waits, asleep, until it is, or until
-    /// it is withdrawn; a closed channel ends the wait.
+    /// After a reply that needs it, a call waits, asleep, until that reply is accepted, or
+    /// until the call is withdrawn; a closed channel ends the wait.
     #[test]
-    fn a_call_waits_for_the_reply_before_it_to_be_accepted() {
+    fn a_call_can_wait_for_the_reply_before_it_to_be_accepted() {
         let (worker, caller) = pair();
         let worker = Arc::new(worker);
-        assert_eq!(worker.claim(1, SPIN, &open), Ok(true));
+        let spin = std::time::Duration::from_micros(50);
         let waiting = Arc::clone(&worker);
-        let claim = std::thread::spawn(move || waiting.claim(2, SPIN, &open));
+        caller.pending(2);
+        let wait = std::thread::spawn(move || waiting.await_acceptance(1, 2, spin, &|| false));
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(!claim.is_finished(), "call 2 started before the reply to call 1 was accepted");
+        assert!(!wait.is_finished(), "call 2 went on before the reply to call 1 was accepted");
         caller.accept(1);
-        assert_eq!(claim.join().unwrap(), Ok(true));
-        // Withdrawn while it waits: it is skipped.
+        assert!(wait.join().unwrap());
+        assert_eq!(worker.claim(2), Ok(true));
+        // Withdrawn while it waits: it goes on, to skip it.
         let waiting = Arc::clone(&worker);
-        let claim = std::thread::spawn(move || waiting.claim(3, SPIN, &open));
+        caller.pending(3);
+        let wait = std::thread::spawn(move || waiting.await_acceptance(2, 3, spin, &|| false));
         std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!wait.is_finished());
         assert_eq!(caller.withdraw(3), Withdrawal::Withdrawn);
-        assert_eq!(claim.join().unwrap(), Ok(false));
-        // After a withdrawn call, the next one waits for the reply before that only.
-        caller.accept(3);
-        assert_eq!(worker.claim(4, SPIN, &open), Ok(true));
-        assert_eq!(caller.withdraw(5), Withdrawal::Withdrawn);
-        assert_eq!(worker.claim(5, SPIN, &open), Ok(false));
-        caller.accept(4);
-        assert_eq!(worker.claim(6, SPIN, &open), Ok(true));
+        assert!(wait.join().unwrap());
+        assert_eq!(worker.claim(3), Ok(false));
         // The channel closes while it waits.
+        caller.pending(4);
         let started = std::time::Instant::now();
-        assert_eq!(worker.claim(7, SPIN, &|| true), Ok(false));
+        assert!(!worker.await_acceptance(3, 4, spin, &|| true));
         assert!(started.elapsed() < 10 * NAP);
     }
 
@@ -309,16 +321,26 @@ mod tests {
     fn each_call_is_decided_once() {
         const CALLS: u64 = 20_000;
         let (worker, caller) = pair();
-        caller.accept(CALLS);
+        let filled = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&filled);
         let claimer = std::thread::spawn(move || {
-            (1..=CALLS).filter(|&n| worker.claim(n, SPIN, &open).unwrap()).count()
+            (1..=CALLS)
+                .filter(|&n| {
+                    while seen.load(Ordering::Acquire) < n {
+                        std::hint::spin_loop();
+                    }
+                    worker.claim(n).unwrap()
+                })
+                .count()
         });
         let mut withdrawn = 0;
         for n in 1..=CALLS {
-            // Withdraw only a call the worker has not passed yet: wait until it is next.
-            while caller.word().load(Ordering::Acquire) >> 1 < n - 1 {
+            // Stay within the ring: a slot is filled again only for a call long decided.
+            while caller.state(n - 1).load(Ordering::Acquire) & 3 == PENDING && n > 1 {
                 std::hint::spin_loop();
             }
+            caller.pending(n);
+            filled.store(n, Ordering::Release);
             if n % 2 == 0 && caller.withdraw(n) == Withdrawal::Withdrawn {
                 withdrawn += 1;
             }

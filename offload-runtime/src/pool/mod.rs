@@ -14,7 +14,7 @@
 pub(crate) mod pipe;
 pub(crate) mod supervisor;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 
-use self::pipe::{Ahead, Behind, Carried, Handover, Pipe};
+use self::pipe::{Ahead, Behind, Carried, Handover, Pipe, TakenBack, Turn};
 use self::supervisor::{Cause, Ending, ExitInfo, Worker, WorkerConfig};
 use crate::error::{Error, ExitReason, Failure, ProtocolError};
 use crate::lend::Message;
@@ -111,7 +111,7 @@ pub(crate) struct Pool {
     slots: Mutex<Vec<Slot>>,
     /// Workers lent to calls, by pid. A pid is removed, under this lock, before its process
     /// is handed to the reaper, so every pid here names a live or unreaped child.
-    leased: Mutex<HashSet<u32>>,
+    leased: Mutex<HashMap<u32, Arc<Pipe>>>,
     /// Signalled when a lease ends.
     returned: Notify,
     backoff: Mutex<Backoff>,
@@ -129,6 +129,10 @@ pub(crate) struct Pool {
     /// Calls that wait for a worker and cannot go ahead (large ones): while there are any,
     /// no call goes ahead, so that workers come free for them.
     plain_waiting: AtomicUsize,
+    /// Calls taken back from a worker that went away, waiting for a worker's permit before
+    /// any other call, in their order (see [`pipe::Turn::Line`]); and how many.
+    line: Mutex<VecDeque<oneshot::Sender<OwnedSemaphorePermit>>>,
+    in_line: AtomicUsize,
     /// Signalled, one waiter at a time, when a call's lease ends and frees its worker's
     /// permit (the worker went back to its slot, or was replaced): a call sent ahead behind a
     /// long one moves there.
@@ -238,7 +242,7 @@ impl Pool {
             admission,
             permits: Arc::new(Semaphore::new(workers)),
             slots: Mutex::new(Vec::with_capacity(workers)),
-            leased: Mutex::new(HashSet::new()),
+            leased: Mutex::new(HashMap::new()),
             returned: Notify::new(),
             backoff: Mutex::new(Backoff::default()),
             closed: AtomicBool::new(false),
@@ -248,6 +252,8 @@ impl Pool {
             opened: Notify::new(),
             seeking_ahead: AtomicUsize::new(0),
             plain_waiting: AtomicUsize::new(0),
+            line: Mutex::new(VecDeque::new()),
+            in_line: AtomicUsize::new(0),
             idle: Notify::new(),
             metrics: PoolMetrics::new(name),
             settings,
@@ -306,8 +312,11 @@ impl Pool {
                 })?,
             }),
         };
-        let permit = if let Some(kept) = carried.permit {
-            kept
+        let permit = if let Some(turn) = carried.turn {
+            match turn {
+                Turn::Permit(kept) => kept,
+                Turn::Line(turn) => turn.await.map_err(|_| AcquireError::Shutdown)?,
+            }
         } else if may_go_ahead {
             match self.permit_or_ahead(&mut admitted).await? {
                 Ok(permit) => permit,
@@ -331,7 +340,7 @@ impl Pool {
                 drop(worker.end(Ending::Retire, Cause::Shutdown));
                 return Err(AcquireError::Shutdown);
             }
-            leased.insert(worker.pid);
+            leased.insert(worker.pid, Arc::clone(worker.pipe()));
         }
         Ok(Acquired::Lease(Lease {
             pool: Arc::clone(self),
@@ -454,6 +463,16 @@ impl Pool {
             admission.close();
         }
         self.permits.close();
+        // Calls in the line, and calls sent ahead that have not started, end as queued calls
+        // do.
+        lock(&self.line).clear();
+        self.in_line.store(0, Ordering::Relaxed);
+        let pipes: Vec<Arc<Pipe>> = lock(&self.leased).values().cloned().collect();
+        for pipe in pipes {
+            for _ in 0..pipe.give_way() {
+                self.metrics.withdrawn();
+            }
+        }
     }
 
     /// Resolves when no call holds a worker.
@@ -470,7 +489,7 @@ impl Pool {
     /// Kills workers still lent to calls and ends idle ones.
     fn stop_workers(&self) {
         self.stopped.store(true, Ordering::Release);
-        for &pid in lock(&self.leased).iter() {
+        for &pid in lock(&self.leased).keys() {
             supervisor::kill(pid);
         }
         for slot in std::mem::take(&mut *lock(&self.slots)) {
@@ -600,11 +619,22 @@ impl Lease {
     ) -> Result<Reply<'_>, TransportError> {
         let (parts, _) = message.for_worker(self.worker().lends());
         self.worker().channel().finish_send(parts, fds, sent).await?;
-        let accepting = !self.pool.is_closed()
-            && self.pool.settings.max_tasks.is_none_or(|max| self.worker().calls + 2 <= max);
+        // Calls that may wait behind this one: as many as the worker runs before it is due
+        // for recycling, after this one.
+        let room = match self.pool.settings.max_tasks {
+            _ if self.pool.is_closed() => 0,
+            None => usize::MAX,
+            Some(max) => usize::try_from(max.saturating_sub(self.worker().calls + 1)).unwrap_or(usize::MAX),
+        };
         let (pid, pipe) = (self.pid(), Arc::clone(self.worker().pipe()));
-        if pipe.open(accepting) {
-            lock(&self.pool.open_pipes).push((pid, Arc::clone(&pipe)));
+        // Not while calls taken back from a worker wait in the line: they go first, and a
+        // call woken to go ahead that may not would lose its place among those waiting.
+        if pipe.open(room) && self.pool.in_line.load(Ordering::Relaxed) == 0 {
+            let mut open = lock(&self.pool.open_pipes);
+            if !open.iter().any(|(p, _)| *p == pid) {
+                open.push((pid, Arc::clone(&pipe)));
+            }
+            drop(open);
             self.pool.opened.notify_one();
         }
         let pool = Arc::clone(&self.pool);
@@ -612,78 +642,108 @@ impl Lease {
         let lent = self.worker().lends().filter(|lent| lent.holds()).cloned();
         let reply = self.worker().channel().read_reply(on_frame).await?;
         if matches!(reply.tag, Tag::Return | Tag::Panicked | Tag::Fault) {
+            pipe.accept();
             message.answered();
             // It has read whatever it was lent for this call and those before: what calls
             // that ended without its answer left with it may go (see `crate::lend`).
             if let Some(lent) = lent {
                 lent.release();
             }
-            let yield_to_others = pool.plain_waiting.load(Ordering::Relaxed) > 0;
-            if pipe.accept(yield_to_others) {
-                pool.metrics.withdrawn();
+            if pool.plain_waiting.load(Ordering::Relaxed) > 0 {
+                // Calls that cannot go ahead wait for a worker: those sent ahead here give way.
+                for _ in 0..pipe.give_way() {
+                    pool.metrics.withdrawn();
+                }
             }
         }
         Ok(reply)
     }
 
-    /// The call ends: no call goes ahead to its worker any more. The call that did, if any.
-    fn close_pipe(&mut self) -> Option<Behind> {
+    /// The call ends: no call goes ahead to its worker until the next call's message is
+    /// whole.
+    fn close_pipe(&mut self) -> Arc<Pipe> {
         let pid = self.pid();
         lock(&self.pool.open_pipes).retain(|(p, _)| *p != pid);
-        self.worker().pipe().close()
+        Arc::clone(self.worker().pipe())
     }
 
-    /// Hands the worker, with this call's permits, to the call sent ahead to it.
+    /// Hands the worker, with this call's permits, to the call sent ahead to it: to run it,
+    /// or, if its caller gave up on it once it had started, to end it.
     fn hand_to(&mut self, behind: Behind) {
-        let pipe = Arc::clone(self.worker().pipe());
+        self.worker().pipe().passing_to(&behind);
         let lease = Lease {
             pool: Arc::clone(&self.pool),
             worker: self.worker.take(),
             permits: self.permits.take(),
             graced: false,
         };
-        behind.hand(&pipe, Handover::Lease(lease));
+        match behind.gave_up() {
+            None => behind.hand(Handover::Lease(lease)),
+            Some(cause) => lease.given_up(cause),
+        }
     }
 
-    /// This call ends without its reply accepted, and its worker goes: the call sent ahead
-    /// to it, if any, has not started (a worker starts it only once this reply is accepted,
-    /// see [`crate::gate`]), so it is withdrawn and looks for a worker again. `true` if it
-    /// had started after all (the reply was accepted and the call's future dropped before it
-    /// gave the worker back): then the worker passes to it instead, and nothing ends.
-    fn settle_ahead(&mut self) -> bool {
-        let Some(behind) = self.close_pipe() else { return false };
-        if behind.gave_up().is_some() {
-            // Nobody waits for it: the worker goes with this call, without a grace period
-            // (part of a frame may be on its socket).
-            self.graced = true;
-            return false;
+    /// The call the worker passed to was given up on after it started (or part of its frame
+    /// went): the worker is ended, unless it is past the call already.
+    fn given_up(mut self, cause: RestartCause) {
+        if self.settle_ahead(cause != RestartCause::Protocol) {
+            return;
         }
-        let pipe = Arc::clone(self.worker().pipe());
-        // The worker goes: its permit goes to the call behind, which keeps its place in line.
-        let permits = &mut self.permits;
-        let behind = match behind.withdraw(&pipe, || permits.as_mut().and_then(|(permit, _)| permit.split(1)))
-        {
-            Ok(sent) => {
-                if sent {
-                    self.pool.metrics.withdrawn();
-                }
-                return false;
+        drop(self.end(Ending::Kill, cause));
+    }
+
+    /// This call ends without its reply, and its worker would go. The calls sent ahead to
+    /// it are taken back (see [`Pipe::take_back`]): those the worker has not claimed look for
+    /// a worker again, the first with the worker's permit. If the worker has claimed one,
+    /// it is past this call (see [`crate::gate`]): with `may_go_on`, this call's reply is set
+    /// aside when it comes, the worker passes to that call, and `true` is returned; without
+    /// (the worker broke the protocol or died), the calls it claimed are lost with it.
+    fn settle_ahead(&mut self, may_go_on: bool) -> bool {
+        let pipe = self.close_pipe();
+        // Set aside a reply only from where a frame starts.
+        let may_go_on = may_go_on && self.worker().channel().at_frame_start();
+        let TakenBack { withdrawn, mut claimed } = pipe.take_back(!may_go_on);
+        let goes_on = may_go_on && !claimed.is_empty();
+        for behind in &withdrawn {
+            if behind.gave_up() == Some(RestartCause::Protocol) {
+                // Part of its frame is on the socket: the worker gets no grace period.
+                self.graced = true;
             }
-            Err(behind) => behind,
-        };
-        if self.worker().channel().awaiting_reply() {
-            // A worker that ignores its gate: what it sends next cannot be told apart, and
-            // it gets no grace period to send it.
-            self.graced = true;
-            let lost = ProtocolError::Invalid(
-                "the worker started a call before the reply to the one before it was accepted".into(),
-            );
-            behind.hand(&pipe, Handover::Lost(Failure::Broken(lost)));
+            if behind.was_sent() {
+                self.pool.metrics.withdrawn();
+            }
+        }
+        if goes_on {
+            self.pool.back_in_line(withdrawn, None);
+        } else {
+            // Once the worker's replacement has its slot (see `Lease::return_withdrawn`).
+            pipe.returning(withdrawn);
+        }
+        if !goes_on {
+            for behind in claimed {
+                // The worker runs another call now: no grace period for this one.
+                self.graced = true;
+                let lost = ProtocolError::Invalid("the worker was lost with the call before this one".into());
+                behind.hand(Handover::Lost(Failure::Broken(lost)));
+            }
             return false;
         }
+        let next = claimed.pop().expect("checked above");
+        self.worker().channel().skip_reply();
         self.worker().calls += 1;
-        self.hand_to(behind);
+        self.hand_to(next);
         true
+    }
+
+    /// The worker's replacement has its slot: the calls taken back from the worker look for
+    /// a worker again, the first with its permit, keeping its place in line.
+    fn return_withdrawn(&mut self, pipe: &Pipe) {
+        let returning = pipe.take_returning();
+        if returning.is_empty() {
+            return;
+        }
+        let permit = self.permits.as_mut().and_then(|(permit, _)| permit.split(1));
+        self.pool.back_in_line(returning, permit);
     }
 
     /// The buffer that holds the last reply.
@@ -700,7 +760,7 @@ impl Lease {
     /// The call ran past its deadline: kill the worker and replace it, or, with a grace
     /// period, give it the period to return in the background.
     pub(crate) async fn timed_out(mut self, may_grace: bool) {
-        if self.settle_ahead() {
+        if self.settle_ahead(true) {
             return;
         }
         let lease = if may_grace { self.try_grace(RestartCause::Timeout) } else { Some(self) };
@@ -743,6 +803,10 @@ impl Lease {
             return Some(self);
         }
         self.graced = true;
+        // The worker stays this call's for the period: the calls taken back from it look for
+        // another now.
+        let returning = self.worker().pipe().take_returning();
+        self.pool.back_in_line(returning, None);
         supervisor::signal_cancel(pid);
         runtime.spawn(async move {
             let returned = tokio::time::timeout(grace, async {
@@ -764,7 +828,7 @@ impl Lease {
                 if let Some(lent) = self.worker().lends() {
                     lent.release();
                 }
-                self.worker().pipe().accept(false);
+                self.worker().pipe().accept();
                 self.release();
             } else {
                 tracing::warn!(target: "offload::pool", pool = self.pool.name, pid, ?grace,
@@ -777,13 +841,13 @@ impl Lease {
 
     /// The worker sent a frame the protocol does not allow here: kill it and replace it.
     pub(crate) fn broke_protocol(mut self) {
-        self.settle_ahead();
+        self.settle_ahead(false);
         drop(self.end(Ending::Kill, RestartCause::Protocol));
     }
 
     /// Ends the worker after the exchange failed with `error`, and says how it failed.
     pub(crate) async fn failed(mut self, error: TransportError) -> Failure {
-        self.settle_ahead();
+        self.settle_ahead(false);
         let pid = self.pid();
         if self.pool.is_stopped() {
             // Killed by shutdown once its grace was over. (A worker that dies on its own
@@ -830,30 +894,28 @@ impl Lease {
     /// The call went well: the worker goes back to the pool, or is replaced if it has served
     /// `max_tasks` calls or its resident memory is above `max_rss`.
     pub(crate) fn release(mut self) {
-        let behind = self.close_pipe();
+        let pipe = self.close_pipe();
         self.worker().calls += 1;
         let worker = self.worker.as_ref().expect("present until the lease ends");
         let settings = &self.pool.settings;
         let worn_out = settings.max_tasks.is_some_and(|max| worker.calls >= max);
         let bloated =
             settings.max_rss.is_some_and(|max| worker.resident_bytes().is_some_and(|rss| rss > max));
-        if let Some(behind) = behind {
-            if let Some(cause) = behind.gave_up() {
-                // The call sent ahead was given up on after it started: its worker goes.
-                drop(self.end(Ending::Kill, cause));
-                return;
+        if worn_out || bloated || self.pool.is_closed() {
+            // The worker goes: the calls sent ahead to it look for another, but for one it
+            // has claimed, which it runs first (with those behind it).
+            let TakenBack { withdrawn, mut claimed } = pipe.take_back(false);
+            for _ in withdrawn.iter().filter(|b| b.was_sent()) {
+                self.pool.metrics.withdrawn();
             }
-            let pipe = Arc::clone(self.worker().pipe());
-            let going = worn_out || bloated || self.pool.is_closed();
-            match if going { behind.withdraw(&pipe, || None) } else { Err(behind) } {
-                // Withdrawn: it looks for another worker, and this one goes as below.
-                Ok(sent) => {
-                    if sent {
-                        self.pool.metrics.withdrawn();
-                    }
-                }
-                Err(behind) => return self.hand_to(behind),
+            // The worker's permit, freed as the lease ends, goes to the first of them.
+            self.pool.back_in_line(withdrawn, None);
+            if let Some(next) = claimed.pop() {
+                return self.hand_to(next);
             }
+        } else if let Some((next, others)) = pipe.close() {
+            self.pool.back_in_line(others, None);
+            return self.hand_to(next);
         }
         let worker = self.worker.take().expect("present until the lease ends");
         let pid = worker.pid;
@@ -901,9 +963,11 @@ impl Lease {
     }
 
     fn replace(mut self, how: Ending, cause: Cause) -> oneshot::Receiver<ExitInfo> {
+        let pipe = Arc::clone(self.worker().pipe());
         let worker = self.worker.take().expect("present until the lease ends");
         let pid = worker.pid;
         lock(&self.pool.slots).push(self.pool.start_worker());
+        self.return_withdrawn(&pipe);
         let ended = worker.end(how, cause);
         self.pool.unlease(pid);
         ended
@@ -915,9 +979,13 @@ impl Drop for Lease {
         self.end_lease();
         // The worker's permit is free now (unless it went to a call sent ahead): a call sent
         // ahead behind a long call elsewhere may take it.
-        if let Some(permits) = self.permits.take() {
-            drop(permits);
-            self.pool.idle.notify_one();
+        if let Some((permit, admitted)) = self.permits.take() {
+            drop(admitted);
+            // To the first call in the line, if any; else back to the pool.
+            if let Some(permit) = self.pool.pass_permit(permit) {
+                drop(permit);
+                self.pool.idle.notify_one();
+            }
         }
     }
 }
@@ -931,7 +999,7 @@ impl Lease {
                 permits: self.permits.take(),
                 graced: self.graced,
             };
-            if lease.settle_ahead() {
+            if lease.settle_ahead(true) {
                 return;
             }
             if let Some(lease) = lease.try_grace(RestartCause::Abandoned) {
@@ -953,6 +1021,7 @@ impl Lease {
         let pid = worker.pid;
         self.pool.metrics.restarted(RestartCause::Abandoned);
         lock(&self.pool.slots).push(self.pool.start_worker());
+        self.return_withdrawn(worker.pipe());
         drop(worker.end(Ending::Kill, Cause::Restart(RestartCause::Abandoned)));
         self.pool.unlease(pid);
     }

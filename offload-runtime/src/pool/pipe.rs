@@ -1,16 +1,22 @@
 //! Calls sent ahead. When every worker of a pool is busy, a small call may be written to a
-//! busy worker's socket behind the call it runs (one at most), so that the worker starts it
-//! as soon as it has answered, instead of idling for a round trip to the caller and back.
+//! busy worker's socket behind the call it runs (up to [`MAX_AHEAD`] of them), so that the
+//! worker starts each as soon as it has answered the one before, instead of idling for a
+//! round trip to the caller and back.
 //!
 //! Nothing a caller sees changes:
 //! - A call sent ahead passes the worker's [`Gate`] before it runs. Until the worker claims
 //!   it, the caller can withdraw it exactly; a withdrawn call never runs (the worker reads
-//!   its frame and drops it). So a call sent ahead is still a queued call: when the call
-//!   before it times out, crashes or is cancelled, and its worker is killed, the call is
-//!   withdrawn and looks for a worker again, keeping its place in line ([`Carried`]); if its
-//!   deadline passes first, or its caller drops it, it is withdrawn and never runs.
+//!   its frame and drops it). So a call sent ahead is still a queued call: when a call before
+//!   it times out, crashes or is cancelled, and its worker is killed, the call is withdrawn
+//!   and looks for a worker again, keeping its place in line ([`Carried`]); if its deadline
+//!   passes first, or its caller drops it, it is withdrawn and never runs.
+//! - The worker claims a call only once it has written its reply to the call before. So when
+//!   a call ends without its reply (its deadline passed, its caller dropped it) and its worker
+//!   has claimed the call behind it, that call was over: its reply is set aside, and the
+//!   worker is not killed for it.
 //! - A call sent ahead behind a long call moves to a worker that becomes free.
-//! - While a call that cannot go ahead waits for a worker, no call goes ahead of it.
+//! - While a call that cannot go ahead waits for a worker, no call goes ahead of it, and the
+//!   calls already sent ahead are withdrawn as their worker answers, so that it comes free.
 //! - When the call before it ends, its worker passes to it in a [`Handover`], with the call
 //!   before's permit, so the pool's figures, `max_tasks` and shutdown count it as the one
 //!   call the worker runs. Calls waiting in the pool's queue are sent ahead in their order,
@@ -21,6 +27,7 @@
 //! - Only small calls go ahead: no shared buffers, no bulk frames, at most [`AHEAD_MAX`]
 //!   bytes, so that they are written at once.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -29,18 +36,17 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
-use tokio::time::Instant;
 
 use super::{Lease, Pool, lock};
 use crate::error::{Failure, ProtocolError};
-use crate::gate::{Gate, Withdrawal};
+use crate::gate::{Gate, MAX_AHEAD, Withdrawal};
 use crate::stats::RestartCause;
 
 /// The longest call message sent ahead: one that a socket takes whole at once.
 pub(crate) const AHEAD_MAX: usize = 16 << 10;
 
 /// A worker's side for calls sent ahead: its gate, a second handle on its socket to write
-/// them while the call before holds the channel, and the call sent ahead, if any.
+/// them while the call before holds the channel, and the calls sent ahead.
 pub(crate) struct Pipe {
     gate: Gate,
     writer: UnixStream,
@@ -52,67 +58,70 @@ struct PipeState {
     /// Call frames written to the worker so far: the number of the last (see [`Gate`]). A
     /// call sent ahead gets its number only when its frame is written.
     sent: u64,
-    /// The number of the call the worker runs, or ran last.
+    /// The number of the call whose reply comes next.
     running: u64,
-    /// The running call's message is written whole, and the worker takes one more behind
-    /// it (it is not due for recycling after the running call).
-    open: bool,
+    /// How many calls may wait behind the running one now: none until the running call's
+    /// message is whole, nor once the worker is due for recycling or part of a frame went.
+    room: usize,
+    /// Part of a frame went: nothing more may follow it.
+    broken: bool,
     /// Places reserved so far: names each.
     reserved: u64,
-    behind: Option<Behind>,
-    /// A call sent ahead and taken back before the worker had decided the call before it:
-    /// withdrawn in the gate before the next acceptance (see [`Withdrawal::Undecided`]).
-    veto: Option<u64>,
+    /// Calls taken back as the worker goes, to be told once its replacement has its slot.
+    returning: Vec<Behind>,
+    /// The calls sent ahead, in the order their replies will come: those written, by number,
+    /// then those not written yet, in the order they reserved their places.
+    behind: VecDeque<Behind>,
 }
 
 impl PipeState {
-    /// Makes a pending withdrawal in the gate, before anything is accepted: the worker has
-    /// decided the call before it by then (its reply is in), so it cannot fail.
-    fn apply_veto(&mut self, gate: &Gate) {
-        if let Some(n) = self.veto.take() {
-            let done = gate.withdraw(n);
-            debug_assert_eq!(done, Withdrawal::Withdrawn, "call {n} was started before the veto");
-        }
-    }
-
-    /// Takes call `n` back in the gate, now or before the next acceptance; whether it will
-    /// not run.
-    fn take_back(&mut self, gate: &Gate, n: u64) -> bool {
-        match gate.withdraw(n) {
-            Withdrawal::Withdrawn => true,
-            Withdrawal::Undecided => {
-                self.veto = Some(n);
-                true
-            }
-            Withdrawal::Claimed => false,
-        }
+    fn position(&self, id: u64) -> Option<usize> {
+        self.behind.iter().position(|b| b.id == id)
     }
 }
 
-/// The call sent ahead, as its worker's pipe knows it.
+/// A call sent ahead, as its worker's pipe knows it.
 pub(crate) struct Behind {
     /// Its reservation.
     id: u64,
     /// Its number, once its frame is written.
     n: Option<u64>,
     hand: oneshot::Sender<Handover>,
-    /// When its caller gives up on it: it is not started after that.
-    deadline: Option<Instant>,
     /// Its caller gave up on it after the worker claimed it (or after part of its frame
-    /// went): the worker is killed when the call before it ends.
+    /// went): the worker is killed when it comes to it, unless it is over by then.
     gave_up: Option<RestartCause>,
 }
 
-/// What a call sent ahead learns when the call before it ends.
+/// What a call sent ahead learns when the calls before it end.
 pub(crate) enum Handover {
     /// The worker is the call's: it runs it, or will; or, if its frame was not written yet,
     /// the worker is idle and the call is to be sent to it the ordinary way.
     Lease(Lease),
     /// It was withdrawn before it started: it looks for a worker again, keeping its place
-    /// in line: with the permit of the worker it was behind, if that worker went away.
-    Again(Option<OwnedSemaphorePermit>),
+    /// in line if it has a [`Turn`].
+    Again(Option<Turn>),
     /// It started, and the worker was lost under it.
     Lost(Failure),
+}
+
+/// How a call taken back from a worker keeps its place in line as it looks for a worker
+/// again.
+pub(crate) enum Turn {
+    /// The permit of the worker it was behind, which went away: its replacement is the
+    /// call's.
+    Permit(OwnedSemaphorePermit),
+    /// A place at the front of the pool's line: the next worker's permit freed goes to the
+    /// first there, before any call that waits in the pool's queue.
+    Line(oneshot::Receiver<OwnedSemaphorePermit>),
+}
+
+/// What [`Pipe::take_back`] found.
+pub(crate) struct TakenBack {
+    /// Calls that will not run: they look for a worker again.
+    pub(crate) withdrawn: Vec<Behind>,
+    /// The calls the worker claimed: it went on to the first of them, so the call before is
+    /// over. Taking back stops at the first unless asked to go through.
+    pub(crate) claimed: Vec<Behind>,
 }
 
 impl Pipe {
@@ -120,144 +129,200 @@ impl Pipe {
         Pipe { gate, writer, state: Mutex::new(PipeState::default()) }
     }
 
-    /// A call's frame goes to the worker the ordinary way: count it. The worker was idle, so
-    /// the call before is over: accepted, if nobody said so yet.
+    /// A call's frame goes to the worker the ordinary way: number it. The worker was idle,
+    /// so no call waits behind it yet.
     pub(crate) fn sending(&self) {
-        let previous = {
-            let mut state = lock(&self.state);
-            state.apply_veto(&self.gate);
-            let previous = state.running;
-            state.sent += 1;
-            state.running = state.sent;
-            state.open = false;
-            previous
-        };
-        self.gate.accept(previous);
+        let mut state = lock(&self.state);
+        debug_assert!(state.behind.is_empty(), "a call sent the ordinary way to a worker with calls queued");
+        state.sent += 1;
+        state.running = state.sent;
+        state.room = 0;
+        self.gate.pending(state.sent);
     }
 
-    /// The reply to the running call was read whole and is well formed: the worker may
-    /// start the call behind it. A call behind that must not start any more (its deadline
-    /// passed, or `yield_to_others`: calls that cannot go ahead wait for this worker) is
-    /// withdrawn first; says whether one was.
-    pub(crate) fn accept(&self, yield_to_others: bool) -> bool {
-        let (running, withdrawn) = {
-            let mut state = lock(&self.state);
-            state.apply_veto(&self.gate);
-            let late = |b: &Behind| yield_to_others || b.deadline.is_some_and(|d| Instant::now() >= d);
-            let withdrawn = match state.behind.as_ref() {
-                Some(b) if b.gave_up.is_none() && b.n.is_some() && late(b) => {
-                    // The worker claims it only after the acceptance below: this cannot fail.
-                    let n = b.n.expect("checked");
-                    if state.take_back(&self.gate, n) { state.behind.take() } else { None }
-                }
-                _ => None,
-            };
-            (state.running, withdrawn)
-        };
+    /// The reply to the running call was read whole and is well formed: a worker that waits
+    /// for that before it starts the next call may (see [`Gate`]).
+    pub(crate) fn accept(&self) {
+        let running = lock(&self.state).running;
         self.gate.accept(running);
-        match withdrawn {
-            Some(behind) => {
-                drop(behind.hand.send(Handover::Again(None)));
-                true
-            }
-            None => false,
+    }
+
+    /// The worker passes to `behind`: its reply comes next.
+    pub(crate) fn passing_to(&self, behind: &Behind) {
+        if let Some(n) = behind.n {
+            lock(&self.state).running = n;
         }
     }
 
-    /// The running call's message is whole: with `accepting`, the worker may take a call
-    /// ahead. Says whether it does.
-    pub(crate) fn open(&self, accepting: bool) -> bool {
+    /// The running call's message is whole: up to `room` calls may wait behind it (none
+    /// when the worker is due for recycling). Says whether one more may go ahead now.
+    pub(crate) fn open(&self, room: usize) -> bool {
         let mut state = lock(&self.state);
-        state.open = accepting && state.behind.is_none();
-        state.open
+        state.room = if state.broken { 0 } else { room.min(MAX_AHEAD) };
+        state.behind.len() < state.room
     }
 
-    /// The running call ends: no call goes ahead any more; the one that did, if any.
-    pub(crate) fn close(&self) -> Option<Behind> {
+    /// The running call ends: the call the worker passes to, if any: the next sent ahead
+    /// (or, if none was written yet, the first to have reserved a place, to send its call
+    /// the ordinary way; then the others are given back, to look for a worker again). No
+    /// call goes ahead until the next call's message is whole.
+    pub(crate) fn close(&self) -> Option<(Behind, Vec<Behind>)> {
         let mut state = lock(&self.state);
-        state.open = false;
-        state.behind.take()
+        state.room = 0;
+        let next = state.behind.pop_front()?;
+        let others = if next.n.is_none() { state.behind.drain(..).collect() } else { Vec::new() };
+        Some((next, others))
     }
 
-    /// Reserves the place behind the running call, if the worker takes a call ahead now:
-    /// the reservation, and where its worker will be handed.
-    fn reserve(&self) -> Option<(u64, oneshot::Receiver<Handover>)> {
+    /// Takes back the calls sent ahead, in their order: each one the worker has not claimed
+    /// is withdrawn. Stops at the first it claimed (the calls after it stay queued behind
+    /// it), unless `through`. No call goes ahead any more until the next call's message is
+    /// whole.
+    pub(crate) fn take_back(&self, through: bool) -> TakenBack {
         let mut state = lock(&self.state);
-        if !state.open || state.behind.is_some() {
+        state.room = 0;
+        let mut taken = TakenBack { withdrawn: Vec::new(), claimed: Vec::new() };
+        while let Some(behind) = state.behind.pop_front() {
+            let claimed = match (behind.n, behind.gave_up) {
+                (None, _) => false,
+                // Part of its frame went: the worker never reads it whole.
+                (Some(_), Some(RestartCause::Protocol)) => false,
+                // Given up on once the worker had claimed it.
+                (Some(_), Some(_)) => true,
+                (Some(n), None) => self.gate.withdraw(n) == Withdrawal::Claimed,
+            };
+            if claimed {
+                taken.claimed.push(behind);
+                if !through {
+                    break;
+                }
+            } else {
+                taken.withdrawn.push(behind);
+            }
+        }
+        taken
+    }
+
+    /// Calls that cannot go ahead wait for a worker: the calls sent ahead here that the
+    /// worker has not claimed are withdrawn, last first, so that it comes free sooner; they
+    /// look for a worker again. Says how many of them had been sent.
+    pub(crate) fn give_way(&self) -> usize {
+        let mut state = lock(&self.state);
+        state.room = 0;
+        let mut sent = 0;
+        while let Some(behind) = state.behind.pop_back() {
+            let withdrawn = match (behind.n, behind.gave_up) {
+                (None, _) => true,
+                (Some(n), None) => self.gate.withdraw(n) == Withdrawal::Withdrawn,
+                // Given up on after it started, or part of it went: it stays, and so do
+                // those before it.
+                (Some(_), Some(_)) => false,
+            };
+            if !withdrawn {
+                state.behind.push_back(behind);
+                break;
+            }
+            sent += usize::from(behind.n.is_some());
+            drop(behind.hand.send(Handover::Again(None)));
+        }
+        sent
+    }
+
+    /// Keeps `behinds`, taken back as the worker goes, until [`Pipe::take_returning`].
+    pub(crate) fn returning(&self, behinds: Vec<Behind>) {
+        lock(&self.state).returning.extend(behinds);
+    }
+
+    /// The calls taken back as the worker goes, kept by [`Pipe::returning`].
+    pub(crate) fn take_returning(&self) -> Vec<Behind> {
+        std::mem::take(&mut lock(&self.state).returning)
+    }
+
+    /// Reserves a place behind the running call (and the calls sent ahead already), if the
+    /// worker takes one more now: the reservation, where its worker will be handed, and
+    /// whether the worker takes yet another after it.
+    fn reserve(&self) -> Option<(u64, oneshot::Receiver<Handover>, bool)> {
+        let mut state = lock(&self.state);
+        if state.behind.len() >= state.room {
             return None;
         }
-        state.open = false;
         state.reserved += 1;
         let (hand, handed) = oneshot::channel();
-        state.behind = Some(Behind { id: state.reserved, n: None, hand, deadline: None, gave_up: None });
-        Some((state.reserved, handed))
+        let id = state.reserved;
+        state.behind.push_back(Behind { id, n: None, hand, gave_up: None });
+        Some((id, handed, state.behind.len() < state.room))
     }
 
     /// Writes reservation `id`'s `message` into its place, and numbers it. `Ok(true)`:
-    /// written whole. `Ok(false)`: the place is gone (the call before ended, and sends word).
-    /// `Err`: nothing of it could go, and the place is given back; or only part of it, and
-    /// the worker is ended after the running call.
-    fn write(&self, id: u64, message: &[&[u8]], deadline: Instant) -> Result<bool, ()> {
+    /// written whole. `Ok(false)`: the place is gone
+    /// (the calls before ended, and word is on its way). `Err`: nothing of it could go, and
+    /// the place is given back; or only part of it, and the worker is ended when it comes to
+    /// it.
+    fn write(&self, id: u64, message: &[&[u8]]) -> Result<bool, ()> {
         let mut state = lock(&self.state);
-        if state.behind.as_ref().is_none_or(|b| b.id != id) {
-            return Ok(false);
+        let Some(at) = state.position(id) else { return Ok(false) };
+        if state.broken {
+            state.behind.remove(at);
+            return Err(());
         }
         let total: usize = message.iter().map(|part| part.len()).sum();
+        let n = state.sent + 1;
+        self.gate.pending(n);
         let sent =
             crate::socket::send_with_fds(&self.writer, message, 0, &[], rustix::net::SendFlags::DONTWAIT);
-        let n = state.sent + 1;
-        let behind = state.behind.as_mut().expect("checked above");
-        match sent {
-            Ok(written) if written == total => {
-                behind.n = Some(n);
-                behind.deadline = Some(deadline);
-                state.sent = n;
-                Ok(true)
-            }
+        let written = match sent {
+            Ok(written) if written == total => true,
             Ok(0) | Err(_) => {
-                // The socket is full, or the worker is gone (the running call finds out).
-                state.behind = None;
-                Err(())
+                // The socket is full, or the worker is gone (the running call finds out):
+                // no call goes ahead here until the next call's message is whole.
+                state.behind.remove(at);
+                state.room = 0;
+                return Err(());
             }
-            Ok(_) => {
-                // The rest cannot follow now, and the worker would wait for it after the
-                // running call: nothing can take part of a frame back.
-                behind.n = Some(n);
-                behind.gave_up = Some(RestartCause::Protocol);
-                state.sent = n;
-                Err(())
-            }
+            Ok(_) => false,
+        };
+        // Its reply comes after those of the calls written before it.
+        let mut behind = state.behind.remove(at).expect("found above");
+        behind.n = Some(n);
+        state.sent = n;
+        if !written {
+            // The rest cannot follow now, and the worker would wait for it: nothing can
+            // take part of a frame back, and nothing may follow it.
+            behind.gave_up = Some(RestartCause::Protocol);
+            state.broken = true;
+            state.room = 0;
         }
+        let place = state.behind.iter().position(|b| b.n.is_none()).unwrap_or(state.behind.len());
+        state.behind.insert(place, behind);
+        if written { Ok(true) } else { Err(()) }
     }
 
-    /// Takes reservation `id` back if it is still the one waiting here and the worker has
-    /// not claimed its call: then it never runs. Says whether its frame had been written.
+    /// Takes reservation `id` back if it is still queued here and the worker has not
+    /// claimed its call: then it never runs. Says whether its frame had been written.
     fn withdraw(&self, id: u64) -> Option<bool> {
         let mut state = lock(&self.state);
-        let n = state.behind.as_ref().filter(|b| b.id == id)?.n;
-        match n {
-            None => {
-                state.behind = None;
-                Some(false)
+        let at = state.position(id)?;
+        let behind = &state.behind[at];
+        match behind.n {
+            Some(n) if behind.gave_up.is_some() || self.gate.withdraw(n) == Withdrawal::Claimed => None,
+            n => {
+                state.behind.remove(at);
+                Some(n.is_some())
             }
-            Some(n) if state.take_back(&self.gate, n) => {
-                state.behind = None;
-                Some(true)
-            }
-            Some(_) => None,
         }
     }
 
     /// Marks reservation `id` as given up by its caller after its call started: its worker
-    /// is killed when the call before it ends. `false` if it was taken off the pipe already.
+    /// is killed when it comes to it, unless it is over by then. `false` if it was taken
+    /// off the pipe already.
     fn give_up(&self, id: u64, cause: RestartCause) -> bool {
         let mut state = lock(&self.state);
-        match state.behind.as_mut() {
-            Some(behind) if behind.id == id => {
-                behind.gave_up = Some(cause);
+        match state.position(id) {
+            Some(at) => {
+                state.behind[at].gave_up = Some(cause);
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 }
@@ -268,35 +333,16 @@ impl Behind {
         self.gave_up
     }
 
-    /// Withdraws it from `pipe`'s worker, which is going away or may not run it: it looks
-    /// for a worker again, with the permit `permit` gives (that worker's, when it goes away),
-    /// if any. `Ok(true)` if its frame had been written there; `Err(self)` if the worker
-    /// claimed it already.
-    pub(crate) fn withdraw(
-        self,
-        pipe: &Pipe,
-        permit: impl FnOnce() -> Option<OwnedSemaphorePermit>,
-    ) -> Result<bool, Behind> {
-        let taken_back = match self.n {
-            None => true,
-            Some(n) => self.gave_up.is_some() || lock(&pipe.state).take_back(&pipe.gate, n),
-        };
-        if taken_back {
-            let written = self.n.is_some() && self.gave_up.is_none();
-            drop(self.hand.send(Handover::Again(permit())));
-            Ok(written)
-        } else {
-            Err(self)
-        }
+    /// Whether its frame went whole to the worker: it was sent ahead, and is counted as
+    /// withdrawn if it is taken back.
+    pub(crate) fn was_sent(&self) -> bool {
+        self.n.is_some() && self.gave_up.is_none()
     }
 
     /// Tells it how it goes on. If nobody waits for it any more, a worker handed to it is
     /// ended: it runs, or will run, a call nobody wants (or, if the call was never written,
     /// the lease's end puts it back; see `Ahead`'s drop).
-    pub(crate) fn hand(self, pipe: &Pipe, handover: Handover) {
-        if let (Handover::Lease(_), Some(n)) = (&handover, self.n) {
-            lock(&pipe.state).running = n;
-        }
+    pub(crate) fn hand(self, handover: Handover) {
         drop(self.hand.send(handover));
     }
 }
@@ -319,11 +365,10 @@ pub(crate) struct Ahead {
 }
 
 /// What a call withdrawn from a worker it was sent ahead to keeps of its place in line as it
-/// looks for a worker again: its place in a bounded queue, and the permit of the worker it
-/// was behind, if that worker went away.
+/// looks for a worker again: its place in a bounded queue, and its turn for a worker.
 #[derive(Default)]
 pub(crate) struct Carried {
-    pub(super) permit: Option<OwnedSemaphorePermit>,
+    pub(super) turn: Option<Turn>,
     pub(super) admitted: Option<OwnedSemaphorePermit>,
 }
 
@@ -356,10 +401,9 @@ impl Ahead {
         self.carried.take().unwrap_or_default()
     }
 
-    /// Writes the call into its place behind the running call; the call's `deadline` goes
-    /// with it (it is not started after that).
-    pub(crate) fn start(&mut self, message: &[&[u8]], deadline: Instant) -> Start {
-        match self.pipe.write(self.id, message, deadline) {
+    /// Writes the call into its place behind the running call.
+    pub(crate) fn start(&mut self, message: &[&[u8]]) -> Start {
+        match self.pipe.write(self.id, message) {
             Ok(true) => {
                 self.written = true;
                 self.pool.metrics.sent_ahead();
@@ -407,7 +451,7 @@ impl Ahead {
                 if self.pipe.withdraw(self.id).is_some() {
                     self.settled = true;
                     self.pool.metrics.withdrawn();
-                    self.carried = Some(Carried { permit: None, admitted: self.admitted.take() });
+                    self.carried = Some(Carried { turn: None, admitted: self.admitted.take() });
                     return Handover::Again(None);
                 }
                 // Claimed: the free worker is for another call sent ahead.
@@ -430,8 +474,8 @@ impl Ahead {
                 lease.permits.as_mut().expect("a lease holds its permits").1 = self.admitted.take();
                 Handover::Lease(lease)
             }
-            Ok(Handover::Again(permit)) => {
-                self.carried = Some(Carried { permit, admitted: self.admitted.take() });
+            Ok(Handover::Again(turn)) => {
+                self.carried = Some(Carried { turn, admitted: self.admitted.take() });
                 Handover::Again(None)
             }
             Ok(other) => other,
@@ -490,29 +534,106 @@ impl Pool {
         self: &Arc<Self>,
         admitted: &mut Option<OwnedSemaphorePermit>,
     ) -> Option<Ahead> {
-        if self.plain_waiting.load(Ordering::Relaxed) > 0 {
+        if self.plain_waiting.load(Ordering::Relaxed) > 0 || self.in_line.load(Ordering::Relaxed) > 0 {
             return None;
         }
-        let pipes: Vec<(u32, Arc<Pipe>)> = lock(&self.open_pipes).clone();
-        for (pid, pipe) in pipes {
-            if let Some((id, handed)) = pipe.reserve() {
-                lock(&self.open_pipes).retain(|(p, _)| *p != pid);
-                // Counted as waiting until it has its worker; its drop uncounts it.
-                self.waiting.fetch_add(1, Ordering::Relaxed);
-                return Some(Ahead {
-                    pool: Arc::clone(self),
-                    pipe,
-                    pid,
-                    id,
-                    handed,
-                    admitted: admitted.take(),
-                    written: false,
-                    settled: false,
-                    carried: None,
-                });
+        let mut open = lock(&self.open_pipes);
+        // The worker with the fewest calls waiting, so that they spread.
+        let (pid, pipe, (id, handed, more), at) = loop {
+            let (at, _) =
+                open.iter().enumerate().min_by_key(|(_, (_, pipe))| lock(&pipe.state).behind.len())?;
+            match open[at].1.reserve() {
+                Some(reserved) => break (open[at].0, Arc::clone(&open[at].1), reserved, at),
+                // It takes no more now: it is listed again when it does.
+                None => drop(open.swap_remove(at)),
+            }
+        };
+        if !more {
+            open.swap_remove(at);
+        }
+        drop(open);
+        if more {
+            // The turn to go ahead passes to the next call that waits for one.
+            self.opened.notify_one();
+        }
+        // Counted as waiting until it has its worker; its drop uncounts it.
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Some(Ahead {
+            pool: Arc::clone(self),
+            pipe,
+            pid,
+            id,
+            handed,
+            admitted: admitted.take(),
+            written: false,
+            settled: false,
+            carried: None,
+        })
+    }
+}
+
+impl Pool {
+    /// Calls taken back from a worker look for a worker again, keeping their place in line:
+    /// the first with `permit`, if there is one; the others, in their order, at the front of
+    /// the pool's line (see [`Turn::Line`]).
+    pub(super) fn back_in_line(
+        &self,
+        behinds: impl IntoIterator<Item = Behind>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let mut permit = permit.filter(|p| p.num_permits() > 0);
+        {
+            let mut line = lock(&self.line);
+            // Checked under the line's lock, which shutdown takes to empty it once closed.
+            let closed = self.is_closed();
+            for behind in behinds {
+                let turn = match permit.take() {
+                    // Refused as it looks for a worker, as a queued call is.
+                    _ if closed => {
+                        behind.hand(Handover::Again(None));
+                        continue;
+                    }
+                    Some(permit) => Turn::Permit(permit),
+                    None => {
+                        let (give, take) = oneshot::channel();
+                        line.push_back(give);
+                        Turn::Line(take)
+                    }
+                };
+                behind.hand(Handover::Again(Some(turn)));
+            }
+            self.in_line.store(line.len(), Ordering::Relaxed);
+        }
+        // Workers idle now take calls from the line at once.
+        while self.in_line.load(Ordering::Relaxed) > 0 {
+            let Ok(free) = Arc::clone(&self.permits).try_acquire_owned() else { break };
+            if let Some(free) = self.pass_permit(free) {
+                drop(free);
+                break;
             }
         }
-        None
+    }
+
+    /// A worker's permit, freed: it goes to the first call in the pool's line, if one waits
+    /// there; else it is given back.
+    pub(super) fn pass_permit(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+        if permit.num_permits() == 0 || self.in_line.load(Ordering::Relaxed) == 0 {
+            return Some(permit);
+        }
+        let mut line = lock(&self.line);
+        if self.is_closed() {
+            return Some(permit);
+        }
+        let mut permit = Some(permit);
+        while let Some(give) = line.pop_front() {
+            // An error gives it back: the call was given up on.
+            match give.send(permit.take().expect("held until passed")) {
+                Ok(()) => break,
+                Err(back) => permit = Some(back),
+            }
+        }
+        self.in_line.store(line.len(), Ordering::Relaxed);
+        permit
     }
 }
 

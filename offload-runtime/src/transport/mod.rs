@@ -64,11 +64,24 @@ pub(crate) struct Channel {
     max_frame: usize,
     /// The whole call is written and its reply not yet read: the worker is running it.
     awaiting_reply: bool,
+    /// Part of a frame was read, and the rest not: the stream cannot be picked up again.
+    mid_frame: bool,
+    /// Replies on the way to calls that ended without them (their worker had gone on to a
+    /// call sent ahead, see `pool::pipe`): set aside before the next reply.
+    stale: usize,
 }
 
 impl Channel {
     pub(crate) fn new(stream: UnixStream, max_frame: usize) -> Channel {
-        Channel { registered: None, stream, inbox: FrameReader::default(), max_frame, awaiting_reply: false }
+        Channel {
+            registered: None,
+            stream,
+            inbox: FrameReader::default(),
+            max_frame,
+            awaiting_reply: false,
+            mid_frame: false,
+            stale: 0,
+        }
     }
 
     /// Waits for one frame without a runtime, for the handshake on the supervisor thread.
@@ -156,7 +169,7 @@ impl Channel {
         &mut self,
         on_frame: &mut (dyn FnMut(Tag, &[u8]) -> Pace + Send),
     ) -> Result<Reply<'_>, TransportError> {
-        let Channel { registered, stream, inbox, max_frame, awaiting_reply } = self;
+        let Channel { registered, stream, inbox, max_frame, awaiting_reply, mid_frame, stale } = self;
         inbox.shrink();
         drop(inbox.take_fds());
         let fd = registration(registered, stream)?;
@@ -173,12 +186,25 @@ impl Channel {
                         budget -= len;
                         // Mid-body, the stream cannot be picked up again by another read.
                         *awaiting_reply = false;
+                        *mid_frame = true;
                         bulk.push(read_bulk(fd, stream, inbox, len).await?);
+                        *mid_frame = false;
                         *awaiting_reply = true;
                         continue;
                     }
                 };
-                if matches!(tag, Tag::Log | Tag::Progress | Tag::Item | Tag::Released) {
+                let terminal = !matches!(tag, Tag::Log | Tag::Progress | Tag::Item | Tag::Released);
+                if *stale > 0 {
+                    // A call that ended without its reply: nothing of it reaches anyone.
+                    if terminal {
+                        *stale -= 1;
+                        bulk.clear();
+                        budget = *max_frame;
+                        drop(inbox.take_fds());
+                    }
+                    continue;
+                }
+                if !terminal {
                     if let Pace::Yield = on_frame(tag, inbox.frame(range)) {
                         // Whoever awaits the reply has enough for now: it polls again when it
                         // wants more, and until then nothing more is read, so the worker's
@@ -214,6 +240,18 @@ impl Channel {
     /// call, and a reply, if it comes, can be read and set aside.
     pub(crate) fn awaiting_reply(&self) -> bool {
         self.awaiting_reply
+    }
+
+    /// Whether what comes next on the channel starts a frame: no read stopped in the middle
+    /// of one.
+    pub(crate) fn at_frame_start(&self) -> bool {
+        !self.mid_frame
+    }
+
+    /// The call whose reply comes next ended without it: the reply is set aside when it comes,
+    /// before the next call's.
+    pub(crate) fn skip_reply(&mut self) {
+        self.stale += 1;
     }
 
     /// Takes the buffer that holds the reply last handed out (whose body is at the `range`

@@ -120,21 +120,37 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
     let mut inbox = FrameReader::default();
     let mut reply = Vec::new();
     let mut calls = 0;
+    // The last call run, and whether its reply is not yet known to be found well formed.
+    let mut last_run = 0;
+    let mut unchecked = None;
     loop {
         let Some((tag, body, attached)) = next_call(&mut inbox, &stream, parent.as_ref())? else {
             // The parent closed the channel: it is done with us, or gone.
             return Ok(());
         };
         calls += 1;
-        let spin = std::time::Duration::from_micros(SPIN_US.load(Ordering::Relaxed));
-        let closed = || {
-            let mut byte = [0u8; 1];
-            let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
-            matches!(rustix::net::recv(&stream, &mut byte, peek), Ok((0, _)))
-        };
-        if !gate.claim(calls, spin, &closed).map_err(std::io::Error::other)? {
-            // Sent ahead, behind the call before it, and withdrawn by the parent since: it
-            // never runs, and nobody waits for an answer.
+        // After a reply the caller may yet find wrong (see `crate::gate`), the next call waits
+        // until it has not.
+        if SENT_BESIDE.swap(false, Ordering::Relaxed) && last_run > 0 {
+            unchecked = Some(last_run);
+        }
+        if let Some(after) = unchecked {
+            let spin = std::time::Duration::from_micros(SPIN_US.load(Ordering::Relaxed));
+            let closed = || {
+                let mut byte = [0u8; 1];
+                let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+                matches!(rustix::net::recv(&stream, &mut byte, peek), Ok((0, _)))
+            };
+            if !gate.await_acceptance(after, calls, spin, &closed) {
+                return Ok(());
+            }
+            if gate.accepted() >= after {
+                unchecked = None;
+            }
+        }
+        if !gate.claim(calls).map_err(std::io::Error::other)? {
+            // Sent ahead, behind the call before it, and withdrawn by the parent since (or
+            // its deadline passed): it never runs, and nobody waits for an answer.
             drop(attached);
             continue;
         }
@@ -142,6 +158,10 @@ pub(super) fn serve(env: WorkerEnv) -> std::io::Result<()> {
         reply = answer(tag, inbox.frame(body), attached, reply);
         let reply_fds = REPLY_FDS.with(|f| std::mem::take(&mut *f.borrow_mut()));
         let reply_bulk = REPLY_BULK.with(|b| b.borrow_mut().take());
+        last_run = calls;
+        if !reply_fds.is_empty() || reply_bulk.is_some() {
+            unchecked = Some(calls);
+        }
         // A call that came with shared buffers: if this worker holds none of those it was
         // ever sent, the parent may use them again.
         let released: &[u8] = if crate::shm::released() && shared { &RELEASED } else { &[] };
@@ -410,6 +430,9 @@ pub(super) fn in_call() -> bool {
     IN_CALL.load(Ordering::Relaxed)
 }
 
+/// Something was sent on the channel besides the replies since the last call was claimed.
+static SENT_BESIDE: AtomicBool = AtomicBool::new(false);
+
 /// One frame at a time on the channel: the reply, or one a thread of the function sends.
 static WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -422,6 +445,7 @@ fn lock_writes() -> std::sync::MutexGuard<'static, ()> {
 /// gave up on the call).
 pub(super) fn send_now(frame: &[u8]) -> bool {
     let _writing = lock_writes();
+    SENT_BESIDE.store(true, Ordering::Relaxed);
     let fd = CHANNEL_FD.load(Ordering::Relaxed);
     if fd < 0 {
         return false;
