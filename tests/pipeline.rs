@@ -156,6 +156,58 @@ fn once_after_garbage(dir: String, x: u64) -> u32 {
     once(&dir, x)
 }
 
+/// Says it started, then holds its worker until the test says "go".
+fn hold_until_go(dir: &str) -> u32 {
+    let pid = hold_for(dir, 0);
+    while !Path::new(dir).join("go").exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pid
+}
+
+#[offload(pool = "ahead_ring", workers = "1", timeout = "60s")]
+fn hold_ring(dir: String) -> u32 {
+    hold_until_go(&dir)
+}
+
+#[offload(pool = "ahead_ring", timeout = "30s")]
+fn patient_in_ring(x: u64) -> u64 {
+    x + 1000
+}
+
+#[offload(pool = "ahead_ring", timeout = "40ms")]
+fn hurried_in_ring(x: u64) -> u64 {
+    x
+}
+
+#[offload(pool = "ahead_rss", workers = "1", max_rss = "40MiB", timeout = "60s")]
+fn leaky(mib: usize) -> u32 {
+    let block: &'static mut [u8] = Vec::leak(vec![1u8; mib << 20]);
+    std::hint::black_box(block);
+    std::thread::sleep(Duration::from_millis(2));
+    std::process::id()
+}
+
+#[offload(pool = "ahead_line", workers = "1", timeout = "400ms")]
+fn hold_in_front(dir: String) -> u32 {
+    hold_for(&dir, 30_000)
+}
+
+#[offload(pool = "ahead_line", timeout = "10s")]
+fn wait_in_line(x: u64) -> u64 {
+    x
+}
+
+#[offload(pool = "ahead_late", workers = "1", timeout = "20s")]
+fn hold_then_end(dir: String, ms: u64) -> u32 {
+    hold_for(&dir, ms)
+}
+
+#[offload(pool = "ahead_late", timeout = "100ms")]
+fn late_behind(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
 /// A fresh directory for one test's files, removed when dropped.
 struct Dir(PathBuf);
 
@@ -404,6 +456,97 @@ async fn a_call_behind_one_that_writes_garbage_waits_and_runs_elsewhere() {
     let ran_on = behind.await.unwrap().expect("it never started, so it runs elsewhere");
     assert_ne!(ran_on, pid, "it ran on the worker killed for the garbage");
     assert_eq!(stats("ahead_garbage").restarts(RestartCause::Protocol), 1);
+}
+
+/// Calls sent ahead and taken back, hundreds of them, behind one long call: the gate's ring
+/// of slots is never filled past the call whose reply comes next, so every caller still
+/// gets its own call's reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_taken_back_by_the_hundred_never_get_a_reply_crossed() {
+    let dir = Dir::new("ring");
+    let hold = tokio::spawn(hold_ring(dir.path()));
+    dir.started().await;
+    let first = tokio::spawn(patient_in_ring(1));
+    sent_ahead("ahead_ring", 1).await;
+    // Batches of calls that go ahead behind it and time out there, withdrawn; small enough
+    // that the worker always takes more ahead.
+    for batch in 0..45u64 {
+        let hurried: Vec<_> = (0..6).map(|i| tokio::spawn(hurried_in_ring(batch * 6 + i))).collect();
+        for call in hurried {
+            assert!(matches!(call.await.unwrap(), Err(Error::Timeout { .. })));
+        }
+    }
+    let sent = stats("ahead_ring").sent_ahead;
+    assert!(sent >= 250, "only {sent} calls went ahead, too few to go round the gate's ring");
+    let second = tokio::spawn(patient_in_ring(2));
+    std::fs::write(dir.0.join("go"), b"").unwrap();
+    hold.await.unwrap().unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), 1001, "the first call got another's reply");
+    assert_eq!(second.await.unwrap().unwrap(), 1002);
+}
+
+/// A worker over `max_rss` is recycled after its call even while calls keep going ahead to
+/// it: it finishes only those it has started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rss_recycles_a_worker_that_calls_go_ahead_to() {
+    leaky(0).await.unwrap();
+    let calls: Vec<_> = (0..40).map(|_| tokio::spawn(leaky(8))).collect();
+    let mut per_pid: HashMap<u32, u32> = HashMap::new();
+    for call in calls {
+        *per_pid.entry(call.await.unwrap().unwrap()).or_default() += 1;
+    }
+    assert!(stats("ahead_rss").sent_ahead > 0, "no call went ahead, so this proves nothing");
+    // 40 MiB is passed after about 5 calls of 8 MiB; one or two more were started by then.
+    assert!(per_pid.values().all(|&n| n <= 8), "a worker far over max_rss kept serving: {per_pid:?}");
+}
+
+/// Calls taken back from a worker killed for the call before them wait at the front of the
+/// pool's line; when the first of them, given the worker's permit, is dropped before it uses
+/// it, the permit goes on to the next in line, which runs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permit_let_go_in_the_line_goes_to_the_next_call_in_it() {
+    let dir = Dir::new("line");
+    let hold = tokio::spawn(hold_in_front(dir.path()));
+    dir.started().await;
+    let dropped = tokio::spawn(wait_in_line(1));
+    sent_ahead("ahead_line", 1).await;
+    let next = tokio::spawn(wait_in_line(2));
+    sent_ahead("ahead_line", 2).await;
+    // Drop the first as soon as the worker is killed, while its replacement starts.
+    let abort = dropped.abort_handle();
+    let watcher = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(10);
+        while stats("ahead_line").restarts_total() < 1 && Instant::now() < until {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        abort.abort();
+    });
+    assert!(matches!(hold.await.unwrap(), Err(Error::Timeout { .. })));
+    watcher.join().unwrap();
+    let _ = dropped.await;
+    let started = Instant::now();
+    assert_eq!(next.await.unwrap().unwrap(), 2, "the next call in line got no worker");
+    assert!(started.elapsed() < Duration::from_secs(5), "it waited {:?}", started.elapsed());
+}
+
+/// A call sent ahead whose deadline passes before its worker comes to it never starts, even
+/// when the caller's threads are too busy to withdraw it in time: the worker reads its
+/// deadline in the gate.
+#[tokio::test]
+async fn a_call_sent_ahead_never_starts_after_its_deadline() {
+    let dir = Dir::new("late");
+    let pid = tokio::spawn(hold_then_end(dir.path(), 250));
+    dir.started().await;
+    let late = tokio::spawn(late_behind(dir.path(), 1));
+    sent_ahead("ahead_late", 1).await;
+    // This runtime's only thread is busy past the call's deadline and the call before's end.
+    std::thread::sleep(Duration::from_millis(400));
+    let pid = pid.await.unwrap().unwrap();
+    assert!(matches!(late.await.unwrap(), Err(Error::Timeout { pid: None, .. })));
+    assert!(!dir.ran(1), "a call sent ahead ran after its deadline");
+    assert_eq!(hold_then_end(dir.path(), 0).await.unwrap(), pid, "the worker serves on");
+    let stats = stats("ahead_late");
+    assert_eq!((stats.withdrawn, stats.restarts_total()), (1, 0));
 }
 
 /// Sends `signal` to `pid`.

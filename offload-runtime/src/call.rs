@@ -693,7 +693,7 @@ async fn exchange(
         match place.start(message, fds, sending) {
             Err(fault) if fault.nothing_sent() && (unusable < executor.places() || place.is_ahead()) => {
                 unusable += usize::from(!place.is_ahead());
-                place.discard_unused();
+                carried = place.discard_unused();
             }
             // A call sent ahead to a busy worker is still queued: it waits there for the call
             // before it to end, or is withdrawn, then looks for a place again.

@@ -248,7 +248,7 @@ impl Place {
                 let _ = sending;
                 lease.start(message, fds).map_err(Fault::Local)
             }
-            Place::Ahead(ahead) => match ahead.start(message.whole) {
+            Place::Ahead(ahead) => match ahead.start(message.whole, sending.end) {
                 Start::Written(sent) => Ok(sent),
                 Start::NotSent => Err(Fault::Local(crate::transport::TransportError::NotSent)),
                 // The call before ended first: the worker is idle, and takes the call the
@@ -324,14 +324,16 @@ impl Place {
         }
     }
 
-    /// The place was gone before the call reached it ([`Fault::nothing_sent`]).
-    pub(crate) fn discard_unused(self) {
+    /// The place was gone before the call reached it ([`Fault::nothing_sent`]). What a call
+    /// sent ahead keeps of its place in line, for its next [`Executor::acquire`].
+    pub(crate) fn discard_unused(self) -> Carried {
         match self {
             Place::Local(lease) => lease.died_idle(),
-            Place::Ahead(_) => {}
+            Place::Ahead(mut ahead) => return ahead.carried(),
             #[cfg(feature = "nats")]
             Place::Remote(lease) => lease.release(),
         }
+        Carried::default()
     }
 
     /// The call's deadline passed while it ran: the place is ended.

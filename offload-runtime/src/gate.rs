@@ -4,11 +4,16 @@
 //! it starts or never.
 //!
 //! Both sides count the call frames on the worker's channel: the n-th frame is call `n`. The
-//! caller fills call `n`'s slot before it writes the frame: the call's number, "pending". The
-//! worker claims the call when it reads its frame, and the caller withdraws it, each by a
-//! compare-and-swap from "pending": exactly one of them wins. A withdrawn call's frame is
-//! read and dropped, and answered with nothing. Only the caller withdraws calls, so a reply
-//! on the channel is always that of the oldest call claimed and not yet answered.
+//! caller fills call `n`'s slot before it writes the frame: the call's number, "pending", and
+//! the instant after which it must not start. The worker claims the call when it reads its
+//! frame, and the caller withdraws it, each by a compare-and-swap from "pending": exactly one
+//! of them wins. A withdrawn call's frame is read and dropped, and answered with nothing.
+//!
+//! The worker withdraws a call itself if its deadline has passed when it comes to it, so that
+//! a call sent ahead never starts late, however busy the caller's threads are. But never the
+//! call whose reply the caller reads next: the caller makes that call's slot "firm" (no
+//! deadline) before it waits for the reply, or learns that it was withdrawn and passes on to
+//! the next. So a reply on the channel is always that of the call the caller expects.
 //!
 //! The worker claims call `n + 1` only once it has written its reply to call `n` whole. So a
 //! caller that finds a call behind call `n` claimed knows that call `n` is over and its
@@ -24,10 +29,11 @@
 //! the reply before it. It waits for the acceptance by polling the word for its `spin_us`
 //! (yielding the CPU between polls), then on a futex the caller wakes.
 //!
-//! The slots form a ring of [`SLOTS`]. A slot is filled again only for a call [`SLOTS`]
-//! frames later, when the call it held is long decided (answered, or withdrawn): at most
-//! [`MAX_AHEAD`] calls wait behind the running one. A worker that finds a later call's
-//! number in a slot knows the call it reads was withdrawn.
+//! The slots form a ring of [`SLOTS`]. The caller writes call `n` only while `n` is less than
+//! [`SLOTS`] calls past the call whose reply it reads next (see [`Gate::fits`]): every call
+//! before that one is decided (answered, or withdrawn), so a slot is filled again only once
+//! the call it held is decided. A worker that finds a later call's number in a slot knows
+//! the call it reads was withdrawn.
 //!
 //! The worker makes the page and sends its descriptor with its hello; the caller checks that
 //! it is sealed against shrinking before it maps it, so the worker cannot turn the caller's
@@ -39,8 +45,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// The page's size.
 const LEN: usize = 4096;
 
-/// Slots in the page, of two words each: the call's number and state, and one spare. The last
-/// 16 bytes hold the last reply accepted (`u64`), a futex the caller bumps to wake the
+/// Slots in the page, of two words each: the call's number and state, and its deadline. The
+/// last 16 bytes hold the last reply accepted (`u64`), a futex the caller bumps to wake the
 /// worker (`u32`), and whether the worker sleeps on it (`u32`).
 const SLOTS: u64 = (LEN / 16) as u64 - 1;
 const ACCEPTED: usize = LEN - 16;
@@ -56,6 +62,8 @@ pub(crate) const MAX_AHEAD: usize = 8;
 const PENDING: u64 = 0;
 const CLAIMED: u64 = 1;
 const WITHDRAWN: u64 = 2;
+/// Pending, and past its deadline or not, the worker runs it: the caller waits for its reply.
+const FIRM: u64 = 3;
 
 /// One side's mapping of a worker's gate.
 pub(crate) struct Gate {
@@ -116,6 +124,10 @@ impl Gate {
 
     fn state(&self, n: u64) -> &AtomicU64 {
         self.u64_at((n % SLOTS) as usize * 16)
+    }
+
+    fn deadline(&self, n: u64) -> &AtomicU64 {
+        self.u64_at((n % SLOTS) as usize * 16 + 8)
     }
 
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
@@ -191,14 +203,39 @@ impl Gate {
         true
     }
 
-    /// The caller's side, before it writes call `n`'s frame: the call is pending.
-    pub(crate) fn pending(&self, n: u64) {
-        self.state(n).store(n << 2 | PENDING, Ordering::Release);
+    /// Whether call `n` may be written while the caller reads the reply to call `running`
+    /// next: its slot then held a call decided already.
+    pub(crate) fn fits(n: u64, running: u64) -> bool {
+        n.saturating_sub(running) < SLOTS - 1
+    }
+
+    /// The caller's side, before it writes call `n`'s frame: the call is pending, and is not
+    /// to start after `deadline` (`None`: it is firm, see [`Gate::firm`]).
+    pub(crate) fn pending(&self, n: u64, deadline: Option<std::time::Instant>) {
+        let how = match deadline {
+            Some(deadline) => {
+                self.deadline(n).store(monotonic(deadline), Ordering::Relaxed);
+                PENDING
+            }
+            None => FIRM,
+        };
+        self.state(n).store(n << 2 | how, Ordering::Release);
+    }
+
+    /// The caller's side, before it waits for call `n`'s reply: the worker will run it even
+    /// if its deadline has passed by then. `false` if the worker withdrew it already: then it
+    /// never runs, and no reply comes for it.
+    pub(crate) fn firm(&self, n: u64) -> bool {
+        let state = self.state(n);
+        match state.compare_exchange(n << 2 | PENDING, n << 2 | FIRM, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(now) => now != n << 2 | WITHDRAWN,
+        }
     }
 
     /// The worker's side, as it reads call `n`'s frame: `Ok(true)`: run it; `Ok(false)`: the
-    /// caller withdrew it; `Err`: the slot is out of step with the calls (the caller broke
-    /// the protocol).
+    /// caller withdrew it, or its deadline passed (it is withdrawn now); `Err`: the slot is
+    /// out of step with the calls (the caller broke the protocol).
     pub(crate) fn claim(&self, n: u64) -> Result<bool, String> {
         let state = self.state(n);
         let mut current = state.load(Ordering::Acquire);
@@ -208,11 +245,13 @@ impl Gate {
                 // Withdrawn, and its slot since filled for a later call, or not yet.
                 return Ok(false);
             }
-            if number < n || how != PENDING {
+            if number < n || how == CLAIMED {
                 return Err(format!("the gate says call {number} ({how}) where call {n} comes"));
             }
-            match state.compare_exchange(current, n << 2 | CLAIMED, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(true),
+            let late = how == PENDING && monotonic_now() >= self.deadline(n).load(Ordering::Relaxed);
+            let decided = if late { WITHDRAWN } else { CLAIMED };
+            match state.compare_exchange(current, n << 2 | decided, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(!late),
                 Err(now) => current = now,
             }
         }
@@ -221,22 +260,38 @@ impl Gate {
     /// The caller's side: withdraws call `n` unless the worker claimed it.
     pub(crate) fn withdraw(&self, n: u64) -> Withdrawal {
         let state = self.state(n);
-        match state.compare_exchange(
-            n << 2 | PENDING,
-            n << 2 | WITHDRAWN,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => {
-                // A worker waiting for an acceptance before this call goes on to the next.
-                self.wake();
-                Withdrawal::Withdrawn
+        let mut current = state.load(Ordering::Acquire);
+        loop {
+            if current == n << 2 | WITHDRAWN {
+                return Withdrawal::Withdrawn;
             }
-            Err(now) if now == n << 2 | WITHDRAWN => Withdrawal::Withdrawn,
-            // Claimed; or a slot the worker scribbled on: it may have run the call.
-            Err(_) => Withdrawal::Claimed,
+            if current != n << 2 | PENDING && current != n << 2 | FIRM {
+                // Claimed; or a slot the worker scribbled on: it may have run the call.
+                return Withdrawal::Claimed;
+            }
+            match state.compare_exchange(current, n << 2 | WITHDRAWN, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    // A worker waiting for an acceptance before this call goes on to the next.
+                    self.wake();
+                    return Withdrawal::Withdrawn;
+                }
+                Err(now) => current = now,
+            }
         }
     }
+}
+
+/// Now, in nanoseconds of `CLOCK_MONOTONIC`: the clock of `std::time::Instant` on Linux,
+/// shared by every process of the machine.
+fn monotonic_now() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (now.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(now.tv_nsec as u64)
+}
+
+/// `deadline` on the clock of [`monotonic_now`].
+fn monotonic(deadline: std::time::Instant) -> u64 {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    monotonic_now().saturating_add(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// What [`Gate::withdraw`] found.
@@ -263,12 +318,12 @@ mod tests {
     #[test]
     fn claimed_calls_run_and_withdrawn_ones_do_not() {
         let (worker, caller) = pair();
-        caller.pending(1);
+        caller.pending(1, None);
         assert_eq!(worker.claim(1), Ok(true));
         assert_eq!(caller.withdraw(1), Withdrawal::Claimed, "too late: it runs");
         // Calls 2 to 4 wait behind it; 3 is withdrawn while 2 runs.
         for n in 2..=4 {
-            caller.pending(n);
+            caller.pending(n, None);
         }
         assert_eq!(caller.withdraw(3), Withdrawal::Withdrawn);
         assert_eq!(caller.withdraw(3), Withdrawal::Withdrawn, "withdrawing twice is harmless");
@@ -276,9 +331,9 @@ mod tests {
         assert_eq!(worker.claim(3), Ok(false));
         assert_eq!(worker.claim(4), Ok(true));
         // A frame the worker reads after its slot was filled for a later call: withdrawn.
-        caller.pending(5);
+        caller.pending(5, None);
         assert_eq!(caller.withdraw(5), Withdrawal::Withdrawn);
-        caller.pending(5 + SLOTS);
+        caller.pending(5 + SLOTS, None);
         assert_eq!(worker.claim(5), Ok(false));
         // A slot the caller never filled.
         assert!(worker.claim(6).unwrap_err().contains("where call 6 comes"));
@@ -292,7 +347,7 @@ mod tests {
         let worker = Arc::new(worker);
         let spin = std::time::Duration::from_micros(50);
         let waiting = Arc::clone(&worker);
-        caller.pending(2);
+        caller.pending(2, None);
         let wait = std::thread::spawn(move || waiting.await_acceptance(1, 2, spin, &|| false));
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!wait.is_finished(), "call 2 went on before the reply to call 1 was accepted");
@@ -301,7 +356,7 @@ mod tests {
         assert_eq!(worker.claim(2), Ok(true));
         // Withdrawn while it waits: it goes on, to skip it.
         let waiting = Arc::clone(&worker);
-        caller.pending(3);
+        caller.pending(3, None);
         let wait = std::thread::spawn(move || waiting.await_acceptance(2, 3, spin, &|| false));
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!wait.is_finished());
@@ -309,10 +364,34 @@ mod tests {
         assert!(wait.join().unwrap());
         assert_eq!(worker.claim(3), Ok(false));
         // The channel closes while it waits.
-        caller.pending(4);
+        caller.pending(4, None);
         let started = std::time::Instant::now();
         assert!(!worker.await_acceptance(3, 4, spin, &|| true));
         assert!(started.elapsed() < 10 * NAP);
+    }
+
+    /// A pending call whose deadline passed before the worker came to it is withdrawn by the
+    /// worker; a firm one runs however late; a caller that makes a slot firm learns whether
+    /// the worker withdrew it first.
+    #[test]
+    fn a_late_call_never_starts_unless_it_is_firm() {
+        let (worker, caller) = pair();
+        let now = std::time::Instant::now();
+        let later = now + std::time::Duration::from_secs(60);
+        caller.pending(1, Some(now));
+        assert_eq!(worker.claim(1), Ok(false));
+        assert_eq!(caller.withdraw(1), Withdrawal::Withdrawn);
+        assert!(!caller.firm(1), "withdrawn when late, so it never runs");
+        caller.pending(2, Some(later));
+        assert!(caller.firm(2));
+        assert_eq!(worker.claim(2), Ok(true));
+        caller.pending(3, Some(now));
+        assert!(caller.firm(3), "made firm before the worker came to it");
+        assert_eq!(worker.claim(3), Ok(true), "a firm call runs past its deadline");
+        assert!(caller.firm(3), "claimed: it runs");
+        caller.pending(4, None);
+        assert_eq!(worker.claim(4), Ok(true));
+        assert!(Gate::fits(SLOTS - 1, 1) && !Gate::fits(SLOTS, 1));
     }
 
     /// The worker and the caller race for each of many calls: each call is decided once,
@@ -336,10 +415,10 @@ mod tests {
         let mut withdrawn = 0;
         for n in 1..=CALLS {
             // Stay within the ring: a slot is filled again only for a call long decided.
-            while caller.state(n - 1).load(Ordering::Acquire) & 3 == PENDING && n > 1 {
+            while n > 1 && matches!(caller.state(n - 1).load(Ordering::Acquire) & 3, PENDING | FIRM) {
                 std::hint::spin_loop();
             }
-            caller.pending(n);
+            caller.pending(n, None);
             filled.store(n, Ordering::Release);
             if n % 2 == 0 && caller.withdraw(n) == Withdrawal::Withdrawn {
                 withdrawn += 1;

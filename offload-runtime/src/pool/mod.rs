@@ -315,7 +315,7 @@ impl Pool {
         let permit = if let Some(turn) = carried.turn {
             match turn {
                 Turn::Permit(kept) => kept,
-                Turn::Line(turn) => turn.await.map_err(|_| AcquireError::Shutdown)?,
+                Turn::Line(turn) => self.permit_from_line(turn).await?,
             }
         } else if may_go_ahead {
             match self.permit_or_ahead(&mut admitted).await? {
@@ -348,6 +348,23 @@ impl Pool {
             permits: Some((permit, admitted)),
             graced: false,
         }))
+    }
+
+    /// Waits for a worker's permit at the front of the line: passed on by a call that ends,
+    /// or, if one is let go some other way, from the pool.
+    async fn permit_from_line(
+        &self,
+        turn: oneshot::Receiver<OwnedSemaphorePermit>,
+    ) -> Result<OwnedSemaphorePermit, AcquireError> {
+        let mut turn = std::pin::pin!(turn);
+        let mut free = std::pin::pin!(Arc::clone(&self.permits).acquire_owned());
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(passed) = turn.as_mut().poll(cx) {
+                return std::task::Poll::Ready(passed.map_err(|_| AcquireError::Shutdown));
+            }
+            free.as_mut().poll(cx).map(|free| free.map_err(|_| AcquireError::Shutdown))
+        })
+        .await
     }
 
     /// Waits for a free worker's permit, or a place behind a busy worker's call, whichever
@@ -467,6 +484,7 @@ impl Pool {
         // do.
         lock(&self.line).clear();
         self.in_line.store(0, Ordering::Relaxed);
+        lock(&self.open_pipes).clear();
         let pipes: Vec<Arc<Pipe>> = lock(&self.leased).values().cloned().collect();
         for pipe in pipes {
             for _ in 0..pipe.give_way() {
@@ -619,8 +637,8 @@ impl Lease {
     ) -> Result<Reply<'_>, TransportError> {
         let (parts, _) = message.for_worker(self.worker().lends());
         self.worker().channel().finish_send(parts, fds, sent).await?;
-        // Calls that may wait behind this one: as many as the worker runs before it is due
-        // for recycling, after this one.
+        // Calls that may wait behind this one: as many as the worker runs before `max_tasks`
+        // recycles it, after this one (and none once `max_rss` will, see `Pipe::retire`).
         let room = match self.pool.settings.max_tasks {
             _ if self.pool.is_closed() => 0,
             None => usize::MAX,
@@ -631,7 +649,8 @@ impl Lease {
         // call woken to go ahead that may not would lose its place among those waiting.
         if pipe.open(room) && self.pool.in_line.load(Ordering::Relaxed) == 0 {
             let mut open = lock(&self.pool.open_pipes);
-            if !open.iter().any(|(p, _)| *p == pid) {
+            // Checked under the lock that shutdown takes to empty the list once closed.
+            if !self.pool.is_closed() && !open.iter().any(|(p, _)| *p == pid) {
                 open.push((pid, Arc::clone(&pipe)));
             }
             drop(open);
@@ -902,20 +921,28 @@ impl Lease {
         let bloated =
             settings.max_rss.is_some_and(|max| worker.resident_bytes().is_some_and(|rss| rss > max));
         if worn_out || bloated || self.pool.is_closed() {
-            // The worker goes: the calls sent ahead to it look for another, but for one it
-            // has claimed, which it runs first (with those behind it).
-            let TakenBack { withdrawn, mut claimed } = pipe.take_back(false);
+            // The worker goes: the calls sent ahead to it look for another, but for those it
+            // has claimed, which it runs first.
+            pipe.retire();
+            let withdrawn = pipe.unclaimed();
             for _ in withdrawn.iter().filter(|b| b.was_sent()) {
                 self.pool.metrics.withdrawn();
             }
             // The worker's permit, freed as the lease ends, goes to the first of them.
             self.pool.back_in_line(withdrawn, None);
-            if let Some(next) = claimed.pop() {
+            if let Some((next, _)) = pipe.close() {
                 return self.hand_to(next);
             }
-        } else if let Some((next, others)) = pipe.close() {
-            self.pool.back_in_line(others, None);
-            return self.hand_to(next);
+        } else {
+            while let Some((next, others)) = pipe.close() {
+                self.pool.back_in_line(others, None);
+                if pipe.firm(&next) {
+                    return self.hand_to(next);
+                }
+                // The worker passed it over, its deadline past: it ends as a queued call does.
+                self.pool.metrics.withdrawn();
+                next.hand(Handover::Again(None));
+            }
         }
         let worker = self.worker.take().expect("present until the lease ends");
         let pid = worker.pid;
@@ -981,11 +1008,7 @@ impl Drop for Lease {
         // ahead behind a long call elsewhere may take it.
         if let Some((permit, admitted)) = self.permits.take() {
             drop(admitted);
-            // To the first call in the line, if any; else back to the pool.
-            if let Some(permit) = self.pool.pass_permit(permit) {
-                drop(permit);
-                self.pool.idle.notify_one();
-            }
+            self.pool.free_permit(permit);
         }
     }
 }

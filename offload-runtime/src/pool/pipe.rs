@@ -8,13 +8,18 @@
 //!   it, the caller can withdraw it exactly; a withdrawn call never runs (the worker reads
 //!   its frame and drops it). So a call sent ahead is still a queued call: when a call before
 //!   it times out, crashes or is cancelled, and its worker is killed, the call is withdrawn
-//!   and looks for a worker again, keeping its place in line ([`Carried`]); if its deadline
-//!   passes first, or its caller drops it, it is withdrawn and never runs.
-//! - The worker claims a call only once it has written its reply to the call before. So when
-//!   a call ends without its reply (its deadline passed, its caller dropped it) and its worker
-//!   has claimed the call behind it, that call was over: its reply is set aside, and the
-//!   worker is not killed for it.
-//! - A call sent ahead behind a long call moves to a worker that becomes free.
+//!   and looks for a worker again, keeping its place in line ([`Carried`], [`Turn`]); if its
+//!   deadline passes first, or its caller drops it, it is withdrawn and never runs (the worker
+//!   reads the deadline in the gate too, so a busy caller cannot let it start late).
+//! - The worker claims a call only once it has written its reply to the call before (and,
+//!   after a reply the caller might reject, once the caller has accepted it; see [`Gate`]).
+//!   So when a call ends without its reply (its deadline passed, its caller dropped it) and
+//!   its worker has claimed the call behind it, that call was over: its reply is set aside,
+//!   and the worker is not killed for it.
+//! - A call sent ahead behind a long call moves to a worker that becomes free, and calls go
+//!   ahead behind a call that has run for [`LONG_CALL`] only if every worker runs one.
+//! - A worker due for recycling (`max_tasks`, `max_rss`) or a pool shutting down takes no
+//!   more calls ahead, and those it has not claimed look for another worker.
 //! - While a call that cannot go ahead waits for a worker, no call goes ahead of it, and the
 //!   calls already sent ahead are withdrawn as their worker answers, so that it comes free.
 //! - When the call before it ends, its worker passes to it in a [`Handover`], with the call
@@ -36,6 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::time::Instant;
 
 use super::{Lease, Pool, lock};
 use crate::error::{Failure, ProtocolError};
@@ -44,6 +50,10 @@ use crate::stats::RestartCause;
 
 /// The longest call message sent ahead: one that a socket takes whole at once.
 pub(crate) const AHEAD_MAX: usize = 16 << 10;
+
+/// How long a call runs before calls go ahead to other workers first: longer than a short
+/// call.
+const LONG_CALL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A worker's side for calls sent ahead: its gate, a second handle on its socket to write
 /// them while the call before holds the channel, and the calls sent ahead.
@@ -60,11 +70,17 @@ struct PipeState {
     sent: u64,
     /// The number of the call whose reply comes next.
     running: u64,
+    /// When that call was sent, or came next: calls go ahead behind it only if every other
+    /// worker has run its call as long (see [`LONG_CALL`]).
+    since: Option<Instant>,
     /// How many calls may wait behind the running one now: none until the running call's
-    /// message is whole, nor once the worker is due for recycling or part of a frame went.
+    /// message is whole, nor once the worker is due for recycling (see [`Pipe::retire`]) or
+    /// part of a frame went.
     room: usize,
     /// Part of a frame went: nothing more may follow it.
     broken: bool,
+    /// The worker goes once the calls it has claimed are over.
+    retiring: bool,
     /// Places reserved so far: names each.
     reserved: u64,
     /// Calls taken back as the worker goes, to be told once its replacement has its slot.
@@ -136,8 +152,9 @@ impl Pipe {
         debug_assert!(state.behind.is_empty(), "a call sent the ordinary way to a worker with calls queued");
         state.sent += 1;
         state.running = state.sent;
+        state.since = Some(Instant::now());
         state.room = 0;
-        self.gate.pending(state.sent);
+        self.gate.pending(state.sent, None);
     }
 
     /// The reply to the running call was read whole and is well formed: a worker that waits
@@ -147,18 +164,34 @@ impl Pipe {
         self.gate.accept(running);
     }
 
+    /// Makes sure the worker runs `behind`'s call, now that its reply is to come next: the
+    /// worker runs it even if its deadline passes from now on. `false` if the worker withdrew
+    /// it already, its deadline past: no reply comes for it.
+    pub(crate) fn firm(&self, behind: &Behind) -> bool {
+        behind.n.is_none_or(|n| self.gate.firm(n))
+    }
+
     /// The worker passes to `behind`: its reply comes next.
     pub(crate) fn passing_to(&self, behind: &Behind) {
+        let mut state = lock(&self.state);
         if let Some(n) = behind.n {
-            lock(&self.state).running = n;
+            state.running = n;
         }
+        state.since = Some(Instant::now());
+    }
+
+    /// The worker goes once the calls it has claimed are over: none goes ahead to it any more.
+    pub(crate) fn retire(&self) {
+        let mut state = lock(&self.state);
+        state.retiring = true;
+        state.room = 0;
     }
 
     /// The running call's message is whole: up to `room` calls may wait behind it (none
     /// when the worker is due for recycling). Says whether one more may go ahead now.
     pub(crate) fn open(&self, room: usize) -> bool {
         let mut state = lock(&self.state);
-        state.room = if state.broken { 0 } else { room.min(MAX_AHEAD) };
+        state.room = if state.broken || state.retiring { 0 } else { room.min(MAX_AHEAD) };
         state.behind.len() < state.room
     }
 
@@ -204,28 +237,40 @@ impl Pipe {
     }
 
     /// Calls that cannot go ahead wait for a worker: the calls sent ahead here that the
-    /// worker has not claimed are withdrawn, last first, so that it comes free sooner; they
-    /// look for a worker again. Says how many of them had been sent.
+    /// worker has not claimed are withdrawn (see [`Pipe::unclaimed`]), so that it comes free
+    /// sooner; they look for a worker again. Says how many of them had been sent.
     pub(crate) fn give_way(&self) -> usize {
+        let withdrawn = self.unclaimed();
+        let sent = withdrawn.iter().filter(|b| b.n.is_some()).count();
+        for behind in withdrawn {
+            drop(behind.hand.send(Handover::Again(None)));
+        }
+        sent
+    }
+
+    /// Withdraws the calls sent ahead here that the worker has not claimed, last first (the
+    /// calls it claimed come first: it claims them in order), and returns them in their
+    /// order. No call goes ahead until the next call's message is whole.
+    pub(crate) fn unclaimed(&self) -> Vec<Behind> {
         let mut state = lock(&self.state);
         state.room = 0;
-        let mut sent = 0;
+        let mut withdrawn = Vec::new();
         while let Some(behind) = state.behind.pop_back() {
-            let withdrawn = match (behind.n, behind.gave_up) {
+            let taken = match (behind.n, behind.gave_up) {
                 (None, _) => true,
                 (Some(n), None) => self.gate.withdraw(n) == Withdrawal::Withdrawn,
                 // Given up on after it started, or part of it went: it stays, and so do
                 // those before it.
                 (Some(_), Some(_)) => false,
             };
-            if !withdrawn {
+            if !taken {
                 state.behind.push_back(behind);
                 break;
             }
-            sent += usize::from(behind.n.is_some());
-            drop(behind.hand.send(Handover::Again(None)));
+            withdrawn.push(behind);
         }
-        sent
+        withdrawn.reverse();
+        withdrawn
     }
 
     /// Keeps `behinds`, taken back as the worker goes, until [`Pipe::take_returning`].
@@ -253,12 +298,12 @@ impl Pipe {
         Some((id, handed, state.behind.len() < state.room))
     }
 
-    /// Writes reservation `id`'s `message` into its place, and numbers it. `Ok(true)`:
-    /// written whole. `Ok(false)`: the place is gone
+    /// Writes reservation `id`'s `message` into its place, and numbers it; it is not to start
+    /// after `deadline` (see [`Gate::pending`]). `Ok(true)`: written whole. `Ok(false)`: the place is gone
     /// (the calls before ended, and word is on its way). `Err`: nothing of it could go, and
     /// the place is given back; or only part of it, and the worker is ended when it comes to
     /// it.
-    fn write(&self, id: u64, message: &[&[u8]]) -> Result<bool, ()> {
+    fn write(&self, id: u64, message: &[&[u8]], deadline: Instant) -> Result<bool, ()> {
         let mut state = lock(&self.state);
         let Some(at) = state.position(id) else { return Ok(false) };
         if state.broken {
@@ -267,7 +312,14 @@ impl Pipe {
         }
         let total: usize = message.iter().map(|part| part.len()).sum();
         let n = state.sent + 1;
-        self.gate.pending(n);
+        if !Gate::fits(n, state.running) {
+            // Calls sent and taken back behind a long call fill the gate's ring: no call goes
+            // ahead here until the next call's message is whole.
+            state.behind.remove(at);
+            state.room = 0;
+            return Err(());
+        }
+        self.gate.pending(n, Some(deadline.into_std()));
         let sent =
             crate::socket::send_with_fds(&self.writer, message, 0, &[], rustix::net::SendFlags::DONTWAIT);
         let written = match sent {
@@ -401,9 +453,10 @@ impl Ahead {
         self.carried.take().unwrap_or_default()
     }
 
-    /// Writes the call into its place behind the running call.
-    pub(crate) fn start(&mut self, message: &[&[u8]]) -> Start {
-        match self.pipe.write(self.id, message) {
+    /// Writes the call into its place behind the running call; its `deadline` goes with it
+    /// (the worker does not start it after that).
+    pub(crate) fn start(&mut self, message: &[&[u8]], deadline: Instant) -> Start {
+        match self.pipe.write(self.id, message, deadline) {
             Ok(true) => {
                 self.written = true;
                 self.pool.metrics.sent_ahead();
@@ -411,6 +464,7 @@ impl Ahead {
             }
             Err(()) => {
                 self.settled = true;
+                self.carried = Some(Carried { turn: None, admitted: self.admitted.take() });
                 return Start::NotSent;
             }
             Ok(false) => {}
@@ -421,6 +475,11 @@ impl Ahead {
             Ok(Handover::Lease(mut lease)) => {
                 lease.permits.as_mut().expect("a lease holds its permits").1 = self.admitted.take();
                 Start::Handed(Box::new(lease))
+            }
+            Ok(Handover::Again(turn)) => {
+                // Given back before it was written: it keeps its place in line.
+                self.carried = Some(Carried { turn, admitted: self.admitted.take() });
+                Start::NotSent
             }
             _ => Start::NotSent,
         }
@@ -510,7 +569,13 @@ impl Ahead {
                 GaveUp::Withdrawn
             }
             Ok(Handover::Lease(lease)) => GaveUp::Started(Some(Box::new(lease))),
-            Ok(Handover::Again(_)) => GaveUp::Withdrawn,
+            Ok(Handover::Again(turn)) => {
+                if let Some(Turn::Permit(permit)) = turn {
+                    // Its worker's permit, which it will not use: to the next call in line.
+                    self.pool.free_permit(permit);
+                }
+                GaveUp::Withdrawn
+            }
             Ok(Handover::Lost(_)) | Err(_) => GaveUp::Started(None),
         }
     }
@@ -538,10 +603,16 @@ impl Pool {
             return None;
         }
         let mut open = lock(&self.open_pipes);
-        // The worker with the fewest calls waiting, so that they spread.
+        if self.is_closed() {
+            return None;
+        }
+        // The worker with the fewest calls waiting, so that they spread; behind a long call
+        // only if every worker runs one.
         let (pid, pipe, (id, handed, more), at) = loop {
-            let (at, _) =
-                open.iter().enumerate().min_by_key(|(_, (_, pipe))| lock(&pipe.state).behind.len())?;
+            let (at, _) = open.iter().enumerate().min_by_key(|(_, (_, pipe))| {
+                let state = lock(&pipe.state);
+                (state.since.is_some_and(|since| since.elapsed() >= LONG_CALL), state.behind.len())
+            })?;
             match open[at].1.reserve() {
                 Some(reserved) => break (open[at].0, Arc::clone(&open[at].1), reserved, at),
                 // It takes no more now: it is listed again when it does.
@@ -611,6 +682,15 @@ impl Pool {
                 drop(free);
                 break;
             }
+        }
+    }
+
+    /// A worker's permit that no call uses any more: to the first call in the pool's line,
+    /// or back to the pool, where a call sent ahead behind a long call may take it.
+    pub(crate) fn free_permit(&self, permit: OwnedSemaphorePermit) {
+        if let Some(permit) = self.pass_permit(permit) {
+            drop(permit);
+            self.idle.notify_one();
         }
     }
 
