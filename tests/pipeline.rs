@@ -208,6 +208,25 @@ fn late_behind(dir: String, x: u64) -> u32 {
     once(&dir, x)
 }
 
+#[offload(pool = "ahead_late_rss", workers = "1", max_rss = "24MiB", timeout = "20s")]
+fn bloat_then_end(dir: String, ms: u64) -> u32 {
+    let block: &'static mut [u8] = Vec::leak(vec![1u8; 48 << 20]);
+    std::hint::black_box(block);
+    hold_for(&dir, ms)
+}
+
+#[offload(pool = "ahead_late_rss", timeout = "100ms")]
+fn late_then(dir: String, x: u64) -> u32 {
+    once(&dir, x);
+    1
+}
+
+#[offload(pool = "ahead_late_rss", timeout = "20s")]
+fn patient_then(dir: String, x: u64) -> u32 {
+    once(&dir, x);
+    2
+}
+
 /// A fresh directory for one test's files, removed when dropped.
 struct Dir(PathBuf);
 
@@ -547,6 +566,27 @@ async fn a_call_sent_ahead_never_starts_after_its_deadline() {
     assert_eq!(hold_then_end(dir.path(), 0).await.unwrap(), pid, "the worker serves on");
     let stats = stats("ahead_late");
     assert_eq!((stats.withdrawn, stats.restarts_total()), (1, 0));
+}
+
+/// The same on a worker due for recycling (over `max_rss`): the worker passes over the late
+/// call and runs the one behind it; each caller gets its own call's reply.
+#[tokio::test]
+async fn a_late_call_passed_over_never_gets_the_reply_of_the_call_behind() {
+    let dir = Dir::new("late-rss");
+    let first = tokio::spawn(bloat_then_end(dir.path(), 250));
+    dir.started().await;
+    let late = tokio::spawn(late_then(dir.path(), 1));
+    sent_ahead("ahead_late_rss", 1).await;
+    let patient = tokio::spawn(patient_then(dir.path(), 2));
+    sent_ahead("ahead_late_rss", 2).await;
+    // Busy past the late call's deadline and the first call's end: the worker passes over
+    // the late call and runs the patient one before this caller reads anything.
+    std::thread::sleep(Duration::from_millis(400));
+    first.await.unwrap().unwrap();
+    assert!(matches!(late.await.unwrap(), Err(Error::Timeout { pid: None, .. })), "it got a reply");
+    assert_eq!(patient.await.unwrap().unwrap(), 2);
+    assert!(!dir.ran(1) && dir.ran(2));
+    assert_eq!(stats("ahead_late_rss").restarts(RestartCause::Recycled), 1, "over max_rss, not recycled");
 }
 
 /// Sends `signal` to `pid`.

@@ -920,6 +920,9 @@ impl Lease {
         let worn_out = settings.max_tasks.is_some_and(|max| worker.calls >= max);
         let bloated =
             settings.max_rss.is_some_and(|max| worker.resident_bytes().is_some_and(|rss| rss > max));
+        // Retiring: found due for recycling after an earlier call, whose calls sent ahead
+        // ran first.
+        let worn_out = worn_out || pipe.retiring();
         if worn_out || bloated || self.pool.is_closed() {
             // The worker goes: the calls sent ahead to it look for another, but for those it
             // has claimed, which it runs first.
@@ -930,19 +933,16 @@ impl Lease {
             }
             // The worker's permit, freed as the lease ends, goes to the first of them.
             self.pool.back_in_line(withdrawn, None);
-            if let Some((next, _)) = pipe.close() {
+        }
+        while let Some((next, others)) = pipe.close() {
+            self.pool.back_in_line(others, None);
+            if pipe.runs(&next) {
                 return self.hand_to(next);
             }
-        } else {
-            while let Some((next, others)) = pipe.close() {
-                self.pool.back_in_line(others, None);
-                if pipe.firm(&next) {
-                    return self.hand_to(next);
-                }
-                // The worker passed it over, its deadline past: it ends as a queued call does.
-                self.pool.metrics.withdrawn();
-                next.hand(Handover::Again(None));
-            }
+            // Its deadline passed before the worker came to it: it never runs, and ends as a
+            // queued call does.
+            self.pool.metrics.withdrawn();
+            next.hand(Handover::Again(None));
         }
         let worker = self.worker.take().expect("present until the lease ends");
         let pid = worker.pid;

@@ -106,6 +106,8 @@ pub(crate) struct Behind {
     /// Its caller gave up on it after the worker claimed it (or after part of its frame
     /// went): the worker is killed when it comes to it, unless it is over by then.
     gave_up: Option<RestartCause>,
+    /// When its caller gives up on it, once it is written.
+    deadline: Option<Instant>,
 }
 
 /// What a call sent ahead learns when the calls before it end.
@@ -164,11 +166,17 @@ impl Pipe {
         self.gate.accept(running);
     }
 
-    /// Makes sure the worker runs `behind`'s call, now that its reply is to come next: the
-    /// worker runs it even if its deadline passes from now on. `false` if the worker withdrew
-    /// it already, its deadline past: no reply comes for it.
-    pub(crate) fn firm(&self, behind: &Behind) -> bool {
-        behind.n.is_none_or(|n| self.gate.firm(n))
+    /// Settles whether `behind`'s call runs, now that its reply is to come next: `true` if it
+    /// does (the worker claimed it, or will even if its deadline passes from now on; or it
+    /// was never written); `false` if it never will (its deadline passed: it is withdrawn,
+    /// unless the worker withdrew it already), and no reply comes for it.
+    pub(crate) fn runs(&self, behind: &Behind) -> bool {
+        let Some(n) = behind.n else { return true };
+        if behind.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            self.gate.withdraw(n) == Withdrawal::Claimed
+        } else {
+            self.gate.firm(n)
+        }
     }
 
     /// The worker passes to `behind`: its reply comes next.
@@ -178,6 +186,11 @@ impl Pipe {
             state.running = n;
         }
         state.since = Some(Instant::now());
+    }
+
+    /// Whether the worker goes once the calls it has claimed are over.
+    pub(crate) fn retiring(&self) -> bool {
+        lock(&self.state).retiring
     }
 
     /// The worker goes once the calls it has claimed are over: none goes ahead to it any more.
@@ -255,12 +268,18 @@ impl Pipe {
         let mut state = lock(&self.state);
         state.room = 0;
         let mut withdrawn = Vec::new();
+        let mut partial = None;
         while let Some(behind) = state.behind.pop_back() {
             let taken = match (behind.n, behind.gave_up) {
                 (None, _) => true,
+                // Part of its frame went: the worker never claims it, and it stays (the
+                // worker is ended when it comes to it).
+                (Some(_), Some(RestartCause::Protocol)) => {
+                    partial = Some(behind);
+                    continue;
+                }
                 (Some(n), None) => self.gate.withdraw(n) == Withdrawal::Withdrawn,
-                // Given up on after it started, or part of it went: it stays, and so do
-                // those before it.
+                // Given up on after it started: it stays, and so do those before it.
                 (Some(_), Some(_)) => false,
             };
             if !taken {
@@ -269,6 +288,7 @@ impl Pipe {
             }
             withdrawn.push(behind);
         }
+        state.behind.extend(partial);
         withdrawn.reverse();
         withdrawn
     }
@@ -294,7 +314,7 @@ impl Pipe {
         state.reserved += 1;
         let (hand, handed) = oneshot::channel();
         let id = state.reserved;
-        state.behind.push_back(Behind { id, n: None, hand, gave_up: None });
+        state.behind.push_back(Behind { id, n: None, hand, gave_up: None, deadline: None });
         Some((id, handed, state.behind.len() < state.room))
     }
 
@@ -336,6 +356,7 @@ impl Pipe {
         // Its reply comes after those of the calls written before it.
         let mut behind = state.behind.remove(at).expect("found above");
         behind.n = Some(n);
+        behind.deadline = Some(deadline);
         state.sent = n;
         if !written {
             // The rest cannot follow now, and the worker would wait for it: nothing can
@@ -383,6 +404,11 @@ impl Behind {
     /// Whether its caller gave up on it, and why.
     pub(crate) fn gave_up(&self) -> Option<RestartCause> {
         self.gave_up
+    }
+
+    /// Whether only part of its frame went: its call already looks for another worker.
+    pub(crate) fn partly_sent(&self) -> bool {
+        self.gave_up == Some(RestartCause::Protocol)
     }
 
     /// Whether its frame went whole to the worker: it was sent ahead, and is counted as
@@ -657,7 +683,8 @@ impl Pool {
             let mut line = lock(&self.line);
             // Checked under the line's lock, which shutdown takes to empty it once closed.
             let closed = self.is_closed();
-            for behind in behinds {
+            // A call only part of whose frame went looks for a worker already.
+            for behind in behinds.into_iter().filter(|b| !b.partly_sent()) {
                 let turn = match permit.take() {
                     // Refused as it looks for a worker, as a queued call is.
                     _ if closed => {
