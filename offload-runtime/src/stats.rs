@@ -273,11 +273,13 @@ pub struct PoolStats {
     pub succeeded: u64,
     /// Calls whose future was dropped before they ended.
     pub cancelled: u64,
-    /// Calls written to a busy worker behind the call it ran, to start as soon as it
-    /// answered (small calls, when no worker was free; see the README's "Pipelining").
+    /// Calls written to a busy worker behind the call it ran (up to 8 at a time), to start
+    /// as soon as it answered (small calls, when no worker was free; see the README's
+    /// "Pipelining").
     pub sent_ahead: u64,
-    /// Calls sent ahead and taken back before they started: the call before failed, the
-    /// call's deadline passed or its future was dropped, or another worker became free.
+    /// Calls sent ahead and taken back before they started: a call before failed, the
+    /// call's deadline passed or its future was dropped, another worker became free, a call
+    /// that cannot go ahead waited, the worker was due for recycling, or the pool shut down.
     /// Each looked for a worker again, or ended, as if it had waited in the queue.
     pub withdrawn: u64,
     /// Calls whose large byte-vector arguments (`Vec<u8>` of 64 KiB or more) the worker read
