@@ -223,7 +223,9 @@ impl Pipe {
     /// Takes back the calls sent ahead, in their order: each one the worker has not claimed
     /// is withdrawn. Stops at the first it claimed (the calls after it stay queued behind
     /// it), unless `through`. No call goes ahead any more until the next call's message is
-    /// whole.
+    /// whole. For a call that ended without its reply: front first, because what matters is
+    /// whether the worker went past that call, which the first claimed call behind it says;
+    /// [`Pipe::unclaimed`] goes last first, keeping the calls the worker has started.
     pub(crate) fn take_back(&self, through: bool) -> TakenBack {
         let mut state = lock(&self.state);
         state.room = 0;
