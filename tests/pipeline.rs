@@ -227,6 +227,16 @@ fn patient_then(dir: String, x: u64) -> u32 {
     2
 }
 
+#[offload(pool = "ahead_dropped", workers = "1", timeout = "20s")]
+fn hold_until_dropped(dir: String) -> u32 {
+    hold_for(&dir, 30_000)
+}
+
+#[offload(pool = "ahead_dropped", timeout = "20s")]
+fn once_after_drop(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
 /// A fresh directory for one test's files, removed when dropped.
 struct Dir(PathBuf);
 
@@ -424,6 +434,26 @@ async fn calls_going_ahead_do_not_starve_one_that_cannot() {
     for ticker in tickers {
         ticker.await.unwrap();
     }
+}
+
+/// A call whose future is dropped while it runs: its worker is killed, and the call sent
+/// ahead behind it, which had not started, runs once on the worker that replaces it.
+#[tokio::test]
+async fn a_call_behind_one_that_is_dropped_runs_once_on_the_next_worker() {
+    let dir = Dir::new("dropped");
+    let hold = tokio::spawn(hold_until_dropped(dir.path()));
+    let first = dir.started().await;
+    let call = tokio::spawn(once_after_drop(dir.path(), 1));
+    sent_ahead("ahead_dropped", 1).await;
+
+    hold.abort();
+    assert!(hold.await.unwrap_err().is_cancelled());
+    let ran_on = call.await.unwrap().expect("withdrawn when its worker was killed, then run elsewhere");
+    assert_ne!(ran_on, first, "it ran on the worker killed for the call before it");
+    let stats = stats("ahead_dropped");
+    assert_eq!((stats.withdrawn, stats.cancelled), (1, 1));
+    assert_eq!(stats.restarts(RestartCause::Abandoned), 1);
+    assert_eq!(stats.failed_total(), 0);
 }
 
 /// A call dropped after its worker answered it and went on to the call sent ahead behind

@@ -573,8 +573,10 @@ fn a_timeout_or_a_dropped_call_kills_the_remote_worker() {
     std::fs::create_dir_all(&dir).unwrap();
     let worker_of = |file: &str| -> u32 {
         let path = dir.join(file);
-        assert!(support::eventually(Duration::from_secs(10), || path.exists()));
-        std::fs::read_to_string(&path).unwrap().parse().unwrap()
+        // Written, not merely created: the file exists a moment before its pid is in it.
+        let read_pid = || std::fs::read_to_string(&path).ok()?.parse::<u32>().ok();
+        assert!(support::eventually(Duration::from_secs(10), || read_pid().is_some()));
+        read_pid().unwrap()
     };
     block_on(async {
         // The caller's timeout: the caller gets `Timeout` at its deadline; the host kills the
@@ -616,8 +618,10 @@ fn a_timeout_or_a_dropped_call_kills_the_remote_worker() {
         let worker = tokio::task::spawn_blocking({
             let path = dir.join("dropped");
             move || {
-                assert!(support::eventually(Duration::from_secs(10), || path.exists()));
-                std::fs::read_to_string(&path).unwrap().parse::<u32>().unwrap()
+                // Written, not merely created: the file exists a moment before its pid is in it.
+                let read_pid = || std::fs::read_to_string(&path).ok()?.parse::<u32>().ok();
+                assert!(support::eventually(Duration::from_secs(10), || read_pid().is_some()));
+                read_pid().unwrap()
             }
         })
         .await
@@ -890,8 +894,10 @@ fn shutdown_ends_remote_calls_after_its_grace() {
     block_on(async {
         assert_eq!(square(2).await.unwrap(), 4);
         let hung = tokio::spawn(hang(marker.to_str().unwrap().to_owned()));
-        assert!(support::eventually_async(Duration::from_secs(10), || marker.exists()).await);
-        let worker: u32 = std::fs::read_to_string(&marker).unwrap().parse().unwrap();
+        // Written, not merely created: the file exists a moment before its pid is in it.
+        let read_pid = || std::fs::read_to_string(&marker).ok()?.parse::<u32>().ok();
+        assert!(support::eventually_async(Duration::from_secs(10), || read_pid().is_some()).await);
+        let worker = read_pid().unwrap();
         let started = Instant::now();
         offload::shutdown(Duration::from_secs(1)).await;
         // The call out gets the grace period, then ends as a local one would.
