@@ -723,22 +723,15 @@ impl Lease {
         let may_go_on = may_go_on && self.worker().channel().at_frame_start();
         let TakenBack { withdrawn, mut claimed } = pipe.take_back(!may_go_on);
         let goes_on = may_go_on && !claimed.is_empty();
-        for behind in &withdrawn {
-            if behind.gave_up() == Some(RestartCause::Protocol) {
-                // Part of its frame is on the socket: the worker gets no grace period.
-                self.graced = true;
-            }
-            if behind.was_sent() {
-                self.pool.metrics.withdrawn();
-            }
+        if withdrawn.iter().any(Behind::partly_sent) {
+            // Part of a frame is on the socket: the worker gets no grace period.
+            self.graced = true;
         }
         if goes_on {
             self.pool.back_in_line(withdrawn, None);
         } else {
             // Once the worker's replacement has its slot (see `Lease::return_withdrawn`).
             pipe.returning(withdrawn);
-        }
-        if !goes_on {
             for behind in claimed {
                 // The worker runs another call now: no grace period for this one.
                 self.graced = true;
@@ -927,12 +920,8 @@ impl Lease {
             // The worker goes: the calls sent ahead to it look for another, but for those it
             // has claimed, which it runs first.
             pipe.retire();
-            let withdrawn = pipe.unclaimed();
-            for _ in withdrawn.iter().filter(|b| b.was_sent()) {
-                self.pool.metrics.withdrawn();
-            }
             // The worker's permit, freed as the lease ends, goes to the first of them.
-            self.pool.back_in_line(withdrawn, None);
+            self.pool.back_in_line(pipe.unclaimed(), None);
         }
         while let Some((next, others)) = pipe.close() {
             self.pool.back_in_line(others, None);

@@ -674,7 +674,7 @@ impl Pool {
 impl Pool {
     /// Calls taken back from a worker look for a worker again, keeping their place in line:
     /// the first with `permit`, if there is one; the others, in their order, at the front of
-    /// the pool's line (see [`Turn::Line`]).
+    /// the pool's line (see [`Turn::Line`]). Those that had been sent count as withdrawn.
     pub(super) fn back_in_line(
         &self,
         behinds: impl IntoIterator<Item = Behind>,
@@ -687,6 +687,9 @@ impl Pool {
             let closed = self.is_closed();
             // A call only part of whose frame went looks for a worker already.
             for behind in behinds.into_iter().filter(|b| !b.partly_sent()) {
+                if behind.was_sent() {
+                    self.metrics.withdrawn();
+                }
                 let turn = match permit.take() {
                     // Refused as it looks for a worker, as a queued call is.
                     _ if closed => {
