@@ -362,6 +362,9 @@ async fn a_call_behind_a_long_one_moves_to_a_worker_that_becomes_free() {
     let long_pid = dir.started().await;
     let short = tokio::spawn(hold_a_while(dir.path(), 300));
     let short_pid = dir.started().await;
+    // Until both calls have run long enough to count as long (10 ms): calls go ahead behind
+    // a younger call first, and this one is to go behind the first (the long one).
+    tokio::time::sleep(Duration::from_millis(30)).await;
     // Both workers are busy: the call goes ahead, behind the first (the long one).
     let call = tokio::spawn(once_wherever(dir.path(), 1));
     sent_ahead("ahead_moves", 1).await;
