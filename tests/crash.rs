@@ -59,6 +59,11 @@ fn idle_pid() -> u32 {
     std::process::id()
 }
 
+#[offload(timeout = "20s", workers = "1")]
+fn pid_when_resumed() -> u32 {
+    std::process::id()
+}
+
 async fn crash(how: Death) -> (u32, ExitReason, Vec<String>) {
     match die(how).await {
         Err(Error::Crashed { entry, pid, exit, stderr, .. }) => {
@@ -152,4 +157,28 @@ async fn an_idle_worker_killed_from_outside_is_replaced_without_failing_a_call()
     assert!(support::eventually_async(Duration::from_secs(10), || !support::alive(pid)).await);
     let next = idle_pid().await.expect("the dead idle worker is skipped, not reported");
     assert_ne!(next, pid);
+}
+
+/// A call written to an idle worker that dies before it reads the call (here: stopped, then
+/// killed) never started: it runs on the worker's replacement instead of failing.
+#[tokio::test]
+async fn a_call_sent_to_a_worker_that_dies_before_starting_it_runs_on_the_replacement() {
+    let pid = pid_when_resumed().await.unwrap();
+    let stopped = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(stopped, rustix::process::Signal::STOP).unwrap();
+    let call = tokio::spawn(pid_when_resumed());
+    // This test's runtime has one thread: once the pool counts the call's worker busy, the
+    // call's task has written the call and waits for the reply.
+    let busy = || offload::stats().iter().any(|s| s.name == "crash::pid_when_resumed" && s.busy == 1);
+    assert!(support::eventually_async(Duration::from_secs(10), busy).await, "the call never took the worker");
+    support::kill9(pid);
+    let ran_on = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call ends")
+        .unwrap()
+        .expect("the call never started, so it runs on the replacement");
+    assert_ne!(ran_on, pid);
+    let stats = offload::stats().into_iter().find(|s| s.name == "crash::pid_when_resumed").unwrap();
+    assert_eq!(stats.failed_total(), 0, "no call failed");
+    assert_eq!(stats.restarts(offload::RestartCause::DiedIdle), 1);
 }

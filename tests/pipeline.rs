@@ -237,6 +237,21 @@ fn once_after_drop(dir: String, x: u64) -> u32 {
     once(&dir, x)
 }
 
+/// Holds its worker until "go", then reports progress (a frame besides its reply: the worker
+/// then waits for the reply to be accepted before it claims the call behind) and answers.
+#[offload(pool = "ahead_handed", workers = "1", timeout = "20s")]
+fn report_then_answer(dir: String) -> u32 {
+    let pid = hold_until_go(&dir);
+    offload::progress(1, 1);
+    std::fs::write(Path::new(&dir).join("answering"), b"").unwrap();
+    pid
+}
+
+#[offload(pool = "ahead_handed", timeout = "20s")]
+fn once_handed(dir: String, x: u64) -> u32 {
+    once(&dir, x)
+}
+
 /// A fresh directory for one test's files, removed when dropped.
 struct Dir(PathBuf);
 
@@ -686,4 +701,44 @@ async fn a_withdrawn_call_keeps_its_place_in_line() {
         (1..CALLS).contains(&withdrawn),
         "{withdrawn} of {CALLS} calls were sent ahead and withdrawn: both kinds must be in line"
     );
+}
+
+/// The worker answers the call before, and dies before it claims the call behind, which its
+/// caller was handed the worker for: that call never started, so it runs on the next worker.
+/// Killed before it answers, the call before crashes, and the call behind is withdrawn and
+/// runs on the next worker as well. Repeated until the first case has happened.
+#[tokio::test]
+async fn a_call_handed_a_worker_that_dies_before_claiming_it_runs_once_on_the_next() {
+    let mut handed = 0;
+    for round in 0..10u64 {
+        let dir = Dir::new(&format!("handed-{round}"));
+        let first = tokio::spawn(report_then_answer(dir.path()));
+        let pid = dir.started().await;
+        let behind = tokio::spawn(once_handed(dir.path(), 1));
+        sent_ahead("ahead_handed", round + 1).await;
+        std::fs::write(dir.0.join("go"), b"").unwrap();
+        // This runtime's only thread is held: nothing is read from the channel, so the
+        // worker, once it has answered, waits to claim the call behind.
+        let answering = support::eventually(Duration::from_secs(10), || dir.0.join("answering").exists());
+        assert!(answering, "the call before never answered");
+        support::kill9(pid);
+
+        let first = first.await.unwrap();
+        let ran_on = behind.await.unwrap().expect("the call behind never started, so it runs elsewhere");
+        assert_ne!(ran_on, pid, "it ran on the worker that died");
+        match first {
+            Ok(answered) => {
+                assert_eq!(answered, pid);
+                handed += 1;
+            }
+            Err(Error::Crashed { exit: ExitReason::Signal(9), .. }) => {}
+            other => panic!("the call before: {other:?}"),
+        }
+        if handed == 2 {
+            break;
+        }
+    }
+    assert!(handed > 0, "the worker was never killed after it answered: the case was not provoked");
+    let stats = stats("ahead_handed");
+    assert!(stats.restarts(RestartCause::DiedIdle) >= handed, "{:?}", stats.restarts(RestartCause::DiedIdle));
 }

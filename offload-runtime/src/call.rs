@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::breaker::{Admission, Breaker, Transition};
 use crate::error::{Error, Payload, ProtocolError};
-use crate::executor::{self, Executor, Failure, Pace, Reply};
+use crate::executor::{self, Executor, Failed, Failure, Pace, Reply};
 use crate::lend::{Lending, Message};
 use crate::protocol::{self, Attached, LogRecord, PanicReport, Tag};
 use crate::registry::{Entry, PerEntry, Registry};
@@ -621,7 +621,10 @@ fn log_transition(entry: &Entry, transition: Option<Transition>) {
     }
 }
 
-/// Takes a place to run before the deadline, sends the call, and reads the reply.
+/// Takes a place to run before the deadline, sends the call, and reads the reply. A call
+/// whose place is found gone before the call started there (a worker that died while idle,
+/// or between the call before and this one) looks for another, as if it had waited in the
+/// queue a little longer.
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     entry: &'static Entry,
@@ -633,194 +636,256 @@ async fn exchange(
     record: &mut Record,
     span: &tracing::Span,
 ) -> Result<(), Error> {
-    let timed_out = |pid| Error::Timeout { entry: entry.name(), timeout, by, pid };
     message.attempt();
-
     if timeout.is_zero() {
         // Its deadline passed before it began (a scope's, or a zero timeout).
-        return Err(timed_out(None));
+        return Err(Error::Timeout { entry: entry.name(), timeout, by, pid: None });
     }
     // One timer for the whole call: waiting for a place and running.
     let mut deadline = std::pin::pin!(tokio::time::sleep_until(end));
-    // A place that was gone before the call came (a worker that died while idle) is found
-    // when the call cannot be sent to it: then the call goes to another, as if it had waited
-    // in the queue a little longer.
-    let mut unusable = 0;
     if let Some(turn) = decode.turn()
         && before(deadline.as_mut(), turn).await.is_none()
     {
         tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
-        return Err(timed_out(None));
+        return Err(Error::Timeout { entry: entry.name(), timeout, by, pid: None });
     }
-    let mut in_line = false;
-    // What a call withdrawn from a worker it was sent ahead to keeps of its place in line.
-    let mut carried = executor::Carried::default();
-    let (mut place, sent) = loop {
-        let acquire = executor.acquire(message, fds, std::mem::take(&mut carried));
-        let mut acquire = std::pin::pin!(acquire);
-        let acquired = std::future::poll_fn(|cx| {
-            let poll = acquire.as_mut().poll(cx);
-            // Asked once, the call waits in the pool's queue (or has its place).
-            if !std::mem::replace(&mut in_line, true) {
-                decode.in_line();
-            }
-            poll
-        });
-        let mut place = match before(deadline.as_mut(), acquired).await {
-            Some(Ok(place)) => place,
-            Some(Err(e)) => {
-                tracing::debug!(target: "offload::call", error = ?e, "offload call got no worker");
-                return Err(e.into_error(entry.name()));
-            }
-            None => {
-                tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
-                return Err(timed_out(None));
-            }
-        };
-        if record.admission == Some(Admission::Pass)
-            && let Some(retry_in) = record.breaker.opened_since()
-        {
-            place.give_back();
-            return Err(Error::CircuitOpen { entry: entry.name(), retry_in });
+    let call = Attempt { entry, executor, end, timeout, by, message, fds };
+    let mut looking = Looking::default();
+    loop {
+        if let Some(result) = call.run(deadline.as_mut(), decode, record, span, &mut looking).await {
+            return result;
         }
-        if Instant::now() >= end {
-            // The place came as the deadline passed: a call whose deadline passed in the
-            // queue is never started.
-            place.give_back();
-            return Err(timed_out(None));
-        }
-        let sending = executor::Sending { entry, end, streams: decode.streams() };
-        match place.start(message, fds, sending) {
-            Err(fault) if fault.nothing_sent() && (unusable < executor.places() || place.is_ahead()) => {
-                unusable += usize::from(!place.is_ahead());
-                carried = place.discard_unused();
-            }
-            // A call sent ahead to a busy worker is still queued: it waits there for the call
-            // before it to end, or is withdrawn, then looks for a place again.
-            Ok(sent) => match before(deadline.as_mut(), place.turn()).await {
-                Some(Ok(None)) => break (place, Ok(sent)),
-                Some(Ok(Some(kept))) => carried = kept,
-                Some(Err(fault)) => break (place, Err(fault)),
-                None => {
-                    let pid = place.id();
-                    tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
-                    let started = place.timed_out(false).await;
-                    return Err(timed_out(started.then_some(pid)));
-                }
-            },
-            sent => break (place, sent),
-        }
-    };
-    let placed_pid = place.id();
-    decode.placed(placed_pid);
-    let queue_wait = record.started.elapsed();
-    record.queue_wait = Some(queue_wait);
-    span.record("pid", placed_pid);
-    if let Some(host) = place.host() {
-        span.record("host", host);
     }
-    span.record("queue_wait_us", queue_wait.as_micros() as u64);
-    tracing::debug!(target: "offload::call", "dispatch");
+}
 
-    let started = Instant::now();
-    let outcome = match sent {
-        Ok(sent) => {
-            let mut on_frame = |tag: Tag, body: &[u8]| match tag {
-                Tag::Item => decode.item(body),
-                Tag::Released => {
-                    message.release();
-                    Pace::Continue
+/// What a call keeps from one place it tries to the next.
+#[derive(Default)]
+struct Looking {
+    /// Places found gone before the call started there: one per place of the executor is
+    /// passed over before the loss is reported.
+    unusable: usize,
+    /// The call asked for a place already: it waits in the pool's queue, or has its place.
+    in_line: bool,
+    /// What the call keeps of its place in line: withdrawn from a worker it was sent ahead
+    /// to, or found not started on one that died.
+    carried: executor::Carried,
+}
+
+/// A call, as it tries places.
+struct Attempt<'a, 'm> {
+    entry: &'static Entry,
+    executor: &'a Executor,
+    end: Instant,
+    timeout: Duration,
+    by: crate::deadline::Deadline,
+    message: &'a Message<'m>,
+    fds: &'a [OwnedFd],
+}
+
+impl Attempt<'_, '_> {
+    fn timed_out(&self, pid: Option<u32>) -> Error {
+        Error::Timeout { entry: self.entry.name(), timeout: self.timeout, by: self.by, pid }
+    }
+
+    /// Takes a place, sends the call there, and reads and decodes the reply. `None`: the
+    /// place was found gone before the call started there, and the call looks for another.
+    async fn run(
+        &self,
+        mut deadline: Pin<&mut Sleep>,
+        decode: &mut dyn Decode,
+        record: &mut Record,
+        span: &tracing::Span,
+        looking: &mut Looking,
+    ) -> Option<Result<(), Error>> {
+        let Attempt { entry, executor, end, timeout, message, fds, .. } = *self;
+        let (mut place, sent) = loop {
+            let acquire = executor.acquire(message, fds, std::mem::take(&mut looking.carried));
+            let mut acquire = std::pin::pin!(acquire);
+            let acquired = std::future::poll_fn(|cx| {
+                let poll = acquire.as_mut().poll(cx);
+                // Asked once, the call waits in the pool's queue (or has its place).
+                if !std::mem::replace(&mut looking.in_line, true) {
+                    decode.in_line();
                 }
-                _ if decode.relay(tag, body) => Pace::Continue,
-                _ => {
-                    forward(entry, tag, body);
-                    Pace::Continue
+                poll
+            });
+            let mut place = match before(deadline.as_mut(), acquired).await {
+                Some(Ok(place)) => place,
+                Some(Err(e)) => {
+                    tracing::debug!(target: "offload::call", error = ?e, "offload call got no worker");
+                    return Some(Err(e.into_error(entry.name())));
+                }
+                None => {
+                    tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
+                    return Some(Err(self.timed_out(None)));
                 }
             };
-            before(deadline, place.reply(message, fds, sent, &mut on_frame)).await
-        }
-        Err(fault) => Some(Err(fault)),
-    };
-    let run_time = started.elapsed();
-    record.run_time = Some(run_time);
-    span.record("run_us", run_time.as_micros() as u64);
-    let Reply { tag, body, range, attached, pid } = match outcome {
-        Some(Ok(reply)) => reply,
-        None => {
-            // A remote place knows its worker once it answers: 0 until then (no local
-            // worker has pid 0), and then no worker is known to have been stopped.
-            let pid = Some(place.id()).filter(|&pid| pid != 0);
-            // A worker given a grace period keeps running: not while the caller may get the
-            // call's shared buffers back (for a fallback) and use them at the same time.
-            if !place.timed_out(fds.is_empty()).await {
-                // Sent ahead to a busy worker, and withdrawn before it started.
-                tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
-                return Err(timed_out(None));
+            if record.admission == Some(Admission::Pass)
+                && let Some(retry_in) = record.breaker.opened_since()
+            {
+                place.give_back();
+                return Some(Err(Error::CircuitOpen { entry: entry.name(), retry_in }));
             }
-            tracing::warn!(target: "offload::call", ?timeout, "offload call timed out; its worker is stopped");
-            return Err(timed_out(pid));
-        }
-        Some(Err(fault)) => {
-            let pid = place.id();
-            return Err(match place.failed(fault).await {
-                Failure::Stopped => Error::Shutdown { entry: entry.name() },
-                Failure::Crashed { exit, stderr } => {
-                    Error::Crashed { entry: entry.name(), pid, exit, stderr, earlier_attempts: Vec::new() }
+            if Instant::now() >= end {
+                // The place came as the deadline passed: a call whose deadline passed in the
+                // queue is never started.
+                place.give_back();
+                return Some(Err(self.timed_out(None)));
+            }
+            let sending = executor::Sending { entry, end, streams: decode.streams() };
+            match place.start(message, fds, sending) {
+                Err(fault)
+                    if fault.nothing_sent() && (looking.unusable < executor.places() || place.is_ahead()) =>
+                {
+                    looking.unusable += usize::from(!place.is_ahead());
+                    looking.carried = place.discard_unused();
                 }
-                Failure::MemoryLimit { limit } => {
-                    Error::MemoryLimit { entry: entry.name(), pid, limit, earlier_attempts: Vec::new() }
-                }
-                Failure::Broken(kind) => protocol_error(entry, kind),
-                Failure::TimedOut { started } => timed_out(started.then_some(pid)),
-                Failure::Error(error) => error,
-            });
+                // A call sent ahead to a busy worker is still queued: it waits there for the
+                // call before it to end, or is withdrawn, then looks for a place again.
+                Ok(sent) => match before(deadline.as_mut(), place.turn()).await {
+                    Some(Ok(None)) => break (place, Ok(sent)),
+                    Some(Ok(Some(kept))) => looking.carried = kept,
+                    Some(Err(fault)) => break (place, Err(fault)),
+                    None => {
+                        let pid = place.id();
+                        tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
+                        let started = place.timed_out(false).await;
+                        return Some(Err(self.timed_out(started.then_some(pid))));
+                    }
+                },
+                sent => break (place, sent),
+            }
+        };
+        let placed_pid = place.id();
+        decode.placed(placed_pid);
+        let queue_wait = record.started.elapsed();
+        record.queue_wait = Some(queue_wait);
+        span.record("pid", placed_pid);
+        if let Some(host) = place.host() {
+            span.record("host", host);
         }
-    };
+        span.record("queue_wait_us", queue_wait.as_micros() as u64);
+        tracing::debug!(target: "offload::call", "dispatch");
 
-    let pid = pid.unwrap_or(placed_pid);
-    if pid != placed_pid {
-        span.record("pid", pid);
+        let started = Instant::now();
+        let outcome = match sent {
+            Ok(sent) => {
+                let mut on_frame = |tag: Tag, body: &[u8]| match tag {
+                    Tag::Item => decode.item(body),
+                    Tag::Released => {
+                        message.release();
+                        Pace::Continue
+                    }
+                    _ if decode.relay(tag, body) => Pace::Continue,
+                    _ => {
+                        forward(entry, tag, body);
+                        Pace::Continue
+                    }
+                };
+                before(deadline, place.reply(message, fds, sent, &mut on_frame)).await
+            }
+            Err(fault) => Some(Err(fault)),
+        };
+        let run_time = started.elapsed();
+        record.run_time = Some(run_time);
+        span.record("run_us", run_time.as_micros() as u64);
+        let Reply { tag, body, range, attached, pid } = match outcome {
+            Some(Ok(reply)) => reply,
+            None => {
+                // A remote place knows its worker once it answers: 0 until then (no local
+                // worker has pid 0), and then no worker is known to have been stopped.
+                let pid = Some(place.id()).filter(|&pid| pid != 0);
+                // A worker given a grace period keeps running: not while the caller may get
+                // the call's shared buffers back (for a fallback) and use them at the same
+                // time.
+                if !place.timed_out(fds.is_empty()).await {
+                    // Sent ahead to a busy worker, and withdrawn before it started.
+                    tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
+                    return Some(Err(self.timed_out(None)));
+                }
+                tracing::warn!(target: "offload::call", ?timeout, "offload call timed out; its worker is stopped");
+                return Some(Err(self.timed_out(pid)));
+            }
+            Some(Err(fault)) => {
+                let pid = place.id();
+                // Found gone before it started the call: once per place, the call looks
+                // for another.
+                let may_look_again = looking.unusable < executor.places();
+                return Some(Err(match place.failed(fault, may_look_again).await {
+                    Failed::NotStarted(kept) => {
+                        tracing::warn!(target: "offload::call", pid, "offload worker died before it started the call; the call looks for another");
+                        looking.unusable += 1;
+                        looking.carried = kept;
+                        return None;
+                    }
+                    Failed::Ended(Failure::Stopped) => Error::Shutdown { entry: entry.name() },
+                    Failed::Ended(Failure::Crashed { exit, stderr }) => Error::Crashed {
+                        entry: entry.name(),
+                        pid,
+                        exit,
+                        stderr,
+                        earlier_attempts: Vec::new(),
+                    },
+                    Failed::Ended(Failure::MemoryLimit { limit }) => {
+                        Error::MemoryLimit { entry: entry.name(), pid, limit, earlier_attempts: Vec::new() }
+                    }
+                    Failed::Ended(Failure::Broken(kind)) => protocol_error(entry, kind),
+                    Failed::Ended(Failure::TimedOut { started }) => self.timed_out(started.then_some(pid)),
+                    Failed::Ended(Failure::Error(error)) => error,
+                }));
+            }
+        };
+
+        let pid = pid.unwrap_or(placed_pid);
+        if pid != placed_pid {
+            span.record("pid", pid);
+        }
+        let result = match tag {
+            Tag::Return if body.len() > INLINE_PAYLOAD => {
+                // Decoded off the runtime, while the place takes its next call.
+                let frame = place.take_reply();
+                place.done();
+                return Some(
+                    decode
+                        .decode_off_runtime(frame, range, attached)
+                        .await
+                        .map_err(|kind| protocol_error(entry, kind)),
+                );
+            }
+            Tag::Return => decode.decode(body, attached).map_err(|kind| protocol_error(entry, kind)),
+            Tag::Panicked => Err(match protocol::decode::<PanicReport>(body, Payload::Message) {
+                Ok(report) => Error::Panicked {
+                    entry: entry.name(),
+                    pid,
+                    message: report.message,
+                    location: report.location,
+                },
+                Err(kind) => protocol_error(entry, kind),
+            }),
+            Tag::Fault => Err(protocol_error(
+                entry,
+                protocol::decode::<protocol::Fault>(body, Payload::Message)
+                    .map_or_else(|e| e, ProtocolError::from),
+            )),
+            Tag::Hello
+            | Tag::Call
+            | Tag::Log
+            | Tag::Bulk
+            | Tag::BulkAt
+            | Tag::Released
+            | Tag::Progress
+            | Tag::Batch
+            | Tag::Item => {
+                place.broke_protocol();
+                return Some(Err(protocol_error(
+                    entry,
+                    ProtocolError::Invalid(format!("unexpected {tag:?} frame")),
+                )));
+            }
+        };
+        place.done();
+        Some(result)
     }
-    let result = match tag {
-        Tag::Return if body.len() > INLINE_PAYLOAD => {
-            // Decoded off the runtime, while the place takes its next call.
-            let frame = place.take_reply();
-            place.done();
-            return decode
-                .decode_off_runtime(frame, range, attached)
-                .await
-                .map_err(|kind| protocol_error(entry, kind));
-        }
-        Tag::Return => decode.decode(body, attached).map_err(|kind| protocol_error(entry, kind)),
-        Tag::Panicked => Err(match protocol::decode::<PanicReport>(body, Payload::Message) {
-            Ok(report) => Error::Panicked {
-                entry: entry.name(),
-                pid,
-                message: report.message,
-                location: report.location,
-            },
-            Err(kind) => protocol_error(entry, kind),
-        }),
-        Tag::Fault => Err(protocol_error(
-            entry,
-            protocol::decode::<protocol::Fault>(body, Payload::Message)
-                .map_or_else(|e| e, ProtocolError::from),
-        )),
-        Tag::Hello
-        | Tag::Call
-        | Tag::Log
-        | Tag::Bulk
-        | Tag::BulkAt
-        | Tag::Released
-        | Tag::Progress
-        | Tag::Batch
-        | Tag::Item => {
-            place.broke_protocol();
-            return Err(protocol_error(entry, ProtocolError::Invalid(format!("unexpected {tag:?} frame"))));
-        }
-    };
-    place.done();
-    result
 }
 
 /// What the worker sent during the call: its `tracing` events, or a progress report.

@@ -365,24 +365,35 @@ impl Place {
         }
     }
 
-    /// Ends a place whose exchange failed with `fault`, and says how it failed.
-    pub(crate) async fn failed(self, fault: Fault) -> Failure {
+    /// Ends a place whose exchange failed with `fault`, and says how it failed; or, with
+    /// `may_look_again`, that the place was gone before the call started there (its worker
+    /// died between calls), so that the call may look for another.
+    pub(crate) async fn failed(self, fault: Fault, may_look_again: bool) -> Failed {
         match (self, fault) {
-            (Place::Local(lease), Fault::Local(fault)) => lease.failed(fault).await,
-            (_, Fault::Lost(failure)) => failure,
+            (Place::Local(lease), Fault::Local(fault)) => lease.failed(fault, may_look_again).await,
+            (_, Fault::Lost(failure)) => Failed::Ended(failure),
             // Not reached: a call sent ahead fails to start only with `NotSent`, which looks
             // for another place.
-            (Place::Ahead(_), Fault::Local(fault)) => Failure::Broken(ProtocolError::Invalid(format!(
-                "a call sent ahead could not be sent: {fault:?}"
+            (Place::Ahead(_), Fault::Local(fault)) => Failed::Ended(Failure::Broken(ProtocolError::Invalid(
+                format!("a call sent ahead could not be sent: {fault:?}"),
             ))),
             #[cfg(feature = "nats")]
             (Place::Remote(lease), Fault::Remote(failure)) => {
                 // Unless the host ended the call itself, it is told to stop it.
                 lease.cancel();
-                failure
+                Failed::Ended(failure)
             }
             #[cfg(feature = "nats")]
             _ => unreachable!("a place's faults are its own kind"),
         }
     }
+}
+
+/// How a place whose exchange failed ended ([`Place::failed`]).
+pub(crate) enum Failed {
+    /// It failed the call.
+    Ended(Failure),
+    /// It was gone before the call started there: the call never ran, and looks for another
+    /// place with what it keeps of its place in line.
+    NotStarted(Carried),
 }

@@ -26,6 +26,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, ones
 use self::pipe::{Ahead, Behind, Carried, Handover, Pipe, TakenBack, Turn};
 use self::supervisor::{Cause, Ending, ExitInfo, Worker, WorkerConfig};
 use crate::error::{Error, ExitReason, Failure, ProtocolError};
+use crate::executor::Failed;
 use crate::lend::Message;
 use crate::protocol::Tag;
 use crate::settings::{Overload, PoolSettings};
@@ -857,17 +858,32 @@ impl Lease {
         drop(self.end(Ending::Kill, RestartCause::Protocol));
     }
 
-    /// Ends the worker after the exchange failed with `error`, and says how it failed.
-    pub(crate) async fn failed(mut self, error: TransportError) -> Failure {
+    /// Ends the worker after the exchange failed with `error`, and says how it failed; or,
+    /// with `may_look_again`, that the worker died before it claimed the call (see
+    /// [`crate::gate`]): then the call never started, and looks for another worker, first in
+    /// line, with the permit of this one, whose replacement is the call's.
+    pub(crate) async fn failed(mut self, error: TransportError, may_look_again: bool) -> Failed {
+        let closed = matches!(error, TransportError::Closed | TransportError::NotSent);
+        if closed && may_look_again && !self.pool.is_closed() && self.worker().pipe().unstarted() {
+            let carried = Carried {
+                turn: self.permits.as_mut().and_then(|(permit, _)| permit.split(1)).map(Turn::Permit),
+                admitted: self.permits.as_mut().and_then(|(_, admitted)| admitted.take()),
+            };
+            tracing::warn!(target: "offload::pool", pid = self.pid(), "offload worker died between calls; replacing it");
+            // The calls sent ahead behind this one never started either.
+            self.settle_ahead(false);
+            drop(self.end(Ending::Exited, RestartCause::DiedIdle));
+            return Failed::NotStarted(carried);
+        }
         self.settle_ahead(false);
         let pid = self.pid();
         if self.pool.is_stopped() {
             // Killed by shutdown once its grace was over. (A worker that dies on its own
             // during the grace period is a crash, reported as one below.)
             drop(self.end(Ending::Kill, RestartCause::Crashed));
-            return Failure::Stopped;
+            return Failed::Ended(Failure::Stopped);
         }
-        match error {
+        Failed::Ended(match error {
             TransportError::Closed | TransportError::NotSent => self.crashed().await,
             TransportError::Io(e) => {
                 drop(self.end(Ending::Kill, RestartCause::Protocol));
@@ -878,7 +894,7 @@ impl Lease {
                 tracing::error!(target: "offload::pool", %kind, "offload worker broke the protocol; killed");
                 Failure::Broken(kind)
             }
-        }
+        })
     }
 
     /// The worker's channel closed mid-call: wait for it to end and say how.

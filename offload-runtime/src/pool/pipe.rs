@@ -166,6 +166,14 @@ impl Pipe {
         self.gate.accept(running);
     }
 
+    /// The worker's channel closed before the running call's reply came: whether the worker
+    /// never claimed the call (it died between calls, see [`Gate`]). Then the call is
+    /// withdrawn, and never runs.
+    pub(crate) fn unstarted(&self) -> bool {
+        let running = lock(&self.state).running;
+        self.gate.withdraw(running) == Withdrawal::Withdrawn
+    }
+
     /// Settles whether `behind`'s call runs, now that its reply is to come next: `true` if it
     /// does (the worker claimed it, or will even if its deadline passes from now on; or it
     /// was never written); `false` if it never will (its deadline passed: it is withdrawn,
