@@ -749,7 +749,8 @@ impl Attempt<'_, '_> {
                     None => {
                         let pid = place.id();
                         tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
-                        let started = place.timed_out(false).await;
+                        // Boxed, as every way a call ends badly: kept out of every call's future.
+                        let started = Box::pin(place.timed_out(false)).await;
                         return Some(Err(self.timed_out(started.then_some(pid))));
                     }
                 },
@@ -758,7 +759,8 @@ impl Attempt<'_, '_> {
         };
         let placed_pid = place.id();
         decode.placed(placed_pid);
-        let queue_wait = record.started.elapsed();
+        let started = Instant::now();
+        let queue_wait = started.saturating_duration_since(record.started);
         record.queue_wait = Some(queue_wait);
         span.record("pid", placed_pid);
         if let Some(host) = place.host() {
@@ -767,7 +769,6 @@ impl Attempt<'_, '_> {
         span.record("queue_wait_us", queue_wait.as_micros() as u64);
         tracing::debug!(target: "offload::call", "dispatch");
 
-        let started = Instant::now();
         let outcome = match sent {
             Ok(sent) => {
                 let mut on_frame = |tag: Tag, body: &[u8]| match tag {
@@ -798,7 +799,7 @@ impl Attempt<'_, '_> {
                 // A worker given a grace period keeps running: not while the caller may get
                 // the call's shared buffers back (for a fallback) and use them at the same
                 // time.
-                if !place.timed_out(fds.is_empty()).await {
+                if !Box::pin(place.timed_out(fds.is_empty())).await {
                     // Sent ahead to a busy worker, and withdrawn before it started.
                     tracing::warn!(target: "offload::call", ?timeout, "offload call timed out waiting for a worker");
                     return Some(Err(self.timed_out(None)));
@@ -811,7 +812,7 @@ impl Attempt<'_, '_> {
                 // Found gone before it started the call: once per place, the call looks
                 // for another.
                 let may_look_again = looking.unusable < executor.places();
-                return Some(Err(match place.failed(fault, may_look_again).await {
+                return Some(Err(match Box::pin(place.failed(fault, may_look_again)).await {
                     Failed::NotStarted(kept) => {
                         tracing::warn!(target: "offload::call", pid, "offload worker died before it started the call; the call looks for another");
                         looking.unusable += 1;
@@ -938,15 +939,31 @@ fn forward_logs(body: &[u8]) {
 }
 
 /// Runs `future` until `deadline` fires; `None` if the deadline came first.
-async fn before<F: Future>(mut deadline: Pin<&mut Sleep>, future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = future.as_mut().poll(cx) {
+fn before<F: Future>(deadline: Pin<&mut Sleep>, future: F) -> Before<'_, F> {
+    Before { deadline, future }
+}
+
+pin_project_lite::pin_project! {
+    /// What [`before`] returns: a plain future rather than an `async fn`'s, which would hold
+    /// `future` twice (as an argument and as a pinned local), and every call's future grows by
+    /// what it holds.
+    struct Before<'d, F> {
+        deadline: Pin<&'d mut Sleep>,
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F: Future> Future for Before<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.future.poll(cx) {
             return Poll::Ready(Some(out));
         }
-        deadline.as_mut().poll(cx).map(|()| None)
-    })
-    .await
+        this.deadline.as_mut().poll(cx).map(|()| None)
+    }
 }
 
 pub(crate) fn protocol_error(entry: &Entry, kind: ProtocolError) -> Error {

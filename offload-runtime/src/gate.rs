@@ -288,10 +288,16 @@ fn monotonic_now() -> u64 {
     (now.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(now.tv_nsec as u64)
 }
 
-/// `deadline` on the clock of [`monotonic_now`].
+/// `deadline` on the clock of [`monotonic_now`], without reading a clock: from one instant
+/// read on both clocks, once. (They are the same clock; the two reads of that instant are
+/// nanoseconds apart.)
 fn monotonic(deadline: std::time::Instant) -> u64 {
-    let left = deadline.saturating_duration_since(std::time::Instant::now());
-    monotonic_now().saturating_add(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX))
+    static BASE: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let &(instant, nanos) = BASE.get_or_init(|| (std::time::Instant::now(), monotonic_now()));
+    match deadline.checked_duration_since(instant) {
+        Some(after) => nanos.saturating_add(u64::try_from(after.as_nanos()).unwrap_or(u64::MAX)),
+        None => nanos.saturating_sub(u64::try_from((instant - deadline).as_nanos()).unwrap_or(u64::MAX)),
+    }
 }
 
 /// What [`Gate::withdraw`] found.

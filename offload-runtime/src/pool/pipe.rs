@@ -644,10 +644,14 @@ impl Pool {
         }
         // The worker with the fewest calls waiting, so that they spread; behind a long call
         // only if every worker runs one.
+        let now = Instant::now();
         let (pid, pipe, (id, handed, more), at) = loop {
             let (at, _) = open.iter().enumerate().min_by_key(|(_, (_, pipe))| {
                 let state = lock(&pipe.state);
-                (state.since.is_some_and(|since| since.elapsed() >= LONG_CALL), state.behind.len())
+                (
+                    state.since.is_some_and(|since| now.saturating_duration_since(since) >= LONG_CALL),
+                    state.behind.len(),
+                )
             })?;
             match open[at].1.reserve() {
                 Some(reserved) => break (open[at].0, Arc::clone(&open[at].1), reserved, at),
