@@ -535,16 +535,28 @@ async fn calls_taken_back_by_the_hundred_never_get_a_reply_crossed() {
     dir.started().await;
     let first = tokio::spawn(patient_in_ring(1));
     sent_ahead("ahead_ring", 1).await;
-    // Batches of calls that go ahead behind it and time out there, withdrawn; small enough
-    // that the worker always takes more ahead.
-    for batch in 0..45u64 {
-        let hurried: Vec<_> = (0..6).map(|i| tokio::spawn(hurried_in_ring(batch * 6 + i))).collect();
-        for call in hurried {
-            assert!(matches!(call.await.unwrap(), Err(Error::Timeout { .. })));
+    // Calls that go ahead behind it and time out there, withdrawn, six at a time (few enough
+    // that the worker always takes more ahead), until enough have been written to the
+    // worker to go round the gate's ring. (Those that time out while they wait in the caller
+    // to be written are never numbered.)
+    let mut hurried = tokio::task::JoinSet::new();
+    let mut x = 0;
+    while stats("ahead_ring").sent_ahead < 250 {
+        assert!(
+            x < 3000,
+            "only {} calls went ahead, too few to go round the gate's ring",
+            stats("ahead_ring").sent_ahead
+        );
+        while hurried.len() < 6 {
+            hurried.spawn(hurried_in_ring(x));
+            x += 1;
         }
+        let done = hurried.join_next().await.expect("six in flight").unwrap();
+        assert!(matches!(done, Err(Error::Timeout { .. })), "{done:?}");
     }
-    let sent = stats("ahead_ring").sent_ahead;
-    assert!(sent >= 250, "only {sent} calls went ahead, too few to go round the gate's ring");
+    while let Some(done) = hurried.join_next().await {
+        assert!(matches!(done.unwrap(), Err(Error::Timeout { .. })));
+    }
     let second = tokio::spawn(patient_in_ring(2));
     std::fs::write(dir.0.join("go"), b"").unwrap();
     hold.await.unwrap().unwrap();

@@ -939,7 +939,7 @@ impl Lease {
             // The worker's permit, freed as the lease ends, goes to the first of them.
             self.pool.back_in_line(pipe.unclaimed(), None);
         }
-        while let Some((next, others)) = pipe.close() {
+        while let Some((next, others)) = pipe.close(&self.pool.metrics) {
             self.pool.back_in_line(others, None);
             if pipe.runs(&next) {
                 return self.hand_to(next);

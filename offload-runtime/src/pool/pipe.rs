@@ -31,6 +31,10 @@
 //!   once they pass; a call that gives its place back was never sent.
 //! - Only small calls go ahead: no shared buffers, no bulk frames, at most [`AHEAD_MAX`]
 //!   bytes, so that they are written at once.
+//! - Calls sent ahead are written to the worker's socket while fewer than [`WRITE_BELOW`]
+//!   wait there; the others wait in the caller, and go together, in one write. A call is
+//!   numbered (see [`Gate`]) as its frame is written: one taken back before that never
+//!   reaches the worker at all.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -46,10 +50,17 @@ use tokio::time::Instant;
 use super::{Lease, Pool, lock};
 use crate::error::{Failure, ProtocolError};
 use crate::gate::{Gate, MAX_AHEAD, Withdrawal};
-use crate::stats::RestartCause;
+use crate::stats::{PoolMetrics, RestartCause};
 
 /// The longest call message sent ahead: one that a socket takes whole at once.
 pub(crate) const AHEAD_MAX: usize = 16 << 10;
+
+/// Calls sent ahead are written to the worker's socket at once while fewer than this many
+/// wait there; the others wait in the caller, and go together, in one write, when the worker
+/// comes near them. A write per call was a fifth of the caller's time in the throughput
+/// bench; and with this many waiting, a worker that ends a call has the next one at hand
+/// while the caller takes in the reply.
+const WRITE_BELOW: usize = 2;
 
 /// How long a call runs before calls go ahead to other workers first: longer than a short
 /// call.
@@ -94,6 +105,11 @@ impl PipeState {
     fn position(&self, id: u64) -> Option<usize> {
         self.behind.iter().position(|b| b.id == id)
     }
+
+    /// Calls sent ahead whose frames are on the worker's socket (or were read already).
+    fn written(&self) -> usize {
+        self.behind.iter().filter(|b| b.n.is_some()).count()
+    }
 }
 
 /// A call sent ahead, as its worker's pipe knows it.
@@ -106,8 +122,11 @@ pub(crate) struct Behind {
     /// Its caller gave up on it after the worker claimed it (or after part of its frame
     /// went): the worker is killed when it comes to it, unless it is over by then.
     gave_up: Option<RestartCause>,
-    /// When its caller gives up on it, once it is written.
+    /// When its caller gives up on it, once it is written or waits to be.
     deadline: Option<Instant>,
+    /// Its call's frame, while it waits in the caller to be written with the next ones (see
+    /// [`WRITE_BELOW`]).
+    frame: Option<Vec<u8>>,
 }
 
 /// What a call sent ahead learns when the calls before it end.
@@ -220,9 +239,14 @@ impl Pipe {
     /// (or, if none was written yet, the first to have reserved a place, to send its call
     /// the ordinary way; then the others are given back, to look for a worker again). No
     /// call goes ahead until the next call's message is whole.
-    pub(crate) fn close(&self) -> Option<(Behind, Vec<Behind>)> {
+    pub(crate) fn close(&self, metrics: &PoolMetrics) -> Option<(Behind, Vec<Behind>)> {
         let mut state = lock(&self.state);
         state.room = 0;
+        // The calls waiting in the caller go when few are left on the socket: at the latest,
+        // before the first of them would come next.
+        if state.written() <= WRITE_BELOW {
+            self.flush(&mut state, metrics);
+        }
         let next = state.behind.pop_front()?;
         let others = if next.n.is_none() { state.behind.drain(..).collect() } else { Vec::new() };
         Some((next, others))
@@ -324,65 +348,118 @@ impl Pipe {
         state.reserved += 1;
         let (hand, handed) = oneshot::channel();
         let id = state.reserved;
-        state.behind.push_back(Behind { id, n: None, hand, gave_up: None, deadline: None });
+        state.behind.push_back(Behind { id, n: None, hand, gave_up: None, deadline: None, frame: None });
         Some((id, handed, state.behind.len() < state.room))
     }
 
-    /// Writes reservation `id`'s `message` into its place, and numbers it; it is not to start
-    /// after `deadline` (see [`Gate::pending`]). `Ok(true)`: written whole. `Ok(false)`: the place is gone
-    /// (the calls before ended, and word is on its way). `Err`: nothing of it could go, and
-    /// the place is given back; or only part of it, and the worker is ended when it comes to
-    /// it.
-    fn write(&self, id: u64, message: &[&[u8]], deadline: Instant) -> Result<bool, ()> {
+    /// Puts reservation `id`'s `message` in its place; it is not to start after `deadline`
+    /// (see [`Gate::pending`]). It is written to the worker now if few calls wait on its
+    /// socket, or later, with the calls after it (see [`WRITE_BELOW`]); numbered as it is
+    /// written. `Ok(true)`: in its place. `Ok(false)`: the place is gone (the calls before
+    /// ended, and word is on its way). `Err`: nothing of it could go, and the place is given
+    /// back; or only part of it, and the worker is ended when it comes to it.
+    fn write(
+        &self,
+        id: u64,
+        message: &[&[u8]],
+        deadline: Instant,
+        metrics: &PoolMetrics,
+    ) -> Result<bool, ()> {
         let mut state = lock(&self.state);
         let Some(at) = state.position(id) else { return Ok(false) };
         if state.broken {
             state.behind.remove(at);
             return Err(());
         }
-        let total: usize = message.iter().map(|part| part.len()).sum();
-        let n = state.sent + 1;
-        if !Gate::fits(n, state.running) {
-            // Calls sent and taken back behind a long call fill the gate's ring: no call goes
-            // ahead here until the next call's message is whole.
-            state.behind.remove(at);
-            state.room = 0;
-            return Err(());
-        }
-        self.gate.pending(n, Some(deadline.into_std()));
-        let sent =
-            crate::socket::send_with_fds(&self.writer, message, 0, &[], rustix::net::SendFlags::DONTWAIT);
-        let written = match sent {
-            Ok(written) if written == total => true,
-            Ok(0) | Err(_) => {
-                // The socket is full, or the worker is gone (the running call finds out):
-                // no call goes ahead here until the next call's message is whole.
-                state.behind.remove(at);
-                state.room = 0;
-                return Err(());
-            }
-            Ok(_) => false,
-        };
-        // Its reply comes after those of the calls written before it.
-        let mut behind = state.behind.remove(at).expect("found above");
-        behind.n = Some(n);
+        let behind = &mut state.behind[at];
+        behind.frame = Some(message.concat());
         behind.deadline = Some(deadline);
-        state.sent = n;
-        if !written {
-            // The rest cannot follow now, and the worker would wait for it: nothing can
-            // take part of a frame back, and nothing may follow it.
-            behind.gave_up = Some(RestartCause::Protocol);
-            state.broken = true;
-            state.room = 0;
+        if state.written() < WRITE_BELOW {
+            self.flush(&mut state, metrics);
+        }
+        match state.position(id).map(|at| &state.behind[at]) {
+            Some(behind) if !behind.partly_sent() => Ok(true),
+            Some(_) => Err(()),
+            // Given back: the socket was full, or the worker gone.
+            None => Err(()),
+        }
+    }
+
+    /// Writes the frames of the calls that wait in the caller, in one write, numbering them
+    /// in their order. A call none of whose frame could go is given back, to look for a
+    /// worker again; one only part of whose frame went is given back too, and stays: nothing
+    /// more may follow it, and the worker is ended when it comes to it.
+    fn flush(&self, state: &mut PipeState, metrics: &PoolMetrics) {
+        // Taken out in their order; those written go back ahead of the calls not written.
+        let mut waiting = Vec::new();
+        let mut at = 0;
+        while at < state.behind.len() {
+            if state.behind[at].frame.is_some() {
+                waiting.push(state.behind.remove(at).expect("in range"));
+            } else {
+                at += 1;
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        // Calls sent and taken back behind a long call fill the gate's ring: those past it
+        // do not go.
+        let fit =
+            (1..=waiting.len() as u64).take_while(|&k| Gate::fits(state.sent + k, state.running)).count();
+        let mut written = 0;
+        if !state.broken && fit > 0 {
+            for (k, behind) in (1..).zip(&waiting[..fit]) {
+                let deadline = behind.deadline.expect("set with its frame");
+                self.gate.pending(state.sent + k, Some(deadline.into_std()));
+            }
+            let frames: Vec<&[u8]> =
+                waiting[..fit].iter().map(|behind| behind.frame.as_deref().expect("waiting")).collect();
+            let sent =
+                crate::socket::send_with_fds(&self.writer, &frames, 0, &[], rustix::net::SendFlags::DONTWAIT);
+            written = sent.unwrap_or(0);
         }
         let place = state.behind.iter().position(|b| b.n.is_none()).unwrap_or(state.behind.len());
-        state.behind.insert(place, behind);
-        if written { Ok(true) } else { Err(()) }
+        let mut numbered = Vec::new();
+        let mut given_back = false;
+        for mut behind in waiting {
+            let len = behind.frame.take().expect("waiting").len();
+            if written == 0 {
+                given_back = true;
+                behind.hand(Handover::Again(None));
+                continue;
+            }
+            state.sent += 1;
+            behind.n = Some(state.sent);
+            if written < len {
+                // The rest cannot follow now, and the worker would wait for it: nothing can
+                // take part of a frame back, and nothing may follow it. Its call looks for a
+                // worker again; it stays, to end the worker when it comes to it.
+                written = 0;
+                behind.gave_up = Some(RestartCause::Protocol);
+                state.broken = true;
+                let (stays, _) = oneshot::channel();
+                drop(std::mem::replace(&mut behind.hand, stays).send(Handover::Again(None)));
+            } else {
+                written -= len;
+                metrics.sent_ahead();
+            }
+            numbered.push(behind);
+        }
+        // Their replies come after those of the calls written before them.
+        for (k, behind) in numbered.into_iter().enumerate() {
+            state.behind.insert(place + k, behind);
+        }
+        if given_back || state.broken {
+            // The socket is full, or the worker is gone (the running call finds out): no call
+            // goes ahead here until the next call's message is whole.
+            state.room = 0;
+        }
     }
 
     /// Takes reservation `id` back if it is still queued here and the worker has not
     /// claimed its call: then it never runs. Says whether its frame had been written.
-    fn withdraw(&self, id: u64) -> Option<bool> {
+    fn withdraw(&self, id: u64, metrics: &PoolMetrics) -> Option<bool> {
         let mut state = lock(&self.state);
         let at = state.position(id)?;
         let behind = &state.behind[at];
@@ -390,6 +467,10 @@ impl Pipe {
             Some(n) if behind.gave_up.is_some() || self.gate.withdraw(n) == Withdrawal::Claimed => None,
             n => {
                 state.behind.remove(at);
+                // The calls waiting in the caller take its place on the socket.
+                if n.is_some() && state.written() < WRITE_BELOW {
+                    self.flush(&mut state, metrics);
+                }
                 Some(n.is_some())
             }
         }
@@ -492,10 +573,9 @@ impl Ahead {
     /// Writes the call into its place behind the running call; its `deadline` goes with it
     /// (the worker does not start it after that).
     pub(crate) fn start(&mut self, message: &[&[u8]], deadline: Instant) -> Start {
-        match self.pipe.write(self.id, message, deadline) {
+        match self.pipe.write(self.id, message, deadline, &self.pool.metrics) {
             Ok(true) => {
                 self.written = true;
-                self.pool.metrics.sent_ahead();
                 return Start::Written(message.iter().map(|part| part.len()).sum());
             }
             Err(()) => {
@@ -543,7 +623,7 @@ impl Ahead {
             let mut idle = std::pin::pin!(self.pool.idle.notified());
             idle.as_mut().enable();
             if may_move && self.pool.permits.available_permits() > 0 {
-                if self.pipe.withdraw(self.id).is_some() {
+                if self.pipe.withdraw(self.id, &self.pool.metrics).is_some() {
                     self.settled = true;
                     self.pool.metrics.withdrawn();
                     self.carried = Some(Carried { turn: None, admitted: self.admitted.take() });
@@ -588,7 +668,7 @@ impl Ahead {
     }
 
     fn abandon(&mut self, cause: RestartCause) -> GaveUp {
-        if let Some(written) = self.pipe.withdraw(self.id) {
+        if let Some(written) = self.pipe.withdraw(self.id, &self.pool.metrics) {
             if written {
                 self.pool.metrics.withdrawn();
             }
