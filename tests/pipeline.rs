@@ -180,6 +180,22 @@ fn hurried_in_ring(x: u64) -> u64 {
     x
 }
 
+#[offload(pool = "ahead_full", workers = "1", timeout = "60s")]
+fn hold_full(dir: String) -> u32 {
+    hold_until_go(&dir)
+}
+
+/// Near the largest call that goes ahead: a few fill the worker's socket.
+#[offload(pool = "ahead_full", timeout = "40ms")]
+fn bulky_in_a_hurry(dir: String, x: u64, padding: String) -> u32 {
+    once(&dir, x) + padding.len() as u32 * 0
+}
+
+#[offload(pool = "ahead_full", timeout = "30s")]
+fn bulky_patiently(dir: String, x: u64, padding: String) -> u32 {
+    once(&dir, x) + padding.len() as u32 * 0
+}
+
 #[offload(pool = "ahead_rss", workers = "1", max_rss = "40MiB", timeout = "60s")]
 fn leaky(mib: usize) -> u32 {
     let block: &'static mut [u8] = Vec::leak(vec![1u8; mib << 20]);
@@ -753,4 +769,44 @@ async fn a_call_handed_a_worker_that_dies_before_claiming_it_runs_once_on_the_ne
     assert!(handed > 0, "the worker was never killed after it answered: the case was not provoked");
     let stats = stats("ahead_handed");
     assert!(stats.restarts(RestartCause::DiedIdle) >= handed, "{:?}", stats.restarts(RestartCause::DiedIdle));
+}
+
+/// Calls sent ahead behind a long call and taken back stay on the worker's socket, unread,
+/// until the socket is full: the call that finds it full looks for a worker again, none of
+/// those taken back ever runs, and the calls after them run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_sent_ahead_until_the_socket_is_full_look_for_a_worker_again() {
+    let dir = Dir::new("full");
+    let hold = tokio::spawn(hold_full(dir.path()));
+    let pid = dir.started().await;
+    let padding = "x".repeat(15_000);
+    let sent = || stats("ahead_full").sent_ahead;
+    // Two at a time (so that both are written at once), each withdrawn when it times out,
+    // until one more cannot be written: its call times out waiting for a worker instead.
+    let mut x = 0;
+    loop {
+        assert!(x < 400, "{} calls of 15 KB went ahead, and the socket never filled", sent());
+        let before = sent();
+        let pair = [
+            tokio::spawn(bulky_in_a_hurry(dir.path(), x, padding.clone())),
+            tokio::spawn(bulky_in_a_hurry(dir.path(), x + 1, padding.clone())),
+        ];
+        x += 2;
+        for call in pair {
+            let done = call.await.unwrap();
+            assert!(matches!(done, Err(Error::Timeout { .. })), "{done:?}");
+        }
+        if sent() < before + 2 {
+            break;
+        }
+    }
+    let patient = tokio::spawn(bulky_patiently(dir.path(), 10_000, padding.clone()));
+    std::fs::write(dir.0.join("go"), b"").unwrap();
+    assert_eq!(hold.await.unwrap().unwrap(), pid);
+    patient.await.unwrap().expect("it runs once");
+    assert!(dir.ran(10_000));
+    let ran: Vec<u64> = (0..x).filter(|&x| dir.ran(x)).collect();
+    assert!(ran.is_empty(), "calls that were taken back ran: {ran:?}");
+    // The pool serves on.
+    assert!(bulky_patiently(dir.path(), 10_001, String::new()).await.is_ok());
 }
