@@ -814,7 +814,7 @@ impl Attempt<'_, '_> {
                 let may_look_again = looking.unusable < executor.places();
                 return Some(Err(match Box::pin(place.failed(fault, may_look_again)).await {
                     Failed::NotStarted(kept) => {
-                        tracing::warn!(target: "offload::call", pid, "offload worker died before it started the call; the call looks for another");
+                        tracing::debug!(target: "offload::call", pid, "offload worker died before it started the call; the call looks for another");
                         looking.unusable += 1;
                         looking.carried = kept;
                         return None;

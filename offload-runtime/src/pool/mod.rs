@@ -939,9 +939,13 @@ impl Lease {
             // The worker's permit, freed as the lease ends, goes to the first of them.
             self.pool.back_in_line(pipe.unclaimed(), None);
         }
-        while let Some((next, others)) = pipe.close(&self.pool.metrics) {
+        loop {
+            let (next, others) = pipe.close(&self.pool.metrics);
             self.pool.back_in_line(others, None);
-            if pipe.runs(&next) {
+            let Some(next) = next else { break };
+            // Only part of its frame went: the worker is ended when it comes to it, whatever
+            // became of the call.
+            if next.partly_sent() || pipe.runs(&next) {
                 return self.hand_to(next);
             }
             // Its deadline passed before the worker came to it: it never runs, and ends as a

@@ -239,17 +239,18 @@ impl Pipe {
     /// (or, if none was written yet, the first to have reserved a place, to send its call
     /// the ordinary way; then the others are given back, to look for a worker again). No
     /// call goes ahead until the next call's message is whole.
-    pub(crate) fn close(&self, metrics: &PoolMetrics) -> Option<(Behind, Vec<Behind>)> {
+    pub(crate) fn close(&self, metrics: &PoolMetrics) -> (Option<Behind>, Vec<Behind>) {
         let mut state = lock(&self.state);
         state.room = 0;
         // The calls waiting in the caller go when few are left on the socket: at the latest,
         // before the first of them would come next.
-        if state.written() <= WRITE_BELOW {
-            self.flush(&mut state, metrics);
+        let mut others =
+            if state.written() <= WRITE_BELOW { self.flush(&mut state, metrics) } else { Vec::new() };
+        let next = state.behind.pop_front();
+        if next.as_ref().is_some_and(|next| next.n.is_none()) {
+            others.extend(state.behind.drain(..));
         }
-        let next = state.behind.pop_front()?;
-        let others = if next.n.is_none() { state.behind.drain(..).collect() } else { Vec::new() };
-        Some((next, others))
+        (next, others)
     }
 
     /// Takes back the calls sent ahead, in their order: each one the worker has not claimed
@@ -364,102 +365,122 @@ impl Pipe {
         message: &[&[u8]],
         deadline: Instant,
         metrics: &PoolMetrics,
-    ) -> Result<bool, ()> {
+    ) -> (Result<bool, ()>, Vec<Behind>) {
         let mut state = lock(&self.state);
-        let Some(at) = state.position(id) else { return Ok(false) };
+        let Some(at) = state.position(id) else { return (Ok(false), Vec::new()) };
         if state.broken {
             state.behind.remove(at);
-            return Err(());
+            return (Err(()), Vec::new());
         }
         let behind = &mut state.behind[at];
         behind.frame = Some(message.concat());
         behind.deadline = Some(deadline);
-        if state.written() < WRITE_BELOW {
-            self.flush(&mut state, metrics);
-        }
-        match state.position(id).map(|at| &state.behind[at]) {
+        let mut given_back =
+            if state.written() < WRITE_BELOW { self.flush(&mut state, metrics) } else { Vec::new() };
+        let done = match state.position(id).map(|at| &state.behind[at]) {
             Some(behind) if !behind.partly_sent() => Ok(true),
             Some(_) => Err(()),
-            // Given back: the socket was full, or the worker gone.
-            None => Err(()),
-        }
+            None => {
+                // Given back: the socket was full, or the worker gone. This call finds out
+                // here, not in its turn.
+                given_back.retain(|behind| behind.id != id);
+                Err(())
+            }
+        };
+        (done, given_back)
     }
 
-    /// Writes the frames of the calls that wait in the caller, in one write, numbering them
-    /// in their order. A call none of whose frame could go is given back, to look for a
-    /// worker again; one only part of whose frame went is given back too, and stays: nothing
-    /// more may follow it, and the worker is ended when it comes to it.
-    fn flush(&self, state: &mut PipeState, metrics: &PoolMetrics) {
+    /// Writes the frames of the calls that wait in the caller, numbering them in their order:
+    /// as many at a time as make at most [`AHEAD_MAX`] bytes, which a socket takes whole or
+    /// not at all. The calls whose frames could not go (the socket is full, the worker gone,
+    /// the gate's ring full) are returned, to look for a worker again, keeping their place in
+    /// line ([`Pool::back_in_line`], once the pipe's lock is let go); no call goes ahead here
+    /// then until the next call's message is whole. Should a write still stop inside a frame,
+    /// that call is given back too, and stays: nothing more may follow it, and the worker is
+    /// ended when it comes to it.
+    #[must_use = "the calls given back must look for a worker again"]
+    fn flush(&self, state: &mut PipeState, metrics: &PoolMetrics) -> Vec<Behind> {
         // Taken out in their order; those written go back ahead of the calls not written.
-        let mut waiting = Vec::new();
+        let mut waiting = VecDeque::new();
         let mut at = 0;
         while at < state.behind.len() {
             if state.behind[at].frame.is_some() {
-                waiting.push(state.behind.remove(at).expect("in range"));
+                waiting.push_back(state.behind.remove(at).expect("in range"));
             } else {
                 at += 1;
             }
         }
-        if waiting.is_empty() {
-            return;
-        }
-        // Calls sent and taken back behind a long call fill the gate's ring: those past it
-        // do not go.
-        let fit =
-            (1..=waiting.len() as u64).take_while(|&k| Gate::fits(state.sent + k, state.running)).count();
-        let mut written = 0;
-        if !state.broken && fit > 0 {
-            for (k, behind) in (1..).zip(&waiting[..fit]) {
+        let mut place = state.behind.iter().position(|b| b.n.is_none()).unwrap_or(state.behind.len());
+        while !waiting.is_empty() && !state.broken {
+            // Calls sent and taken back behind a long call fill the gate's ring: those past it
+            // do not go.
+            let mut batch = 0;
+            let mut bytes = 0;
+            for behind in &waiting {
+                let len = behind.frame.as_ref().expect("waiting").len();
+                let fits = Gate::fits(state.sent + batch as u64 + 1, state.running);
+                if !fits || (batch > 0 && bytes + len > AHEAD_MAX) {
+                    break;
+                }
+                batch += 1;
+                bytes += len;
+            }
+            if batch == 0 {
+                break;
+            }
+            for (k, behind) in (1..).zip(waiting.iter().take(batch)) {
                 let deadline = behind.deadline.expect("set with its frame");
                 self.gate.pending(state.sent + k, Some(deadline.into_std()));
             }
             let frames: Vec<&[u8]> =
-                waiting[..fit].iter().map(|behind| behind.frame.as_deref().expect("waiting")).collect();
+                waiting.iter().take(batch).map(|behind| behind.frame.as_deref().expect("waiting")).collect();
             let sent =
                 crate::socket::send_with_fds(&self.writer, &frames, 0, &[], rustix::net::SendFlags::DONTWAIT);
-            written = sent.unwrap_or(0);
-        }
-        let place = state.behind.iter().position(|b| b.n.is_none()).unwrap_or(state.behind.len());
-        let mut numbered = Vec::new();
-        let mut given_back = false;
-        for mut behind in waiting {
-            let len = behind.frame.take().expect("waiting").len();
+            let mut written = sent.unwrap_or(0);
             if written == 0 {
-                given_back = true;
-                behind.hand(Handover::Again(None));
-                continue;
+                break;
             }
-            state.sent += 1;
-            behind.n = Some(state.sent);
-            if written < len {
-                // The rest cannot follow now, and the worker would wait for it: nothing can
-                // take part of a frame back, and nothing may follow it. Its call looks for a
-                // worker again; it stays, to end the worker when it comes to it.
-                written = 0;
-                behind.gave_up = Some(RestartCause::Protocol);
-                state.broken = true;
-                let (stays, _) = oneshot::channel();
-                drop(std::mem::replace(&mut behind.hand, stays).send(Handover::Again(None)));
-            } else {
-                written -= len;
-                metrics.sent_ahead();
+            while written > 0 {
+                let mut behind = waiting.pop_front().expect("no more written than the batch");
+                let len = behind.frame.take().expect("waiting").len();
+                state.sent += 1;
+                behind.n = Some(state.sent);
+                if written < len {
+                    // The rest cannot follow now, and the worker would wait for it: nothing
+                    // can take part of a frame back, and nothing may follow it. Its call
+                    // looks for a worker again; it stays, to end the worker when it comes to
+                    // it.
+                    written = 0;
+                    behind.gave_up = Some(RestartCause::Protocol);
+                    state.broken = true;
+                    let (stays, _) = oneshot::channel();
+                    drop(std::mem::replace(&mut behind.hand, stays).send(Handover::Again(None)));
+                } else {
+                    written -= len;
+                    metrics.sent_ahead();
+                }
+                // Its reply comes after those of the calls written before it.
+                state.behind.insert(place, behind);
+                place += 1;
             }
-            numbered.push(behind);
         }
-        // Their replies come after those of the calls written before them.
-        for (k, behind) in numbered.into_iter().enumerate() {
-            state.behind.insert(place + k, behind);
-        }
-        if given_back || state.broken {
+        if !waiting.is_empty() || state.broken {
             // The socket is full, or the worker is gone (the running call finds out): no call
             // goes ahead here until the next call's message is whole.
             state.room = 0;
         }
+        waiting
+            .into_iter()
+            .map(|mut behind| {
+                behind.frame = None;
+                behind
+            })
+            .collect()
     }
 
     /// Takes reservation `id` back if it is still queued here and the worker has not
     /// claimed its call: then it never runs. Says whether its frame had been written.
-    fn withdraw(&self, id: u64, metrics: &PoolMetrics) -> Option<bool> {
+    fn withdraw(&self, id: u64, pool: &Pool) -> Option<bool> {
         let mut state = lock(&self.state);
         let at = state.position(id)?;
         let behind = &state.behind[at];
@@ -469,7 +490,9 @@ impl Pipe {
                 state.behind.remove(at);
                 // The calls waiting in the caller take its place on the socket.
                 if n.is_some() && state.written() < WRITE_BELOW {
-                    self.flush(&mut state, metrics);
+                    let given_back = self.flush(&mut state, &pool.metrics);
+                    drop(state);
+                    pool.back_in_line(given_back, None);
                 }
                 Some(n.is_some())
             }
@@ -573,7 +596,9 @@ impl Ahead {
     /// Writes the call into its place behind the running call; its `deadline` goes with it
     /// (the worker does not start it after that).
     pub(crate) fn start(&mut self, message: &[&[u8]], deadline: Instant) -> Start {
-        match self.pipe.write(self.id, message, deadline, &self.pool.metrics) {
+        let (written, given_back) = self.pipe.write(self.id, message, deadline, &self.pool.metrics);
+        self.pool.back_in_line(given_back, None);
+        match written {
             Ok(true) => {
                 self.written = true;
                 return Start::Written(message.iter().map(|part| part.len()).sum());
@@ -623,9 +648,11 @@ impl Ahead {
             let mut idle = std::pin::pin!(self.pool.idle.notified());
             idle.as_mut().enable();
             if may_move && self.pool.permits.available_permits() > 0 {
-                if self.pipe.withdraw(self.id, &self.pool.metrics).is_some() {
+                if let Some(written) = self.pipe.withdraw(self.id, &self.pool) {
                     self.settled = true;
-                    self.pool.metrics.withdrawn();
+                    if written {
+                        self.pool.metrics.withdrawn();
+                    }
                     self.carried = Some(Carried { turn: None, admitted: self.admitted.take() });
                     return Handover::Again(None);
                 }
@@ -668,7 +695,7 @@ impl Ahead {
     }
 
     fn abandon(&mut self, cause: RestartCause) -> GaveUp {
-        if let Some(written) = self.pipe.withdraw(self.id, &self.pool.metrics) {
+        if let Some(written) = self.pipe.withdraw(self.id, &self.pool) {
             if written {
                 self.pool.metrics.withdrawn();
             }
