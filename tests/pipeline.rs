@@ -198,6 +198,23 @@ fn bulky_patiently(dir: String, x: u64, padding: String) -> u32 {
     once(&dir, x)
 }
 
+#[offload(pool = "ahead_chunks", workers = "1", timeout = "60s")]
+fn hold_chunks(dir: String) -> u32 {
+    hold_until_go(&dir)
+}
+
+#[offload(pool = "ahead_chunks", timeout = "40ms")]
+fn bulky_quickly(dir: String, x: u64, padding: String) -> u32 {
+    drop(padding);
+    once(&dir, x)
+}
+
+#[offload(pool = "ahead_chunks", timeout = "30s")]
+fn bulky_later(dir: String, x: u64, padding: String) -> u32 {
+    drop(padding);
+    once(&dir, x)
+}
+
 #[offload(pool = "ahead_rss", workers = "1", max_rss = "40MiB", timeout = "60s")]
 fn leaky(mib: usize) -> u32 {
     let block: &'static mut [u8] = Vec::leak(vec![1u8; mib << 20]);
@@ -811,4 +828,51 @@ async fn calls_sent_ahead_until_the_socket_is_full_look_for_a_worker_again() {
     assert!(ran.is_empty(), "calls that were taken back ran: {ran:?}");
     // The pool serves on.
     assert!(bulky_patiently(dir.path(), 10_001, String::new()).await.is_ok());
+}
+
+/// Calls that wait in the caller go to the worker's socket together, but never in a write that
+/// the socket could take only in part: with the socket nearly full, six calls of 15 KB that
+/// go at once are written one by one until the socket is full, and the rest look for a worker
+/// again. No frame goes in part, so the worker is never ended for one, and each call runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_written_together_never_leave_part_of_a_frame_on_the_socket() {
+    let dir = Dir::new("chunks");
+    let hold = tokio::spawn(hold_chunks(dir.path()));
+    let pid = dir.started().await;
+    let padding = "x".repeat(15_000);
+    let sent = || stats("ahead_chunks").sent_ahead;
+    // Ten calls written and taken back: their frames stay on the socket, unread.
+    let mut x = 0;
+    while sent() < 10 {
+        let pair = [
+            tokio::spawn(bulky_quickly(dir.path(), x, padding.clone())),
+            tokio::spawn(bulky_quickly(dir.path(), x + 1, padding.clone())),
+        ];
+        x += 2;
+        for call in pair {
+            assert!(matches!(call.await.unwrap(), Err(Error::Timeout { .. })));
+        }
+    }
+    assert_eq!(sent(), 10, "the socket filled before ten calls of 15 KB went ahead");
+    // Two more written; six wait behind them in the caller, and go together once the two
+    // are taken back.
+    let quick: Vec<_> =
+        (0..2).map(|i| tokio::spawn(bulky_quickly(dir.path(), x + i, padding.clone()))).collect();
+    let later: Vec<_> =
+        (0..6).map(|i| tokio::spawn(bulky_later(dir.path(), 100 + i, padding.clone()))).collect();
+    for call in quick {
+        assert!(matches!(call.await.unwrap(), Err(Error::Timeout { .. })));
+    }
+    std::fs::write(dir.0.join("go"), b"").unwrap();
+    assert_eq!(hold.await.unwrap().unwrap(), pid);
+    for call in later {
+        call.await.unwrap().expect("it runs once");
+    }
+    assert!((100..106).all(|x| dir.ran(x)));
+    assert!((0..x + 2).all(|x| !dir.ran(x)), "a call taken back ran");
+    assert_eq!(
+        stats("ahead_chunks").restarts(RestartCause::Protocol),
+        0,
+        "a worker was ended for a frame that went only in part"
+    );
 }
