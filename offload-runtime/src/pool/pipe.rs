@@ -32,9 +32,9 @@
 //! - Only small calls go ahead: no shared buffers, no bulk frames, at most [`AHEAD_MAX`]
 //!   bytes, so that they are written at once.
 //! - Calls sent ahead are written to the worker's socket while fewer than [`WRITE_BELOW`]
-//!   wait there; the others wait in the caller, and go together, in one write. A call is
-//!   numbered (see [`Gate`]) as its frame is written: one taken back before that never
-//!   reaches the worker at all.
+//!   wait there; the others wait in the caller, and go together, in writes of at most
+//!   [`AHEAD_MAX`] bytes. A call is numbered (see [`Gate`]) as its frame is written: one
+//!   taken back before that never reaches the worker at all.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -56,8 +56,8 @@ use crate::stats::{PoolMetrics, RestartCause};
 pub(crate) const AHEAD_MAX: usize = 16 << 10;
 
 /// Calls sent ahead are written to the worker's socket at once while fewer than this many
-/// wait there; the others wait in the caller, and go together, in one write, when the worker
-/// comes near them. A write per call was a fifth of the caller's time in the throughput
+/// wait there; the others wait in the caller, and go together when the worker comes near
+/// them (see [`Pipe::flush`]). A write per call was a fifth of the caller's time in the throughput
 /// bench; and with this many waiting, a worker that ends a call has the next one at hand
 /// while the caller takes in the reply.
 const WRITE_BELOW: usize = 2;
