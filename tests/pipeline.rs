@@ -185,17 +185,21 @@ fn hold_full(dir: String) -> u32 {
     hold_until_go(&dir)
 }
 
-/// Near the largest call that goes ahead: a few fill the worker's socket.
+/// [`once`], for a call near the largest that goes ahead (`padding` of 15 KB): a few of
+/// them fill the worker's socket.
+fn bulky(dir: &str, x: u64, padding: String) -> u32 {
+    drop(padding);
+    once(dir, x)
+}
+
 #[offload(pool = "ahead_full", timeout = "40ms")]
 fn bulky_in_a_hurry(dir: String, x: u64, padding: String) -> u32 {
-    drop(padding);
-    once(&dir, x)
+    bulky(&dir, x, padding)
 }
 
 #[offload(pool = "ahead_full", timeout = "30s")]
 fn bulky_patiently(dir: String, x: u64, padding: String) -> u32 {
-    drop(padding);
-    once(&dir, x)
+    bulky(&dir, x, padding)
 }
 
 #[offload(pool = "ahead_chunks", workers = "1", timeout = "60s")]
@@ -205,14 +209,12 @@ fn hold_chunks(dir: String) -> u32 {
 
 #[offload(pool = "ahead_chunks", timeout = "40ms")]
 fn bulky_quickly(dir: String, x: u64, padding: String) -> u32 {
-    drop(padding);
-    once(&dir, x)
+    bulky(&dir, x, padding)
 }
 
 #[offload(pool = "ahead_chunks", timeout = "30s")]
 fn bulky_later(dir: String, x: u64, padding: String) -> u32 {
-    drop(padding);
-    once(&dir, x)
+    bulky(&dir, x, padding)
 }
 
 #[offload(pool = "ahead_rss", workers = "1", max_rss = "40MiB", timeout = "60s")]
