@@ -275,9 +275,11 @@ pub struct PoolStats {
     pub cancelled: u64,
     /// Calls written to a busy worker behind the call it ran (up to 8 at a time), to start
     /// as soon as it answered (small calls, when no worker was free; see the README's
-    /// "Pipelining").
+    /// "Pipelining"). Counted as a call's frame is written to the worker's socket: past the
+    /// first two, calls sent ahead wait in the caller until then, and one taken back while
+    /// it waits there is counted in neither this nor `withdrawn`.
     pub sent_ahead: u64,
-    /// Calls sent ahead and taken back before they started: a call before failed, the
+    /// Calls written ahead and taken back before they started: a call before failed, the
     /// call's deadline passed or its future was dropped, another worker became free, a call
     /// that cannot go ahead waited, the worker was due for recycling, or the pool shut down.
     /// Each looked for a worker again, or ended, as if it had waited in the queue.
