@@ -357,8 +357,9 @@ impl Pipe {
     /// (see [`Gate::pending`]). It is written to the worker now if few calls wait on its
     /// socket, or later, with the calls after it (see [`WRITE_BELOW`]); numbered as it is
     /// written. `Ok(true)`: in its place. `Ok(false)`: the place is gone (the calls before
-    /// ended, and word is on its way). `Err`: nothing of it could go, and the place is given
-    /// back; or only part of it, and the worker is ended when it comes to it.
+    /// ended, or it could not be written now and is among the calls returned, to go back in
+    /// line), and word is on its way. `Err`: the pipe takes no more calls, and the place is
+    /// given back; or only part of it went, and the worker is ended when it comes to it.
     fn write(
         &self,
         id: u64,
@@ -375,17 +376,14 @@ impl Pipe {
         let behind = &mut state.behind[at];
         behind.frame = Some(message.concat());
         behind.deadline = Some(deadline);
-        let mut given_back =
+        let given_back =
             if state.written() < WRITE_BELOW { self.flush(&mut state, metrics) } else { Vec::new() };
         let done = match state.position(id).map(|at| &state.behind[at]) {
             Some(behind) if !behind.partly_sent() => Ok(true),
             Some(_) => Err(()),
-            None => {
-                // Given back: the socket was full, or the worker gone. This call finds out
-                // here, not in its turn.
-                given_back.retain(|behind| behind.id != id);
-                Err(())
-            }
+            // Given back with the calls after it (the socket was full, or the worker gone):
+            // word is on its way, with its place in line.
+            None => Ok(false),
         };
         (done, given_back)
     }
@@ -506,7 +504,9 @@ impl Pipe {
         let mut state = lock(&self.state);
         match state.position(id) {
             Some(at) => {
-                state.behind[at].gave_up = Some(cause);
+                // A call only part of whose frame went stays marked so: the worker is ended
+                // when it comes to it, whatever became of the call.
+                state.behind[at].gave_up.get_or_insert(cause);
                 true
             }
             None => false,
@@ -800,12 +800,16 @@ impl Pool {
         permit: Option<OwnedSemaphorePermit>,
     ) {
         let mut permit = permit.filter(|p| p.num_permits() > 0);
+        let mut behinds = behinds.into_iter().peekable();
+        if permit.is_none() && behinds.peek().is_none() {
+            return;
+        }
         {
             let mut line = lock(&self.line);
             // Checked under the line's lock, which shutdown takes to empty it once closed.
             let closed = self.is_closed();
             // A call only part of whose frame went looks for a worker already.
-            for behind in behinds.into_iter().filter(|b| !b.partly_sent()) {
+            for behind in behinds.filter(|b| !b.partly_sent()) {
                 if behind.was_sent() {
                     self.metrics.withdrawn();
                 }
