@@ -792,6 +792,23 @@ async fn a_call_handed_a_worker_that_dies_before_claiming_it_runs_once_on_the_ne
     assert!(stats.restarts(RestartCause::DiedIdle) >= handed, "{:?}", stats.restarts(RestartCause::DiedIdle));
 }
 
+/// Calls `x` and `x + 1` of `call`, at once: both go ahead behind a long call and time out
+/// there.
+async fn two_time_out<F, Fut>(call: F, dir: &Dir, x: u64, padding: &str)
+where
+    F: Fn(String, u64, String) -> Fut,
+    Fut: std::future::Future<Output = Result<u32, Error>> + Send + 'static,
+{
+    let pair = [
+        tokio::spawn(call(dir.path(), x, padding.to_owned())),
+        tokio::spawn(call(dir.path(), x + 1, padding.to_owned())),
+    ];
+    for call in pair {
+        let done = call.await.unwrap();
+        assert!(matches!(done, Err(Error::Timeout { .. })), "{done:?}");
+    }
+}
+
 /// Calls sent ahead behind a long call and taken back stay on the worker's socket, unread,
 /// until the socket is full: the call that finds it full looks for a worker again, none of
 /// those taken back ever runs, and the calls after them run once.
@@ -808,15 +825,8 @@ async fn calls_sent_ahead_until_the_socket_is_full_look_for_a_worker_again() {
     loop {
         assert!(x < 400, "{} calls of 15 KB went ahead, and the socket never filled", sent());
         let before = sent();
-        let pair = [
-            tokio::spawn(bulky_in_a_hurry(dir.path(), x, padding.clone())),
-            tokio::spawn(bulky_in_a_hurry(dir.path(), x + 1, padding.clone())),
-        ];
+        two_time_out(bulky_in_a_hurry, &dir, x, &padding).await;
         x += 2;
-        for call in pair {
-            let done = call.await.unwrap();
-            assert!(matches!(done, Err(Error::Timeout { .. })), "{done:?}");
-        }
         if sent() < before + 2 {
             break;
         }
@@ -846,14 +856,8 @@ async fn calls_written_together_never_leave_part_of_a_frame_on_the_socket() {
     // Ten calls written and taken back: their frames stay on the socket, unread.
     let mut x = 0;
     while sent() < 10 {
-        let pair = [
-            tokio::spawn(bulky_quickly(dir.path(), x, padding.clone())),
-            tokio::spawn(bulky_quickly(dir.path(), x + 1, padding.clone())),
-        ];
+        two_time_out(bulky_quickly, &dir, x, &padding).await;
         x += 2;
-        for call in pair {
-            assert!(matches!(call.await.unwrap(), Err(Error::Timeout { .. })));
-        }
     }
     assert_eq!(sent(), 10, "the socket filled before ten calls of 15 KB went ahead");
     // Two more written; six wait behind them in the caller, and go together once the two
