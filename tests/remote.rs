@@ -142,11 +142,17 @@ fn dies_with_us(command: &mut Command) -> &mut Command {
 /// A free loopback port below Linux's range for outgoing connections (from 32768), so that
 /// no client connection takes it while its broker is down for a restart.
 fn free_port() -> u16 {
+    // Tests run at once in this process, and a port found free is not taken until the test's
+    // broker listens on it: each port is offered once, so two tests never pick the same.
+    static OFFERED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut offered = OFFERED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    (0..1_000u32)
+    let port = (0..1_000u32)
         .map(|i| 20_000 + ((seed ^ std::process::id()).wrapping_add(i.wrapping_mul(7_919)) % 12_000) as u16)
-        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
-        .expect("a free port between 20000 and 32000")
+        .find(|&port| !offered.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port between 20000 and 32000");
+    offered.push(port);
+    port
 }
 
 struct Broker {
