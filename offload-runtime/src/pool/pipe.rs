@@ -549,7 +549,8 @@ pub(crate) struct Ahead {
     handed: oneshot::Receiver<Handover>,
     /// Its place in a bounded queue, kept until it has its worker.
     admitted: Option<OwnedSemaphorePermit>,
-    /// Its frame went to the worker.
+    /// Its frame is the pipe's: written to the worker, or waiting in the caller to be, and
+    /// written before its turn comes (see [`Pipe::flush`]).
     written: bool,
     settled: bool,
     /// What it keeps of its place in line when it is withdrawn (see [`Ahead::carried`]).
@@ -566,7 +567,8 @@ pub(crate) struct Carried {
 
 /// What [`Ahead::start`] did.
 pub(crate) enum Start {
-    /// The call was written behind the running one: this many bytes.
+    /// The call has its place behind the running one, its frame written to the worker or
+    /// waiting in the caller to be (see [`Pipe::flush`]): this many bytes, all of which go.
     Written(usize),
     /// The call before ended first: the worker is idle and the call's, to send it to.
     Handed(Box<Lease>),
@@ -593,8 +595,9 @@ impl Ahead {
         self.carried.take().unwrap_or_default()
     }
 
-    /// Writes the call into its place behind the running call; its `deadline` goes with it
-    /// (the worker does not start it after that).
+    /// Puts the call in its place behind the running call, to be written now or with the
+    /// calls after it (see [`Pipe::write`]); its `deadline` goes with it (the worker does not
+    /// start it after that).
     pub(crate) fn start(&mut self, message: &[&[u8]], deadline: Instant) -> Start {
         let (written, given_back) = self.pipe.write(self.id, message, deadline, &self.pool.metrics);
         self.pool.back_in_line(given_back, None);
