@@ -273,7 +273,7 @@ pub struct PoolStats {
     pub succeeded: u64,
     /// Calls whose future was dropped before they ended.
     pub cancelled: u64,
-    /// Calls written to a busy worker behind the call it ran (up to 8 at a time), to start
+    /// Calls written to a busy worker behind the call it ran (up to 32 at a time), to start
     /// as soon as it answered (small calls, when no worker was free; see the README's
     /// "Pipelining"). Counted as a call's frame is written to the worker's socket: past the
     /// first two, calls sent ahead wait in the caller until then, and one taken back while
