@@ -17,7 +17,7 @@ pub(crate) mod supervisor;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,11 @@ pub(crate) struct Pool {
     /// permit (the worker went back to its slot, or was replaced): a call sent ahead behind a
     /// long one moves there.
     idle: Notify,
+    /// When the pool was made: what `next_move_check` counts from.
+    born: tokio::time::Instant,
+    /// When calls waiting behind a long call are next looked for, in ms since `born` (see
+    /// [`Pool::move_off_long_calls`]).
+    next_move_check: AtomicU64,
     pub(crate) metrics: PoolMetrics,
 }
 
@@ -256,6 +261,8 @@ impl Pool {
             line: Mutex::new(VecDeque::new()),
             in_line: AtomicUsize::new(0),
             idle: Notify::new(),
+            born: tokio::time::Instant::now(),
+            next_move_check: AtomicU64::new(0),
             metrics: PoolMetrics::new(name),
             settings,
         });
@@ -375,7 +382,10 @@ impl Pool {
         self: &Arc<Self>,
         admitted: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Result<OwnedSemaphorePermit, Ahead>, AcquireError> {
-        if self.seeking_ahead.load(Ordering::Relaxed) == 0
+        // Calls that wait behind a call that turned out long, if they move, go first.
+        let moved = self.move_off_long_calls();
+        if !moved
+            && self.seeking_ahead.load(Ordering::Relaxed) == 0
             && self.permits.available_permits() == 0
             && let Some(ahead) = self.reserve_ahead(admitted)
         {
@@ -396,7 +406,9 @@ impl Pool {
                 // `opened` is dropped (Tokio's `Notified` does that).
                 Some(permit) => return Ok(Ok(permit.map_err(|_| AcquireError::Shutdown)?)),
                 None => {
-                    if let Some(ahead) = self.reserve_ahead(admitted) {
+                    if !self.move_off_long_calls()
+                        && let Some(ahead) = self.reserve_ahead(admitted)
+                    {
                         return Ok(Err(ahead));
                     }
                 }

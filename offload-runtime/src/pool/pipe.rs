@@ -17,7 +17,10 @@
 //!   its worker has claimed the call behind it, that call was over: its reply is set aside,
 //!   and the worker is not killed for it.
 //! - A call sent ahead behind a long call moves to a worker that becomes free, and calls go
-//!   ahead behind a call that has run for [`LONG_CALL`] only if every worker runs one.
+//!   ahead behind a call that has run for [`LONG_CALL`] only if every worker runs one. Calls
+//!   that went ahead before the call in front turned out long go to the front of the pool's
+//!   line once it has run for [`MOVE_AFTER`], if another worker is idle or runs a call that
+//!   is not long (see [`Pool::move_off_long_calls`]).
 //! - A worker due for recycling (`max_tasks`, `max_rss`) or a pool shutting down takes no
 //!   more calls ahead, and those it has not claimed look for another worker.
 //! - While a call that cannot go ahead waits for a worker, no call goes ahead of it, and the
@@ -65,6 +68,13 @@ const WRITE_BELOW: usize = 2;
 /// How long a call runs before calls go ahead to other workers first: longer than a short
 /// call.
 const LONG_CALL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// How long a call runs before the calls that went ahead behind it, and have not started,
+/// move to the front of the pool's line, while another worker runs a call that is not long
+/// (see [`Pool::move_off_long_calls`]): a call that went ahead just before the call in front
+/// of it turned out long waits about this long for it, not for the whole call. Ten times
+/// [`LONG_CALL`], so that calls of about that length do not keep taking calls back.
+const MOVE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A worker's side for calls sent ahead: its gate, a second handle on its socket to write
 /// them while the call before holds the channel, and the calls sent ahead.
@@ -213,6 +223,13 @@ impl Pipe {
             state.running = n;
         }
         state.since = Some(Instant::now());
+    }
+
+    /// How long the running call has run by `now` (as far as the pipe knows: since it was
+    /// sent, or came next), and whether calls wait behind it.
+    fn running_for(&self, now: Instant) -> (Option<std::time::Duration>, bool) {
+        let state = lock(&self.state);
+        (state.since.map(|since| now.saturating_duration_since(since)), !state.behind.is_empty())
     }
 
     /// Whether the worker goes once the calls it has claimed are over.
@@ -794,6 +811,41 @@ impl Pool {
 }
 
 impl Pool {
+    /// Calls that went ahead behind a call that has run for [`MOVE_AFTER`], and that its
+    /// worker has not claimed, are taken back to the front of the pool's line, if another
+    /// worker is idle or runs a call that is not long (see [`LONG_CALL`]): the first worker
+    /// to come free takes them, in their order, before any call goes ahead again. Looked
+    /// at, at most once per [`LONG_CALL`], by calls that look for a worker; while none do,
+    /// the other workers come free of their own, and the calls move as they do (see
+    /// [`Ahead::turn`]). Whether any moved: then they go before the call that looked.
+    pub(super) fn move_off_long_calls(&self) -> bool {
+        let now = Instant::now();
+        let at = u64::try_from(now.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX);
+        let due = self.next_move_check.load(Ordering::Relaxed);
+        let next = at.saturating_add(LONG_CALL.as_millis() as u64);
+        if at < due
+            || self.next_move_check.compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return false;
+        }
+        let pipes: Vec<Arc<Pipe>> = lock(&self.leased).values().cloned().collect();
+        let runs: Vec<_> = pipes.iter().map(|pipe| pipe.running_for(now)).collect();
+        let elsewhere = self.permits.available_permits() > 0
+            || runs.iter().any(|(ran, _)| ran.is_some_and(|ran| ran < LONG_CALL));
+        if !elsewhere {
+            return false;
+        }
+        let mut moved = false;
+        for (pipe, (ran, behind)) in pipes.iter().zip(runs) {
+            if behind && ran.is_some_and(|ran| ran >= MOVE_AFTER) {
+                let taken = pipe.unclaimed();
+                moved |= !taken.is_empty();
+                self.back_in_line(taken, None);
+            }
+        }
+        moved
+    }
+
     /// Calls taken back from a worker look for a worker again, keeping their place in line:
     /// the first with `permit`, if there is one; the others, in their order, at the front of
     /// the pool's line (see [`Turn::Line`]). Those that had been sent count as withdrawn.
