@@ -96,6 +96,16 @@ fn quick(x: u64) -> u64 {
     x
 }
 
+#[offload(pool = "ahead_unstuck_busy", workers = "2", timeout = "20s")]
+fn hold_unstuck_busy(dir: String, ms: u64) -> u32 {
+    hold_for(&dir, ms)
+}
+
+#[offload(pool = "ahead_unstuck_busy", timeout = "20s")]
+fn quick_busy(x: u64) -> u64 {
+    x
+}
+
 #[offload(pool = "ahead_or_not", workers = "1", timeout = "20s")]
 fn tick(ms: u64) -> u64 {
     std::thread::sleep(Duration::from_millis(ms));
@@ -471,49 +481,90 @@ async fn a_call_behind_a_long_one_moves_when_a_timeout_frees_a_worker() {
     long.await.unwrap().unwrap();
 }
 
-/// Calls that went ahead behind a call before it turned out long, while the other worker
-/// stays busy with short calls, move off it: none waits for the long call to end. The README
-/// promises they wait about 100 ms for it; a call left behind it would wait its 4 s.
+/// Calls that went ahead behind a call before it turned out long move off it while the other
+/// worker serves short calls: none waits for the long call to end. The README promises they
+/// wait about 100 ms for it; a call left behind it would wait its 4 s. Here one task keeps
+/// the other worker busy, which is idle for a moment between its calls: the calls move as
+/// it comes free.
 #[tokio::test]
-async fn calls_behind_a_call_that_turns_out_long_do_not_wait_for_it() {
-    const LONG_MS: u64 = 4_000;
+async fn calls_behind_a_call_that_turns_out_long_move_to_a_worker_that_comes_free() {
     let dir = Dir::new("unstuck");
     assert_eq!(quick(0).await.unwrap(), 0, "the pool starts");
-    // Calls go behind the long call while it waits for its turn and for its first 10 ms:
-    // if none did, nothing moved and the run proves nothing; then it runs again.
+    not_stuck_behind_long_call("ahead_unstuck", 0, || hold_unstuck(dir.path(), LONG_MS), quick, &dir).await;
+}
+
+/// The same, with more tasks calling once the long call counts as long: the other worker
+/// always has a call sent ahead, so it never comes free, and the calls move as others look
+/// for a place ahead.
+#[tokio::test]
+async fn calls_behind_a_call_that_turns_out_long_move_while_the_other_worker_takes_calls_ahead() {
+    let dir = Dir::new("unstuck-busy");
+    assert_eq!(quick_busy(0).await.unwrap(), 0, "the pool starts");
+    not_stuck_behind_long_call(
+        "ahead_unstuck_busy",
+        6,
+        || hold_unstuck_busy(dir.path(), LONG_MS),
+        quick_busy,
+        &dir,
+    )
+    .await;
+}
+
+const LONG_MS: u64 = 4_000;
+
+/// Short calls from 8 tasks, and `late` more once the long call has run 20 ms; then the long
+/// call, which calls go behind while it waits for its turn and for its first 10 ms. No short
+/// call may take as long as it. If no call went behind it, nothing moved and the run proves
+/// nothing: then it runs again.
+async fn not_stuck_behind_long_call<L, LF, Q, QF>(pool: &str, late: u64, long: L, quick: Q, dir: &Dir)
+where
+    L: Fn() -> LF,
+    LF: std::future::Future<Output = Result<u32, Error>> + Send + 'static,
+    Q: Fn(u64) -> QF + Copy + Send + 'static,
+    QF: std::future::Future<Output = Result<u64, Error>> + Send,
+{
     for attempt in 1.. {
-        let withdrawn = stats("ahead_unstuck").withdrawn;
+        let withdrawn = stats(pool).withdrawn;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flood: Vec<_> = (0..8u64)
-            .map(|task| {
-                let done = std::sync::Arc::clone(&done);
-                tokio::spawn(async move {
-                    let (mut slowest, mut calls) = (Duration::ZERO, 0u64);
-                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                        let started = Instant::now();
-                        assert_eq!(quick(task * 1_000_000 + calls).await.unwrap(), task * 1_000_000 + calls);
-                        slowest = slowest.max(started.elapsed());
-                        calls += 1;
-                    }
-                    (slowest, calls)
+        let flood = |tasks: std::ops::Range<u64>| -> Vec<_> {
+            tasks
+                .map(|task| {
+                    let done = std::sync::Arc::clone(&done);
+                    tokio::spawn(async move {
+                        let (mut slowest, mut calls) = (Duration::ZERO, 0u64);
+                        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                            let (x, started) = (task * 1_000_000 + calls, Instant::now());
+                            assert_eq!(quick(x).await.unwrap(), x);
+                            slowest = slowest.max(started.elapsed());
+                            calls += 1;
+                        }
+                        (slowest, calls)
+                    })
                 })
-            })
-            .collect();
-        sent_ahead("ahead_unstuck", 1).await;
-        let long = hold_unstuck(dir.path(), LONG_MS).await.unwrap();
+                .collect()
+        };
+        let mut tasks = flood(0..8);
+        sent_ahead(pool, 1).await;
+        let long = tokio::spawn(long());
+        dir.started().await;
+        if late > 0 {
+            // Past 10 ms, the long call counts as long: calls go ahead to the other worker.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tasks.extend(flood(8..8 + late));
+        }
+        assert!(long.await.unwrap().unwrap() > 0);
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut slowest = Duration::ZERO;
-        for task in flood {
+        for task in tasks {
             let (task_slowest, calls) = task.await.unwrap();
             assert!(calls > 0, "a task made no call while the long one ran");
             slowest = slowest.max(task_slowest);
         }
-        assert!(long > 0);
         assert!(
             slowest < Duration::from_secs(1),
             "a short call took {slowest:?}: it waited for the call of {LONG_MS} ms in front of it"
         );
-        if stats("ahead_unstuck").withdrawn > withdrawn {
+        if stats(pool).withdrawn > withdrawn {
             return;
         }
         assert!(attempt < 5, "no call went behind the long one in {attempt} runs, so this proves nothing");

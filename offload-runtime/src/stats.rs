@@ -280,7 +280,8 @@ pub struct PoolStats {
     /// it waits there is counted in neither this nor `withdrawn`.
     pub sent_ahead: u64,
     /// Calls written ahead and taken back before they started: a call before failed, the
-    /// call's deadline passed or its future was dropped, another worker became free, a call
+    /// call's deadline passed or its future was dropped, another worker became free, the
+    /// call before ran for 100 ms while another worker was free or ran short calls, a call
     /// that cannot go ahead waited, the worker was due for recycling, or the pool shut down.
     /// Each looked for a worker again, or ended, as if it had waited in the queue.
     pub withdrawn: u64,

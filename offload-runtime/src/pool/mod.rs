@@ -382,10 +382,7 @@ impl Pool {
         self: &Arc<Self>,
         admitted: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Result<OwnedSemaphorePermit, Ahead>, AcquireError> {
-        // Calls that wait behind a call that turned out long, if they move, go first.
-        let moved = self.move_off_long_calls();
-        if !moved
-            && self.seeking_ahead.load(Ordering::Relaxed) == 0
+        if self.seeking_ahead.load(Ordering::Relaxed) == 0
             && self.permits.available_permits() == 0
             && let Some(ahead) = self.reserve_ahead(admitted)
         {
@@ -406,9 +403,7 @@ impl Pool {
                 // `opened` is dropped (Tokio's `Notified` does that).
                 Some(permit) => return Ok(Ok(permit.map_err(|_| AcquireError::Shutdown)?)),
                 None => {
-                    if !self.move_off_long_calls()
-                        && let Some(ahead) = self.reserve_ahead(admitted)
-                    {
+                    if let Some(ahead) = self.reserve_ahead(admitted) {
                         return Ok(Err(ahead));
                     }
                 }
@@ -1029,6 +1024,9 @@ impl Drop for Lease {
         // ahead behind a long call elsewhere may take it.
         if let Some((permit, admitted)) = self.permits.take() {
             drop(admitted);
+            // A worker comes free: calls that wait behind a call elsewhere that turned out
+            // long may take it, before any other.
+            self.pool.move_off_long_calls(None);
             self.pool.free_permit(permit);
         }
     }

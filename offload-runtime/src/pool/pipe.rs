@@ -18,9 +18,9 @@
 //!   and the worker is not killed for it.
 //! - A call sent ahead behind a long call moves to a worker that becomes free, and calls go
 //!   ahead behind a call that has run for [`LONG_CALL`] only if every worker runs one. Calls
-//!   that went ahead before the call in front turned out long go to the front of the pool's
-//!   line once it has run for [`MOVE_AFTER`], if another worker is idle or runs a call that
-//!   is not long (see [`Pool::move_off_long_calls`]).
+//!   that went ahead before the call in front turned out long go back in line (before the
+//!   pool's queue) once it has run for [`MOVE_AFTER`], if another worker is idle or runs a
+//!   call that is not long (see [`Pool::move_off_long_calls`]).
 //! - A worker due for recycling (`max_tasks`, `max_rss`) or a pool shutting down takes no
 //!   more calls ahead, and those it has not claimed look for another worker.
 //! - While a call that cannot go ahead waits for a worker, no call goes ahead of it, and the
@@ -70,10 +70,11 @@ const WRITE_BELOW: usize = 2;
 const LONG_CALL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// How long a call runs before the calls that went ahead behind it, and have not started,
-/// move to the front of the pool's line, while another worker runs a call that is not long
-/// (see [`Pool::move_off_long_calls`]): a call that went ahead just before the call in front
-/// of it turned out long waits about this long for it, not for the whole call. Ten times
-/// [`LONG_CALL`], so that calls of about that length do not keep taking calls back.
+/// go back in line (before the pool's queue), while another worker is idle or runs a call
+/// that is not long (see [`Pool::move_off_long_calls`]): a call that went ahead just before
+/// the call in front of it turned out long waits about this long for it, not for the whole
+/// call. Ten times [`LONG_CALL`], so that calls of about that length do not keep taking
+/// calls back.
 const MOVE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A worker's side for calls sent ahead: its gate, a second handle on its socket to write
@@ -317,7 +318,22 @@ impl Pipe {
     /// calls it claimed come first: it claims them in order), and returns them in their
     /// order. No call goes ahead until the next call's message is whole.
     pub(crate) fn unclaimed(&self) -> Vec<Behind> {
+        self.unclaimed_in(&mut lock(&self.state))
+    }
+
+    /// [`Pipe::unclaimed`], if the running call has run for [`MOVE_AFTER`] by `now`: looked
+    /// at again under the pipe's lock, since that call may have ended, and the next come,
+    /// since it was last looked at.
+    fn unclaimed_behind_long(&self, now: Instant) -> Vec<Behind> {
         let mut state = lock(&self.state);
+        let long = state.since.is_some_and(|since| now.saturating_duration_since(since) >= MOVE_AFTER);
+        if !long || state.behind.is_empty() {
+            return Vec::new();
+        }
+        self.unclaimed_in(&mut state)
+    }
+
+    fn unclaimed_in(&self, state: &mut PipeState) -> Vec<Behind> {
         state.room = 0;
         let mut withdrawn = Vec::new();
         let mut partial = None;
@@ -765,21 +781,31 @@ impl Pool {
         if self.plain_waiting.load(Ordering::Relaxed) > 0 || self.in_line.load(Ordering::Relaxed) > 0 {
             return None;
         }
+        let now = Instant::now();
+        if self.move_off_long_calls(Some(now)) {
+            // They go first.
+            return None;
+        }
         let mut open = lock(&self.open_pipes);
         if self.is_closed() {
             return None;
         }
         // The worker with the fewest calls waiting, so that they spread; behind a long call
         // only if every worker runs one.
-        let now = Instant::now();
         let (pid, pipe, (id, handed, more), at) = loop {
-            let (at, _) = open.iter().enumerate().min_by_key(|(_, (_, pipe))| {
-                let state = lock(&pipe.state);
-                (
-                    state.since.is_some_and(|since| now.saturating_duration_since(since) >= LONG_CALL),
-                    state.behind.len(),
-                )
-            })?;
+            let (long, _, at) = open
+                .iter()
+                .enumerate()
+                .map(|(at, (_, pipe))| {
+                    let (ran, _) = pipe.running_for(now);
+                    (ran.is_some_and(|ran| ran >= LONG_CALL), lock(&pipe.state).behind.len(), at)
+                })
+                .min()?;
+            if long && self.short_elsewhere(now) {
+                // A worker that takes no call ahead now runs a short call: it will take one
+                // (see `opened`), or come free, sooner.
+                return None;
+            }
             match open[at].1.reserve() {
                 Some(reserved) => break (open[at].0, Arc::clone(&open[at].1), reserved, at),
                 // It takes no more now: it is listed again when it does.
@@ -812,14 +838,19 @@ impl Pool {
 
 impl Pool {
     /// Calls that went ahead behind a call that has run for [`MOVE_AFTER`], and that its
-    /// worker has not claimed, are taken back to the front of the pool's line, if another
-    /// worker is idle or runs a call that is not long (see [`LONG_CALL`]): the first worker
-    /// to come free takes them, in their order, before any call goes ahead again. Looked
-    /// at, at most once per [`LONG_CALL`], by calls that look for a worker; while none do,
-    /// the other workers come free of their own, and the calls move as they do (see
-    /// [`Ahead::turn`]). Whether any moved: then they go before the call that looked.
-    pub(super) fn move_off_long_calls(&self) -> bool {
-        let now = Instant::now();
+    /// worker has not claimed, are taken back, into the pool's line (see [`Turn::Line`]), if
+    /// another worker is idle, comes free, or runs a call that is not long (see
+    /// [`LONG_CALL`]): the workers that come free take them, in their order, before any call
+    /// of the pool's queue, and no call goes ahead until they have. Looked at, at most once
+    /// per [`LONG_CALL`], as a call looks for a place ahead (at `now`, when it read the
+    /// clock) and as a worker comes free (`None`: no call looks, the clock is read here if
+    /// any call waits). Whether any moved: then they go before the call that looked.
+    pub(super) fn move_off_long_calls(&self, now: Option<Instant>) -> bool {
+        let freeing = now.is_none();
+        if freeing && self.waiting.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let now = now.unwrap_or_else(Instant::now);
         let at = u64::try_from(now.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX);
         let due = self.next_move_check.load(Ordering::Relaxed);
         let next = at.saturating_add(LONG_CALL.as_millis() as u64);
@@ -828,22 +859,30 @@ impl Pool {
         {
             return false;
         }
-        let pipes: Vec<Arc<Pipe>> = lock(&self.leased).values().cloned().collect();
-        let runs: Vec<_> = pipes.iter().map(|pipe| pipe.running_for(now)).collect();
-        let elsewhere = self.permits.available_permits() > 0
-            || runs.iter().any(|(ran, _)| ran.is_some_and(|ran| ran < LONG_CALL));
-        if !elsewhere {
+        if !freeing && !self.short_elsewhere(now) {
             return false;
         }
+        let pipes: Vec<Arc<Pipe>> = lock(&self.leased).values().cloned().collect();
         let mut moved = false;
-        for (pipe, (ran, behind)) in pipes.iter().zip(runs) {
-            if behind && ran.is_some_and(|ran| ran >= MOVE_AFTER) {
-                let taken = pipe.unclaimed();
+        for pipe in pipes {
+            if let (Some(ran), true) = pipe.running_for(now)
+                && ran >= MOVE_AFTER
+            {
+                let taken = pipe.unclaimed_behind_long(now);
                 moved |= !taken.is_empty();
                 self.back_in_line(taken, None);
             }
         }
         moved
+    }
+
+    /// Whether a worker is idle, or runs a call that has not run for [`LONG_CALL`] by `now`:
+    /// a better place for a call than behind a long one.
+    fn short_elsewhere(&self, now: Instant) -> bool {
+        self.permits.available_permits() > 0
+            || lock(&self.leased)
+                .values()
+                .any(|pipe| pipe.running_for(now).0.is_some_and(|ran| ran < LONG_CALL))
     }
 
     /// Calls taken back from a worker look for a worker again, keeping their place in line:
@@ -923,6 +962,10 @@ impl Pool {
             }
         }
         self.in_line.store(line.len(), Ordering::Relaxed);
+        if line.is_empty() {
+            // Calls may go ahead again: to a busy worker that took one when they last could.
+            self.opened.notify_one();
+        }
         permit
     }
 }
