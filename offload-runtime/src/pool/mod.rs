@@ -1024,9 +1024,6 @@ impl Drop for Lease {
         // ahead behind a long call elsewhere may take it.
         if let Some((permit, admitted)) = self.permits.take() {
             drop(admitted);
-            // A worker comes free: calls that wait behind a call elsewhere that turned out
-            // long may take it, before any other.
-            self.pool.move_off_long_calls(None);
             self.pool.free_permit(permit);
         }
     }

@@ -92,8 +92,9 @@ struct PipeState {
     sent: u64,
     /// The number of the call whose reply comes next.
     running: u64,
-    /// When that call was sent, or came next: calls go ahead behind it only if every other
-    /// worker has run its call as long (see [`LONG_CALL`]).
+    /// When that call was sent, or came next (`None` from when the call before ends until
+    /// then): calls go ahead behind it only if every other worker has run its call as long
+    /// (see [`LONG_CALL`]).
     since: Option<Instant>,
     /// How many calls may wait behind the running one now: none until the running call's
     /// message is whole, nor once the worker is due for recycling (see [`Pipe::retire`]) or
@@ -227,10 +228,11 @@ impl Pipe {
     }
 
     /// How long the running call has run by `now` (as far as the pipe knows: since it was
-    /// sent, or came next), and whether calls wait behind it.
-    fn running_for(&self, now: Instant) -> (Option<std::time::Duration>, bool) {
+    /// sent, or came next; not known while the next comes), and how many calls wait behind
+    /// it.
+    fn running_for(&self, now: Instant) -> (Option<std::time::Duration>, usize) {
         let state = lock(&self.state);
-        (state.since.map(|since| now.saturating_duration_since(since)), !state.behind.is_empty())
+        (state.since.map(|since| now.saturating_duration_since(since)), state.behind.len())
     }
 
     /// Whether the worker goes once the calls it has claimed are over.
@@ -265,6 +267,11 @@ impl Pipe {
         let mut others =
             if state.written() <= WRITE_BELOW { self.flush(&mut state, metrics) } else { Vec::new() };
         let next = state.behind.pop_front();
+        if next.is_some() {
+            // Not known until it comes next (see `Pipe::passing_to`): the call that ends is
+            // not the one behind which calls wait now.
+            state.since = None;
+        }
         if next.as_ref().is_some_and(|next| next.n.is_none()) {
             others.extend(state.behind.drain(..));
         }
@@ -797,8 +804,8 @@ impl Pool {
                 .iter()
                 .enumerate()
                 .map(|(at, (_, pipe))| {
-                    let (ran, _) = pipe.running_for(now);
-                    (ran.is_some_and(|ran| ran >= LONG_CALL), lock(&pipe.state).behind.len(), at)
+                    let (ran, behind) = pipe.running_for(now);
+                    (ran.is_some_and(|ran| ran >= LONG_CALL), behind, at)
                 })
                 .min()?;
             if long && self.short_elsewhere(now) {
@@ -853,20 +860,21 @@ impl Pool {
         let now = now.unwrap_or_else(Instant::now);
         let at = u64::try_from(now.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX);
         let due = self.next_move_check.load(Ordering::Relaxed);
-        let next = at.saturating_add(LONG_CALL.as_millis() as u64);
-        if at < due
-            || self.next_move_check.compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed).is_err()
-        {
+        // Put off only by a look that could have moved calls: one that found no better place
+        // for them does not keep a worker that comes free from looking.
+        if at < due || (!freeing && !self.short_elsewhere(now)) {
             return false;
         }
-        if !freeing && !self.short_elsewhere(now) {
+        let next = at.saturating_add(LONG_CALL.as_millis() as u64);
+        if self.next_move_check.compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed).is_err() {
             return false;
         }
         let pipes: Vec<Arc<Pipe>> = lock(&self.leased).values().cloned().collect();
         let mut moved = false;
         for pipe in pipes {
-            if let (Some(ran), true) = pipe.running_for(now)
+            if let (Some(ran), behind) = pipe.running_for(now)
                 && ran >= MOVE_AFTER
+                && behind > 0
             {
                 let taken = pipe.unclaimed_behind_long(now);
                 moved |= !taken.is_empty();
@@ -937,6 +945,11 @@ impl Pool {
     /// A worker's permit that no call uses any more: to the first call in the pool's line,
     /// or back to the pool, where a call sent ahead behind a long call may take it.
     pub(crate) fn free_permit(&self, permit: OwnedSemaphorePermit) {
+        if permit.num_permits() > 0 {
+            // A worker comes free: calls that wait behind a call elsewhere that turned out
+            // long may take it, before any other.
+            self.move_off_long_calls(None);
+        }
         if let Some(permit) = self.pass_permit(permit) {
             drop(permit);
             self.idle.notify_one();
