@@ -60,8 +60,9 @@ const NAP: std::time::Duration = std::time::Duration::from_millis(100);
 /// calls waiting in the caller are written together (see `pool::pipe`), a deeper queue costs
 /// fewer writes, reads and wake-ups per call on both sides: 32 took a saturated pool of 2
 /// workers from about 190,000 to 260,000 trivial calls/s on 2 vCPUs where 8 had (64 gave no
-/// more). The cost: up to this many calls may wait behind a call that turns out long while
-/// every other worker stays busy (see `pool::pipe`).
+/// more). The cost: up to this many calls may wait behind a call that turns out long, for
+/// about 100 ms, or for as long as every other worker runs a long call too (see
+/// `pool::pipe`).
 pub(crate) const MAX_AHEAD: usize = 32;
 
 const PENDING: u64 = 0;
