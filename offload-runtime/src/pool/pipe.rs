@@ -60,9 +60,9 @@ pub(crate) const AHEAD_MAX: usize = 16 << 10;
 
 /// Calls sent ahead are written to the worker's socket at once while fewer than this many
 /// wait there; the others wait in the caller, and go together when the worker comes near
-/// them (see [`Pipe::flush`]). A write per call was a fifth of the caller's time in the throughput
-/// bench; and with this many waiting, a worker that ends a call has the next one at hand
-/// while the caller takes in the reply.
+/// them (see [`Pipe::flush`]). A write per call was a fifth of the caller's time in the
+/// throughput bench; and with this many waiting, a worker that ends a call has the next one
+/// at hand while the caller takes in the reply.
 const WRITE_BELOW: usize = 2;
 
 /// How long a call runs before calls go ahead to other workers first: longer than a short
