@@ -110,12 +110,19 @@ fn both_ways(rt: &tokio::runtime::Runtime, src: &[u8]) -> Duration {
 /// - `back`: a call that returns the buffer to the caller;
 /// - `tiny after write`: the 64-byte call right after the caller wrote `size` bytes into
 ///   another buffer of its own, as `in place` comes right after the caller wrote the buffer
-///   it passes: the same cold caches, without the size of the buffer passed.
+///   it passes: the same cold caches, without the size of the buffer passed;
+/// - `plain after write`: a call with a `u64`, to a worker of its own, right after the same
+///   write: what any call costs when the caller has just streamed through `size` bytes and
+///   the worker has been idle meanwhile;
+/// - `raw after write`: 64 bytes to the raw peer and its answer, right after the same write:
+///   the floor for a round trip under those conditions (the peer idle as long as a worker).
 #[derive(Default)]
 struct SharedSamples {
     /// Where `tiny after write` writes; allocated and faulted in once.
     scratch: Vec<u8>,
     tiny_after_write: Vec<Duration>,
+    plain_after_write: Vec<Duration>,
+    raw_after_write: Vec<Duration>,
     new: Vec<Duration>,
     write: Vec<Duration>,
     in_place: Vec<Duration>,
@@ -130,6 +137,11 @@ fn shared_len(data: SharedBytes) -> u64 {
 }
 
 #[offload::offload(timeout = "60s", workers = "1")]
+fn add_one(x: u64) -> u64 {
+    x + 1
+}
+
+#[offload::offload(timeout = "60s", workers = "1")]
 fn shared_echo(data: SharedBytes) -> SharedBytes {
     data
 }
@@ -141,7 +153,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 }
 
 impl SharedSamples {
-    fn sample(&mut self, rt: &tokio::runtime::Runtime, src: &[u8]) {
+    fn sample(&mut self, rt: &tokio::runtime::Runtime, peer: &mut RawPeer, src: &[u8]) {
         let (mut buf, new) = timed(|| SharedBytes::new(src.len()).unwrap());
         let ((), write) = timed(|| buf.copy_from_slice(src));
         let (len, in_place) = timed(|| rt.block_on(shared_len(buf)).unwrap());
@@ -164,15 +176,21 @@ impl SharedSamples {
         let (len, tiny) = timed(|| rt.block_on(shared_len(small)).unwrap());
         assert_eq!(len, 64);
 
-        if self.scratch.len() != src.len() {
-            self.scratch = src.to_vec();
-        }
         let small = SharedBytes::from_slice(&src[..64]).unwrap();
-        self.scratch.copy_from_slice(src);
-        std::hint::black_box(&mut self.scratch);
+        self.write_scratch(src);
         let (len, tiny_after_write) = timed(|| rt.block_on(shared_len(small)).unwrap());
         assert_eq!(len, 64);
         self.tiny_after_write.push(tiny_after_write);
+
+        self.write_scratch(src);
+        let (plus_one, plain_after_write) = timed(|| rt.block_on(add_one(41)).unwrap());
+        assert_eq!(plus_one, 42);
+        self.plain_after_write.push(plain_after_write);
+
+        self.write_scratch(src);
+        let (len, raw_after_write) = timed(|| rt.block_on(peer.send(&src[..64])));
+        assert_eq!(len, 64);
+        self.raw_after_write.push(raw_after_write);
 
         self.new.push(new);
         self.write.push(write);
@@ -180,6 +198,15 @@ impl SharedSamples {
         self.from_vec.push(from_vec);
         self.back.push(back);
         self.tiny.push(tiny);
+    }
+
+    /// Writes `src` into the scratch buffer, as a caller writing its data would.
+    fn write_scratch(&mut self, src: &[u8]) {
+        if self.scratch.len() != src.len() {
+            self.scratch = src.to_vec();
+        }
+        self.scratch.copy_from_slice(src);
+        std::hint::black_box(&mut self.scratch);
     }
 }
 
@@ -199,7 +226,7 @@ fn transfer_table(size: usize, samples: usize) {
     raw(&rt, &mut peer, &src);
     one_way(&rt, &src);
     both_ways(&rt, &src);
-    SharedSamples::default().sample(&rt, &src);
+    SharedSamples::default().sample(&rt, &mut peer, &src);
 
     let (mut copy, mut sock, mut alloc, mut one, mut both) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -210,7 +237,7 @@ fn transfer_table(size: usize, samples: usize) {
         alloc.push(fresh_copy(&src));
         one.push(one_way(&rt, &src));
         both.push(both_ways(&rt, &src));
-        shared.sample(&rt, &src);
+        shared.sample(&rt, &mut peer, &src);
     }
     let rows = [
         ("memcpy (in process, faulted in)", percentiles(copy)),
@@ -225,14 +252,18 @@ fn transfer_table(size: usize, samples: usize) {
         ("SharedBytes: call, returns it back", percentiles(shared.back)),
         ("SharedBytes of 64 B: call", percentiles(shared.tiny)),
         ("SharedBytes of 64 B: call after a write", percentiles(shared.tiny_after_write)),
+        ("u64: call after a write", percentiles(shared.plain_after_write)),
+        ("raw socket, 64 B after a write", percentiles(shared.raw_after_write)),
     ];
+    // The rows from here on are single round trips: no bandwidth.
+    let round_trips = 10;
     let mib = size as f64 / (1 << 20) as f64;
     println!("\ntransfer of {mib} MiB by value, {samples} samples each (current_thread runtime):");
     println!("  {:<38} {:>10} {:>10} {:>12}", "", "p50", "max", "MiB/s (p50)");
-    for (name, (p50, max)) in &rows[..rows.len() - 2] {
+    for (name, (p50, max)) in &rows[..round_trips] {
         println!("  {:<38} {:>10.2?} {:>10.2?} {:>12.0}", name, p50, max, mib / p50.as_secs_f64());
     }
-    for (name, (p50, max)) in &rows[rows.len() - 2..] {
+    for (name, (p50, max)) in &rows[round_trips..] {
         println!("  {:<38} {:>10.2?} {:>10.2?}", name, p50, max);
     }
     let p50 = |k: usize| rows[k].1.0.as_secs_f64();
@@ -251,6 +282,15 @@ fn transfer_table(size: usize, samples: usize) {
         p50(7) / p50(0),
         p50(7) / p50(10),
         p50(7) / p50(11)
+    );
+    println!(
+        "  right after a write of {mib} MiB: shared call of {mib} MiB / raw round trip {:.2}x, \
+         of 64 B / raw {:.2}x, u64 call / raw {:.2}x (target: the shared call under 100 µs, \
+         raw: {:.0} µs)",
+        p50(7) / p50(13),
+        p50(11) / p50(13),
+        p50(12) / p50(13),
+        p50(13) * 1e6
     );
     println!(
         "  shared, from an existing Vec: (from_slice + call) / memcpy {:.2}x (target: at most {SHARED_TARGET}x); \

@@ -40,8 +40,13 @@ pub fn sink_peer(fd: i32) -> ! {
     let mut buf = Vec::new();
     let mut len = [0u8; 8];
     while stream.read_exact(&mut len).is_ok() {
-        buf.resize(u64::from_le_bytes(len) as usize, 0);
-        if stream.read_exact(&mut buf).is_err() || stream.write_all(&len).is_err() {
+        let n = u64::from_le_bytes(len) as usize;
+        // Grown only: a small message between large ones must not make the next large one
+        // zero the buffer again.
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        if stream.read_exact(&mut buf[..n]).is_err() || stream.write_all(&len).is_err() {
             break;
         }
     }
