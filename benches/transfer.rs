@@ -16,7 +16,9 @@
 //!
 //! The same 64 MiB as an `offload::SharedBytes` (a memory file mapped in both processes; only
 //! its descriptor crosses the socket): written in place by the caller, or copied in from an
-//! existing `Vec` with `from_slice`; see [`SharedSamples`].
+//! existing `Vec` with `from_slice`; see [`SharedSamples`]. Its calls right after a 64 MiB
+//! write have a baseline of their own: a 64-byte round trip with the raw peer right after the
+//! same write.
 
 mod common;
 
